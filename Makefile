@@ -1,0 +1,33 @@
+# Everything runs from the checkout's own virtual environment, created by `make install`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m compileall -q mstore
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/python demo/demo.py
+
+test: install
+	$(BIN)/ruff check mstore tests bench demo
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest -n 2 --dist loadfile -q
+
+lint: install
+	$(BIN)/ruff check mstore tests bench demo
+	$(BIN)/lint-imports
+
+bench: install
+	$(BIN)/python bench/bench_store.py
+
+clean:
+	rm -rf $(VENV) demo-work bench/out .pytest_cache

@@ -1,0 +1,117 @@
+"""The ``mstore`` command line: parse, call one Repo method, render.
+
+This package is the only place that reads the environment (``MSTORE_DIR``), prints, prompts
+and exits. Subcommands live in their own modules and are imported only when used, so
+``mstore --help`` and ``mstore log`` start fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Any
+
+import click
+
+# name -> (module, attribute, one-line help shown by `mstore --help` without importing it)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "init": ("mstore.cli.store", "init", "Create an empty repository."),
+    "commit": ("mstore.cli.store", "commit", "Snapshot a file or directory as a new commit on a branch."),
+    "log": ("mstore.cli.inspect", "log", "List the commits of a branch, newest first."),
+    "show": ("mstore.cli.inspect", "show", "Show a commit: what it is, where it came from, its provenance."),
+    "ls": ("mstore.cli.inspect", "ls", "List the files of a commit, with tensor summaries."),
+    "cat": ("mstore.cli.inspect", "cat", "Write one file of a commit to stdout, verified."),
+    "checkout": ("mstore.cli.store", "checkout", "Write a version's files into a directory, verifying every byte."),
+    "status": ("mstore.cli.inspect", "status", "What committing a path would change, by file and tensor."),
+    "diff": ("mstore.cli.inspect", "diff", "Compare two versions by file and tensor."),
+    "branch": ("mstore.cli.refs", "branch", "List, create or delete branches."),
+    "tag": ("mstore.cli.refs", "tag", "List or create immutable tags."),
+    "reflog": ("mstore.cli.refs", "reflog", "Every ref change, deleted refs included."),
+    "fsck": ("mstore.cli.store", "fsck", "Verify every object, ref and reflog entry."),
+}
+
+
+class LazyGroup(click.Group):
+    """A group that imports a subcommand's module only when that subcommand runs."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        spec = COMMANDS.get(name)
+        if spec is None:
+            return None
+        if ctx.resilient_parsing or _listing_help():
+            return click.Command(name, help=spec[2], short_help=spec[2])
+        module = importlib.import_module(spec[0])
+        return getattr(module, spec[1])
+
+
+def _listing_help() -> bool:
+    args = sys.argv[1:]
+    return bool(args) and args[0] in ("--help", "-h")
+
+
+class State:
+    """What every command needs: where the repository is."""
+
+    def __init__(self, store: str | None):
+        self.store = store
+
+    def repo(self) -> Any:
+        from .. import Repo
+
+        env = dict(os.environ)
+        if self.store:
+            env["MSTORE_DIR"] = self.store
+        return Repo.discover(os.getcwd(), env=env)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--store",
+    "store",
+    metavar="DIR",
+    default=None,
+    help="The repository (store directory). Default: $MSTORE_DIR, else .mstore at or above the cwd.",
+)
+@click.version_option(package_name="mstore", prog_name="mstore")
+@click.pass_context
+def cli(ctx: click.Context, store: str | None) -> None:
+    """mstore: git for model weights and datasets.
+
+    Every version is immutable and named by its BLAKE3 hash; branches, tags and a reflog keep
+    every version reachable; nothing is deleted without a reviewable proof.
+    """
+    ctx.obj = State(store)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI and map errors to exit codes."""
+    from ..errors import MstoreError
+
+    try:
+        cli.main(args=argv, prog_name="mstore", standalone_mode=False)
+    except MstoreError as exc:
+        from ._output import error
+
+        error(str(exc))
+        if exc.show_traceback:
+            raise
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except BrokenPipeError:
+        # `mstore log | head`: the reader went away; not an error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)

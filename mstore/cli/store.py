@@ -1,0 +1,158 @@
+"""init, commit, checkout, fsck."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import _output as out
+from ._common import json_option, parse_meta, path_size, state
+
+
+@click.command()
+@click.argument("directory", required=False, type=click.Path(file_okay=False))
+@json_option
+@click.pass_context
+def init(ctx: click.Context, directory: str | None, as_json: bool) -> None:
+    """Create an empty repository in DIRECTORY/.mstore (default: the current directory).
+
+    With --store (or $MSTORE_DIR) the repository is created exactly there instead.
+    """
+    from .. import Repo
+    from ..repo import STORE_DIRNAME
+
+    st = state(ctx)
+    target = st.store or os.environ.get("MSTORE_DIR") or str(Path(directory or ".") / STORE_DIRNAME)
+    repo = Repo.init(target)
+    if as_json:
+        out.emit_json({"store": str(repo.root), "format_version": repo.format_version})
+    else:
+        out.echo(f"initialized empty mstore repository in {repo.root}")
+    repo.close()
+
+
+@click.command()
+@click.argument("path", type=click.Path(exists=True))
+@click.option("-b", "--branch", required=True, help="Branch to commit to (created if it does not exist).")
+@click.option("-m", "--message", required=True, help="What this version is.")
+@click.option(
+    "--kind",
+    default="other",
+    show_default=True,
+    type=click.Choice(["model", "dataset", "checkpoint", "adapter", "eval", "other"]),
+    help="What kind of artifact this is.",
+)
+@click.option(
+    "--meta",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Metadata to record (repeatable); numbers stay numbers, e.g. --meta lr=3e-4.",
+)
+@json_option
+@click.pass_context
+def commit(
+    ctx: click.Context, path: str, branch: str, message: str, kind: str, meta: tuple[str, ...], as_json: bool
+) -> None:
+    """Snapshot PATH (a file or directory) as a new commit on BRANCH.
+
+    Unchanged tensors and chunks are stored once; provenance (code revision, command line,
+    user, host, Python and package versions) is recorded automatically.
+    """
+    meta_d = parse_meta(meta)
+    with state(ctx).repo() as repo:
+        with out.progress(path_size(path), "committing") as bar:
+            res = repo.commit(
+                path, branch, message, kind=kind, meta=meta_d, argv=["mstore", *sys.argv[1:]], progress=bar
+            )
+        stats = res.commit.stats
+        if as_json:
+            out.emit_json(
+                {
+                    "id": res.id,
+                    "branch": branch,
+                    "parent": res.parent,
+                    "stats": stats,
+                    "new_bytes": res.new_bytes,
+                    "stored_bytes": res.stored_bytes,
+                }
+            )
+            return
+        extra = f", {stats['tensors']} tensors" if stats.get("tensors") else ""
+        out.echo(f"[{branch} {res.id.short}] {message}")
+        out.echo(
+            f"  {stats['files']} files, {out.human_bytes(stats['bytes'])}{extra}; "
+            f"new data {out.human_bytes(res.new_bytes)} stored as {out.human_bytes(res.stored_bytes)}"
+        )
+        for bad in stats.get("invalid_safetensors", []):
+            out.warn(f"stored as plain bytes, not as tensors: {bad}")
+
+
+@click.command()
+@click.argument("rev", metavar="REV[:PATH]")
+@click.argument("dest", type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Write into DEST even if it is not empty (files there may be replaced).")
+@json_option
+@click.pass_context
+def checkout(ctx: click.Context, rev: str, dest: str, force: bool, as_json: bool) -> None:
+    """Write the files of REV (or of one path inside it) into DEST.
+
+    Every chunk and every file is verified against its id before it appears under its final
+    name; nothing is written outside DEST, and symlinks in DEST are never followed.
+    """
+    with state(ctx).repo() as repo:
+        total = repo.size_of(rev)
+        with out.progress(total, "checking out") as bar:
+            co = repo.checkout(rev, dest, force=force, progress=bar)
+        if as_json:
+            out.emit_json(
+                {
+                    "rev": rev,
+                    "id": repo.resolve(rev.partition(":")[0]),
+                    "dest": dest,
+                    "files": co.files,
+                    "bytes": co.bytes,
+                }
+            )
+        else:
+            out.echo(f"checked out {rev} into {dest}: {co.files} files, {out.human_bytes(co.bytes)}, all verified")
+
+
+@click.command()
+@json_option
+@click.pass_context
+def fsck(ctx: click.Context, as_json: bool) -> None:
+    """Verify every object, index entry, ref and reflog entry.
+
+    Damage is reported with the object, the files it belongs to and the commits (and refs)
+    it affects. Exits with status 5 if anything is damaged or missing.
+    """
+    with state(ctx).repo() as repo:
+        total = repo.object_bytes() if not as_json else 0
+        with out.progress(total, "checking") as bar:
+            report = repo.fsck(progress=bar)
+        if as_json:
+            out.emit_json(report.to_dict())
+        else:
+            out.echo(f"checked {report.objects} objects, {out.human_bytes(report.bytes)}")
+            for d in report.damaged:
+                out.echo(f"DAMAGED {d['kind']} {d['id']}: {d['error']}")
+                for f in d["files"]:
+                    out.echo(f"  file   {f}")
+                for c in d["commits"]:
+                    refs = f" ({', '.join(c['refs'])})" if c["refs"] else ""
+                    out.echo(f"  commit {c['id'][:7]}{refs}")
+            for r in report.refs:
+                out.echo(f"BAD REF {r['ref']} -> {r['id']}: {r['problem']}")
+            for r in report.reflog:
+                out.echo(f"BAD REFLOG #{r['seq']} {r['ref']} {r['field']} {r['id']}: {r['problem']}")
+            for p in report.orphan_packs:
+                out.echo(
+                    f"note: pack {p['pack']} ({out.human_bytes(p['bytes'])}) is not indexed "
+                    "(left by a killed writer; harmless, reclaimed by gc)"
+                )
+            out.echo("ok" if report.ok else "store has damage (see above)")
+        if not report.ok:
+            sys.exit(5)

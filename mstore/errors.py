@@ -1,0 +1,134 @@
+"""The one exception hierarchy of mstore.
+
+Every error a user can cause or meet is an :class:`MstoreError`. Categories say what the caller
+should do about it, and each carries the process exit code the CLI uses (mapped in one place,
+``mstore.cli``). Builtin mixins let plain Python callers catch what they already expect
+(``ObjectNotFound`` is also a ``LookupError``).
+
+Deliberate non-relations, so nobody "simplifies" them away:
+
+* ``IntegrityError`` is *not* a ``UserError``: corrupted bytes are never the user's input
+  mistake, and a script must never retry them as if they were.
+* ``Conflict`` is *not* an ``IntegrityError``: losing a compare-and-swap race is normal
+  operation; the store is intact and the caller may fetch the new head and try again.
+"""
+
+from __future__ import annotations
+
+
+class MstoreError(Exception):
+    """Root of every error mstore raises on purpose.
+
+    Attributes:
+        exit_code: process exit status the CLI uses for this error.
+        show_traceback: True only for errors that indicate a bug in mstore.
+    """
+
+    exit_code = 1
+    show_traceback = False
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UserError(MstoreError):
+    """The input was wrong: a bad name, a bad argument, a path that does not exist."""
+
+    exit_code = 2
+
+
+class InvalidName(UserError, ValueError):
+    """A ref name, tree entry name or path component is not acceptable."""
+
+
+class InvalidRevision(UserError, ValueError):
+    """A revision expression (``REF~N``, ``REF@{N}``, an id prefix) cannot be parsed."""
+
+
+class NotFound(MstoreError, LookupError):
+    """Something named does not exist: a ref, an object, a path inside a commit."""
+
+    exit_code = 3
+
+
+class RefNotFound(NotFound):
+    """No ref of that name exists."""
+
+
+class ObjectNotFound(NotFound):
+    """No object with that id is in the store."""
+
+    def __init__(self, message: str, object_id: str | None = None):
+        super().__init__(message)
+        self.object_id = object_id
+
+
+class PathNotFound(NotFound, FileNotFoundError):
+    """A path does not exist (on disk, or inside a commit's tree)."""
+
+
+class AmbiguousId(UserError):
+    """An abbreviated id matches more than one object."""
+
+
+class Conflict(MstoreError):
+    """A compare-and-swap lost: someone else moved the ref first, or the target exists."""
+
+    exit_code = 4
+
+
+class RefConflict(Conflict):
+    """A ref was not at the value the caller expected when it tried to move it."""
+
+    def __init__(self, message: str, ref: str, expected: str | None, actual: str | None):
+        super().__init__(message)
+        self.ref = ref
+        self.expected = expected
+        self.actual = actual
+
+
+class IntegrityError(MstoreError):
+    """Stored bytes do not match their id or their framing: corruption, never silently returned."""
+
+    exit_code = 5
+
+
+class ChecksumMismatch(IntegrityError):
+    """Bytes were read whose hash is not the id they were stored under."""
+
+    def __init__(self, message: str, expected: str, got: str):
+        super().__init__(message)
+        self.expected = expected
+        self.got = got
+
+
+class FormatError(MstoreError):
+    """A persistent structure is malformed, or of a version this mstore does not understand."""
+
+    exit_code = 6
+
+
+class MalformedObject(FormatError):
+    """An object's bytes do not parse as the object they claim to be."""
+
+
+class UnsupportedFormat(FormatError):
+    """A store, pack or document has a format version outside what this mstore supports."""
+
+
+class StorageError(MstoreError):
+    """The storage underneath failed (disk full, permission denied, LMDB error)."""
+
+    exit_code = 7
+
+
+class RepositoryNotFound(NotFound):
+    """No mstore repository at or above the given directory."""
+
+
+class RepositoryExists(Conflict):
+    """``init`` was asked to create a repository where one already exists."""

@@ -1,0 +1,144 @@
+"""Repository layout, format version and ``config.toml``.
+
+A repository is a directory (normally ``.mstore/``)::
+
+    .mstore/
+      config.toml        format version and settings (this module)
+      packs/             append-only pack files (storage/packs.py)
+      index.lmdb/        LMDB environment: objects, packs, refs, reflog, meta (storage/index.py)
+      tmp/               scratch space of running commands
+
+Example ``config.toml``::
+
+    [format]
+    version = 1
+
+    [chunking]
+    cdc_avg_size = 65536
+    tensor_max_chunk = 16777216
+
+    [packs]
+    max_size = 67108864
+
+    [codec]
+    zstd_level = 3
+
+A version newer than :data:`MAX_VERSION`, or one older than :data:`MIN_VERSION`, is refused:
+mstore never guesses at a layout it does not know.
+"""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from .errors import FormatError, UnsupportedFormat
+from .fsutil import atomic_write
+
+FORMAT_VERSION = 1
+MIN_VERSION = 1
+MAX_VERSION = 1
+
+CONFIG_NAME = "config.toml"
+PACKS_DIR = "packs"
+INDEX_DIR = "index.lmdb"
+TMP_DIR = "tmp"
+
+DEFAULTS: dict[str, Any] = {
+    "format": {"version": FORMAT_VERSION},
+    "chunking": {"cdc_avg_size": 64 * 1024, "tensor_max_chunk": 16 * 1024 * 1024},
+    "packs": {"max_size": 64 * 1024 * 1024},
+    "codec": {"zstd_level": 3},
+}
+
+# Known sections; an unknown section could be a feature of a newer mstore whose meaning we
+# would silently ignore, so it is refused like a newer version.
+KNOWN_SECTIONS = frozenset(DEFAULTS) | {"protect", "guards", "gc", "remotes"}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Parsed, validated ``config.toml`` with defaults filled in."""
+
+    data: dict[str, Any]
+
+    @property
+    def version(self) -> int:
+        """The repository format version."""
+        return int(self.data["format"]["version"])
+
+    def get(self, section: str, key: str, default: Any = None) -> Any:
+        """One setting, or ``default``."""
+        return self.data.get(section, {}).get(key, default)
+
+
+def default_config() -> Config:
+    """The settings of a freshly initialised repository."""
+    return Config(copy.deepcopy(DEFAULTS))
+
+
+def _merge(defaults: dict[str, Any], loaded: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(defaults)
+    for section, values in loaded.items():
+        if isinstance(values, dict):
+            out.setdefault(section, {}).update(values)
+        else:
+            out[section] = values
+    return out
+
+
+def parse_config(text: str, source: str = CONFIG_NAME) -> Config:
+    """Parse and validate a config document.
+
+    Raises:
+        FormatError: not TOML, or a section of the wrong shape.
+        UnsupportedFormat: a format version this mstore cannot read, or an unknown section.
+    """
+    try:
+        loaded = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise FormatError(f"{source} is not valid TOML: {exc}") from None
+    fmt = loaded.get("format")
+    if not isinstance(fmt, dict) or not isinstance(fmt.get("version"), int):
+        raise FormatError(f"{source} has no [format] version")
+    version = fmt["version"]
+    if version > MAX_VERSION:
+        raise UnsupportedFormat(
+            f"repository format version {version} is newer than this mstore understands "
+            f"(max {MAX_VERSION}); upgrade mstore"
+        )
+    if version < MIN_VERSION:
+        raise UnsupportedFormat(f"repository format version {version} is too old (min {MIN_VERSION})")
+    unknown = sorted(set(loaded) - KNOWN_SECTIONS)
+    if unknown:
+        raise UnsupportedFormat(f"{source} has sections this mstore does not know: {', '.join(unknown)}")
+    for section, values in loaded.items():
+        if not isinstance(values, dict):
+            raise FormatError(f"{source}: [{section}] must be a table")
+    return Config(_merge(DEFAULTS, loaded))
+
+
+def read_config(root: Path) -> Config:
+    """Read ``root/config.toml``.
+
+    Raises:
+        FormatError, UnsupportedFormat: see :func:`parse_config`.
+    """
+    path = root / CONFIG_NAME
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FormatError(f"{path} is missing: not a complete mstore repository") from None
+    except UnicodeDecodeError:
+        raise FormatError(f"{path} is not UTF-8 text") from None
+    return parse_config(text, str(path))
+
+
+def write_config(root: Path, config: Config) -> None:
+    """Write ``root/config.toml`` atomically."""
+    atomic_write(root / CONFIG_NAME, tomli_w.dumps(config.data).encode("utf-8"))

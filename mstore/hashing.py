@@ -1,0 +1,101 @@
+r"""Object ids: 32-byte BLAKE3 digests, shown as 64 lowercase hex characters.
+
+A chunk's id and a file's id are ``blake3(raw bytes)``, exactly what ``b3sum`` prints. Trees and
+commits are hashed with a type prefix (``b"tree 123\\0"`` + canonical JSON), like git, so that no
+tree or commit can ever share an id with a file whose content happens to be the same JSON.
+"""
+
+from __future__ import annotations
+
+import re
+
+import blake3
+
+from .errors import InvalidRevision
+
+DIGEST_SIZE = 32
+HEX_LENGTH = 64
+SHORT_LENGTH = 7
+MIN_PREFIX = 7
+
+_HEX_RE = re.compile(r"^[0-9a-f]{64}$")
+_PREFIX_RE = re.compile(r"^[0-9a-f]{7,64}$")
+
+# blake3 releases the GIL and can use several threads for large inputs; below this size
+# threading costs more than it saves.
+_MT_THRESHOLD = 1 << 20
+
+
+class ObjectId(str):
+    """A full object id (64 lowercase hex characters).
+
+    It is a ``str`` so it serialises into JSON and compares with plain strings, but the
+    constructor validates, so an ``ObjectId`` is always well formed.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, value: str) -> ObjectId:
+        if isinstance(value, ObjectId):
+            return value
+        if not isinstance(value, str) or not _HEX_RE.match(value):
+            raise InvalidRevision(f"not an object id (want 64 lowercase hex characters): {value!r}")
+        return super().__new__(cls, value)
+
+    @classmethod
+    def from_digest(cls, digest: bytes) -> ObjectId:
+        """Build an id from a raw 32-byte digest."""
+        if len(digest) != DIGEST_SIZE:
+            raise InvalidRevision(f"digest must be {DIGEST_SIZE} bytes, got {len(digest)}")
+        return super().__new__(cls, digest.hex())
+
+    @property
+    def digest(self) -> bytes:
+        """The raw 32 bytes."""
+        return bytes.fromhex(self)
+
+    @property
+    def short(self) -> str:
+        """The abbreviated display form (first 7 hex characters)."""
+        return self[:SHORT_LENGTH]
+
+
+def is_full_id(text: str) -> bool:
+    """True if ``text`` is a syntactically valid full id."""
+    return bool(_HEX_RE.match(text))
+
+
+def is_id_prefix(text: str) -> bool:
+    """True if ``text`` could be an abbreviated id (7 to 64 lowercase hex characters)."""
+    return bool(_PREFIX_RE.match(text))
+
+
+def hash_bytes(data: bytes | bytearray | memoryview) -> ObjectId:
+    """BLAKE3 of ``data`` as an :class:`ObjectId`."""
+    if len(data) >= _MT_THRESHOLD:
+        h = blake3.blake3(data, max_threads=blake3.blake3.AUTO)
+    else:
+        h = blake3.blake3(data)
+    return ObjectId.from_digest(h.digest())
+
+
+def hash_typed(kind: str, payload: bytes) -> ObjectId:
+    """Id of a typed object (tree, commit): BLAKE3 of ``"<kind> <len>" NUL payload``."""
+    h = blake3.blake3(f"{kind} {len(payload)}\0".encode("ascii"))
+    h.update(payload)
+    return ObjectId.from_digest(h.digest())
+
+
+class StreamHasher:
+    """Incremental BLAKE3 for content that arrives in pieces (a file read chunk by chunk)."""
+
+    def __init__(self) -> None:
+        self._h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed the next piece."""
+        self._h.update(data)
+
+    def id(self) -> ObjectId:
+        """The id of everything fed so far."""
+        return ObjectId.from_digest(self._h.digest())

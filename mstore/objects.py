@@ -1,0 +1,362 @@
+r"""The object model: file manifests, trees and commits, with canonical JSON and validation.
+
+Chunks are raw bytes and need no class. Every other object is canonical JSON (sorted keys, no
+spaces, UTF-8, no NaN or infinities) so that the same content always has the same id.
+
+Examples (pretty-printed here; stored without whitespace)::
+
+    file   {"chunker": "safetensors", "chunks": [["9f3c…", 120], ["41aa…", 1048576]],
+            "size": 1048696, "v": 1}
+    tree   {"entries": [{"id": "9f3c…", "kind": "file", "mode": 420, "name": "model.safetensors",
+            "size": 1048696}], "v": 1}
+    commit {"author": "ada", "inputs": {}, "kind": "checkpoint", "message": "step 100",
+            "meta": {"lr": 0.0003}, "metrics": {}, "params": {}, "parents": ["…"],
+            "provenance": {…}, "stats": {…}, "time": "2026-11-22T05:30:57.123456Z",
+            "tree": "…", "v": 1}
+
+A file's id is BLAKE3 of its *content* (what ``b3sum`` prints), not of its manifest; a tree's
+and a commit's id is BLAKE3 of ``b"tree <len>\\0"`` / ``b"commit <len>\\0"`` + canonical bytes.
+
+Parsing validates everything a hostile store or remote could get wrong: types, id syntax,
+entry names (no ``/``, ``.``, ``..``, NUL or empty), sort order and duplicates, sizes that add
+up. Nothing unvalidated leaves this module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import InvalidName, MalformedObject
+from .hashing import ObjectId, hash_typed, is_full_id
+
+OBJECT_VERSION = 1
+
+FILE_KIND = "file"
+TREE_KIND = "tree"
+KINDS_IN_TREE = (FILE_KIND, TREE_KIND)
+COMMIT_KINDS = ("model", "dataset", "checkpoint", "adapter", "eval", "other")
+
+MODE_FILE = 0o644
+MODE_EXEC = 0o755
+MODE_DIR = 0o755
+
+# A commit message or metadata is not a place for a file's content.
+MAX_COMMIT_BYTES = 16 << 20
+
+
+def canonical_json(value: Any) -> bytes:
+    """Canonical bytes of a JSON value.
+
+    Raises:
+        MalformedObject: the value holds NaN, an infinity, or something JSON cannot express.
+    """
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
+            "utf-8"
+        )
+    except (TypeError, ValueError) as exc:
+        raise MalformedObject(f"cannot be stored as canonical JSON: {exc}") from None
+
+
+def _load(raw: bytes, what: str) -> dict:
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MalformedObject(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise MalformedObject(f"{what} is not a JSON object")
+    if value.get("v") != OBJECT_VERSION:
+        raise MalformedObject(f"{what} has unsupported object version {value.get('v')!r}")
+    return value
+
+
+def _id(value: Any, what: str) -> ObjectId:
+    if not isinstance(value, str) or not is_full_id(value):
+        raise MalformedObject(f"{what}: {value!r} is not an object id")
+    return ObjectId(value)
+
+
+def _int(value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise MalformedObject(f"{what}: {value!r} is not a non-negative integer")
+    return value
+
+
+def check_name(name: str) -> str:
+    """Validate one tree entry name.
+
+    Raises:
+        InvalidName: empty, ``.`` or ``..``, containing ``/`` or NUL, or longer than 255
+            bytes (no file system would accept it).
+    """
+    if not isinstance(name, str) or name in ("", ".", ".."):
+        raise InvalidName(f"invalid entry name {name!r}")
+    if "/" in name or "\0" in name:
+        raise InvalidName(f"invalid entry name {name!r}: contains '/' or NUL")
+    if len(name.encode("utf-8", "surrogateescape")) > 255:
+        raise InvalidName(f"entry name too long ({len(name)} characters): {name[:40]!r}…")
+    return name
+
+
+@dataclass(frozen=True)
+class FileObject:
+    """A file's manifest: its chunks in order."""
+
+    size: int
+    chunker: str
+    chunks: tuple[tuple[ObjectId, int], ...]
+
+    def to_bytes(self) -> bytes:
+        """Canonical bytes."""
+        return canonical_json(
+            {
+                "v": OBJECT_VERSION,
+                "size": self.size,
+                "chunker": self.chunker,
+                "chunks": [[cid, n] for cid, n in self.chunks],
+            }
+        )
+
+    @classmethod
+    def parse(cls, raw: bytes) -> FileObject:
+        """Parse and validate a manifest.
+
+        Raises:
+            MalformedObject: any field wrong, or chunk lengths that do not add up to the size.
+        """
+        d = _load(raw, "file manifest")
+        size = _int(d.get("size"), "file size")
+        chunker = d.get("chunker")
+        if not isinstance(chunker, str):
+            raise MalformedObject("file manifest: chunker missing")
+        chunks_raw = d.get("chunks")
+        if not isinstance(chunks_raw, list):
+            raise MalformedObject("file manifest: chunks missing")
+        chunks = []
+        total = 0
+        for item in chunks_raw:
+            if not isinstance(item, list) or len(item) != 2:
+                raise MalformedObject("file manifest: chunk entry is not [id, length]")
+            n = _int(item[1], "chunk length")
+            if n == 0:
+                raise MalformedObject("file manifest: empty chunk")
+            chunks.append((_id(item[0], "chunk id"), n))
+            total += n
+        if total != size:
+            raise MalformedObject(f"file manifest: chunks add up to {total}, size says {size}")
+        return cls(size, chunker, tuple(chunks))
+
+
+@dataclass(frozen=True)
+class TreeEntry:
+    """One name in a tree."""
+
+    name: str
+    kind: str
+    mode: int
+    id: ObjectId
+    size: int
+
+    def to_dict(self) -> dict:
+        """JSON form."""
+        return {"name": self.name, "kind": self.kind, "mode": self.mode, "id": str(self.id), "size": self.size}
+
+
+@dataclass(frozen=True)
+class Tree:
+    """A directory: entries sorted by name."""
+
+    entries: tuple[TreeEntry, ...]
+
+    def __post_init__(self) -> None:
+        names = [e.name for e in self.entries]
+        if names != sorted(names):
+            raise MalformedObject("tree entries are not sorted by name")
+        if len(set(names)) != len(names):
+            raise MalformedObject("tree has duplicate names")
+
+    def to_bytes(self) -> bytes:
+        """Canonical bytes."""
+        return canonical_json({"v": OBJECT_VERSION, "entries": [e.to_dict() for e in self.entries]})
+
+    @property
+    def id(self) -> ObjectId:
+        """This tree's id."""
+        return hash_typed("tree", self.to_bytes())
+
+    def get(self, name: str) -> TreeEntry | None:
+        """The entry called ``name``, or None."""
+        for e in self.entries:
+            if e.name == name:
+                return e
+        return None
+
+    @classmethod
+    def build(cls, entries: list[TreeEntry]) -> Tree:
+        """A tree from entries in any order (names are validated).
+
+        Raises:
+            InvalidName: an entry name is not acceptable.
+        """
+        for e in entries:
+            check_name(e.name)
+        return cls(tuple(sorted(entries, key=lambda e: e.name)))
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Tree:
+        """Parse and validate a tree.
+
+        Raises:
+            MalformedObject: a field is wrong, or entries unsorted or duplicated.
+            InvalidName: an entry name could escape a checkout directory.
+        """
+        d = _load(raw, "tree")
+        items = d.get("entries")
+        if not isinstance(items, list):
+            raise MalformedObject("tree: entries missing")
+        entries = []
+        for item in items:
+            if not isinstance(item, dict):
+                raise MalformedObject("tree: entry is not an object")
+            name = check_name(item.get("name"))
+            kind = item.get("kind")
+            if kind not in KINDS_IN_TREE:
+                raise MalformedObject(f"tree entry {name!r}: unknown kind {kind!r}")
+            mode = _int(item.get("mode"), f"mode of {name!r}")
+            if mode not in (MODE_FILE, MODE_EXEC):
+                raise MalformedObject(f"tree entry {name!r}: mode {oct(mode)} not allowed")
+            entries.append(
+                TreeEntry(
+                    name,
+                    kind,
+                    mode,
+                    _id(item.get("id"), f"id of {name!r}"),
+                    _int(item.get("size"), f"size of {name!r}"),
+                )
+            )
+        return cls(tuple(entries))
+
+
+@dataclass(frozen=True)
+class Commit:
+    """A version: a tree plus everything that says what it is and where it came from."""
+
+    tree: ObjectId
+    parents: tuple[ObjectId, ...]
+    author: str
+    time: str
+    message: str
+    kind: str = "other"
+    meta: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)
+    inputs: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """JSON form (without the id)."""
+        return {
+            "v": OBJECT_VERSION,
+            "tree": str(self.tree),
+            "parents": [str(p) for p in self.parents],
+            "author": self.author,
+            "time": self.time,
+            "message": self.message,
+            "kind": self.kind,
+            "meta": self.meta,
+            "metrics": self.metrics,
+            "params": self.params,
+            "inputs": self.inputs,
+            "provenance": self.provenance,
+            "stats": self.stats,
+        }
+
+    def to_bytes(self) -> bytes:
+        """Canonical bytes.
+
+        Raises:
+            MalformedObject: metadata holds NaN/infinity or is too large.
+        """
+        raw = canonical_json(self.to_dict())
+        if len(raw) > MAX_COMMIT_BYTES:
+            raise MalformedObject(f"commit is {len(raw)} bytes; the limit is {MAX_COMMIT_BYTES}")
+        return raw
+
+    @property
+    def id(self) -> ObjectId:
+        """This commit's id."""
+        return hash_typed("commit", self.to_bytes())
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Commit:
+        """Parse and validate a commit.
+
+        Raises:
+            MalformedObject: a field is missing or of the wrong type.
+        """
+        if len(raw) > MAX_COMMIT_BYTES:
+            raise MalformedObject("commit object too large")
+        d = _load(raw, "commit")
+        parents = d.get("parents")
+        if not isinstance(parents, list):
+            raise MalformedObject("commit: parents missing")
+        for key in ("author", "time", "message", "kind"):
+            if not isinstance(d.get(key), str):
+                raise MalformedObject(f"commit: {key} missing or not a string")
+        for key in ("meta", "metrics", "params", "inputs", "provenance", "stats"):
+            if not isinstance(d.get(key), dict):
+                raise MalformedObject(f"commit: {key} missing or not an object")
+        return cls(
+            tree=_id(d.get("tree"), "commit tree"),
+            parents=tuple(_id(p, "commit parent") for p in parents),
+            author=d["author"],
+            time=d["time"],
+            message=d["message"],
+            kind=d["kind"],
+            meta=d["meta"],
+            metrics=d["metrics"],
+            params=d["params"],
+            inputs=d["inputs"],
+            provenance=d["provenance"],
+            stats=d["stats"],
+        )
+
+
+def finite_number(value: float) -> bool:
+    """True unless ``value`` is NaN or infinite."""
+    return math.isfinite(value)
+
+
+# -- typed loading from any store with ``get(kind, id) -> verified bytes`` -------------------
+# (duck-typed so that this module stays free of storage imports)
+
+
+def load_commit(store: Any, oid: ObjectId) -> Commit:
+    """Read and parse a commit.
+
+    Raises:
+        ObjectNotFound, IntegrityError, MalformedObject.
+    """
+    return Commit.parse(store.get("m", oid))
+
+
+def load_tree(store: Any, oid: ObjectId) -> Tree:
+    """Read and parse a tree.
+
+    Raises:
+        ObjectNotFound, IntegrityError, MalformedObject, InvalidName.
+    """
+    return Tree.parse(store.get("t", oid))
+
+
+def load_file(store: Any, oid: ObjectId) -> FileObject:
+    """Read and parse a file manifest.
+
+    Raises:
+        ObjectNotFound, IntegrityError, MalformedObject.
+    """
+    return FileObject.parse(store.get("f", oid))

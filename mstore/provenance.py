@@ -1,0 +1,97 @@
+"""What produced a commit, captured automatically on every commit.
+
+Code revision, command line, user, host and runtime (incidents 4 and 5: "nobody could say
+which code, data and settings produced an artifact").
+
+This module never reads configuration from environment variables; callers pass the working
+directory and command line explicitly. Package versions come from installed metadata
+(``importlib.metadata``), so recording the torch version never imports torch.
+"""
+
+from __future__ import annotations
+
+import getpass
+import platform
+import socket
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+# Recorded when installed; looked up by distribution name, never imported.
+TRACKED_PACKAGES = ("torch", "transformers", "peft", "safetensors", "numpy", "accelerate", "datasets")
+
+
+def mstore_version() -> str:
+    """The installed mstore version."""
+    try:
+        return metadata.version("mstore")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def current_user() -> str:
+    """The user name, from the password database (no environment lookup)."""
+    try:
+        import os
+        import pwd
+
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (KeyError, ImportError):  # pragma: no cover - exotic systems
+        return getpass.getuser()
+
+
+def git_revision(cwd: Path) -> dict[str, Any] | None:
+    """The git commit and dirty flag of the repository containing ``cwd``, if any."""
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    rev = git("rev-parse", "HEAD")
+    if rev is None:
+        return None
+    status = git("status", "--porcelain", "--untracked-files=no")
+    info: dict[str, Any] = {"commit": rev, "dirty": bool(status)}
+    branch = git("rev-parse", "--abbrev-ref", "HEAD")
+    if branch and branch != "HEAD":
+        info["branch"] = branch
+    return info
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the ML packages that are installed (none are imported)."""
+    out = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def capture(cwd: Path, argv: list[str] | None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The provenance record of a commit made now, from ``cwd`` with command line ``argv``.
+
+    ``extra`` (for example the trainer's CUDA and GPU facts) is merged in last.
+    """
+    prov: dict[str, Any] = {
+        "command": list(argv) if argv is not None else list(sys.argv),
+        "cwd": str(cwd),
+        "user": current_user(),
+        "host": socket.gethostname(),
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+        "mstore": mstore_version(),
+        "packages": package_versions(),
+    }
+    code = git_revision(cwd)
+    if code is not None:
+        prov["code"] = code
+    if extra:
+        prov.update(extra)
+    return prov

@@ -1,0 +1,680 @@
+"""The Repo facade: every user-visible operation as one Python call.
+
+The CLI is a thin layer over this class, and the trainer uses nothing else. It composes the
+modules below it and holds no algorithms of its own.
+
+    >>> repo = Repo.init("/data/store")
+    >>> c = repo.commit("runs/exp1/checkpoint-100", branch="exp1", message="step 100",
+    ...                 kind="checkpoint", meta={"lr": 3e-4})
+    >>> [e.id for e in repo.log("exp1")]
+    >>> repo.checkout("exp1~2", "restored/")
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    AmbiguousId,
+    Conflict,
+    InvalidRevision,
+    PathNotFound,
+    RefConflict,
+    RefNotFound,
+    RepositoryExists,
+    RepositoryNotFound,
+    UserError,
+)
+from .format import (
+    INDEX_DIR,
+    PACKS_DIR,
+    TMP_DIR,
+    Config,
+    default_config,
+    read_config,
+    write_config,
+)
+from .hashing import ObjectId, is_full_id, is_id_prefix
+from .objects import COMMIT_KINDS, TREE_KIND, Commit, FileObject, load_commit, load_file, load_tree
+from .refs import (
+    ANY,
+    HEADS,
+    TAGS,
+    RefChange,
+    branch_ref,
+    check_ref_name,
+    parse_revision,
+    ref_candidates,
+    reflog_value,
+    set_if_equals,
+    short_name,
+    tag_ref,
+)
+from .storage.store import ObjectStore
+
+if TYPE_CHECKING:
+    from .diff import FileChange, FileSide
+    from .fsck import FsckReport
+    from .snapshot import Checkout, FileReader
+
+# snapshot (thread pools, FastCDC), diff (NumPy), fsck and provenance (subprocess, package
+# metadata) are imported inside the methods that use them: `mstore log` must start in well under
+# 0.15 s, and it needs none of them.
+
+STORE_DIRNAME = ".mstore"
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """A commit as listed by :meth:`Repo.log`."""
+
+    id: ObjectId
+    commit: Commit
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    """What :meth:`Repo.commit` did."""
+
+    id: ObjectId
+    commit: Commit
+    branch: str
+    parent: ObjectId | None
+    new_bytes: int
+    stored_bytes: int
+
+
+@dataclass(frozen=True)
+class RefInfo:
+    """A branch or tag and where it points."""
+
+    name: str
+    full_name: str
+    id: ObjectId
+
+
+@dataclass
+class LsEntry:
+    """One file or directory in a commit."""
+
+    path: str
+    kind: str
+    size: int
+    id: ObjectId
+    mode: int
+    safetensors: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        d: dict[str, Any] = {
+            "path": self.path,
+            "kind": self.kind,
+            "size": self.size,
+            "id": str(self.id),
+            "mode": oct(self.mode),
+        }
+        if self.safetensors is not None:
+            d["safetensors"] = self.safetensors
+        return d
+
+
+@dataclass
+class DiffResult:
+    """The outcome of :meth:`Repo.diff` or :meth:`Repo.status`."""
+
+    old: str | None
+    new: str
+    files: list[FileChange] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        from .diff import summarize
+
+        return {
+            "old": self.old,
+            "new": self.new,
+            "summary": summarize(self.files),
+            "files": [f.to_dict() for f in self.files],
+        }
+
+
+def _now_iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class Repo:
+    """An opened mstore repository."""
+
+    def __init__(self, root: str | os.PathLike, clock: Callable[[], float] = time.time):
+        """Open the repository whose store directory is ``root``.
+
+        Raises:
+            RepositoryNotFound: ``root`` is not a repository.
+            UnsupportedFormat: the repository's format is newer or older than supported.
+        """
+        self.root = Path(root).resolve()
+        if not (self.root / "config.toml").is_file():
+            raise RepositoryNotFound(f"no mstore repository at {self.root}")
+        self.config: Config = read_config(self.root)
+        self.clock = clock
+        self.store = ObjectStore(self.root, self.config, clock)
+        self.user = _current_user()
+
+    # -- lifecycle --------------------------------------------------------------------------
+    @classmethod
+    def init(cls, root: str | os.PathLike, clock: Callable[[], float] = time.time) -> Repo:
+        """Create a repository whose store directory is ``root`` (created if missing).
+
+        Raises:
+            RepositoryExists: there is already a repository there.
+        """
+        root = Path(root)
+        if (root / "config.toml").exists():
+            raise RepositoryExists(f"{root.resolve()} is already an mstore repository")
+        if root.exists() and any(root.iterdir()):
+            raise Conflict(f"{root.resolve()} exists and is not empty; refusing to create a repository in it")
+        for sub in ("", PACKS_DIR, INDEX_DIR, TMP_DIR):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        write_config(root, default_config())  # written last: its presence marks a complete init
+        return cls(root, clock)
+
+    @classmethod
+    def open(cls, root: str | os.PathLike, clock: Callable[[], float] = time.time) -> Repo:
+        """Open an existing repository (its store directory)."""
+        return cls(root, clock)
+
+    @classmethod
+    def discover(cls, start: str | os.PathLike = ".", env: dict[str, str] | None = None) -> Repo:
+        """Find the repository: ``env["MSTORE_DIR"]`` if given, else ``.mstore`` at or above ``start``.
+
+        Raises:
+            RepositoryNotFound: none found.
+        """
+        if env and env.get("MSTORE_DIR"):
+            return cls(env["MSTORE_DIR"])
+        here = Path(start).resolve()
+        for d in (here, *here.parents):
+            if (d / STORE_DIRNAME / "config.toml").is_file():
+                return cls(d / STORE_DIRNAME)
+        raise RepositoryNotFound(
+            f"no {STORE_DIRNAME} repository at or above {here} (run 'mstore init' or set MSTORE_DIR)"
+        )
+
+    def close(self) -> None:
+        """Release the index and open files."""
+        self.store.close()
+
+    def __enter__(self) -> Repo:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def format_version(self) -> int:
+        """The on-disk format version."""
+        return self.config.version
+
+    # -- revisions --------------------------------------------------------------------------
+    def _find_ref(self, txn, name: str) -> str | None:
+        for full in ref_candidates(name):
+            if txn.get_ref(full) is not None:
+                return full
+        return None
+
+    def _find_logged_ref(self, txn, name: str) -> str | None:
+        for full in ref_candidates(name):
+            if next(txn.iter_ref_reflog(full), None) is not None:
+                return full
+        return None
+
+    def resolve(self, rev: str) -> ObjectId:
+        """The commit id a revision expression names.
+
+        Raises:
+            InvalidRevision: unparsable, or navigation past the first commit.
+            RefNotFound: no such ref or id.
+            AmbiguousId: an id prefix matching several commits.
+        """
+        if isinstance(rev, ObjectId):
+            return rev
+        r = parse_revision(rev, self.clock())
+        with self.store.index.read() as txn:
+            steps = list(r.steps)
+            oid: ObjectId | None = None
+            if steps and steps[0][0] in ("reflog", "at"):
+                full = self._find_ref(txn, r.base) or self._find_logged_ref(txn, r.base)
+                if full is None:
+                    raise RefNotFound(f"no ref {r.base!r} (and no reflog for one)")
+                oid = reflog_value(txn, full, steps.pop(0))
+                if oid is None:
+                    raise InvalidRevision(f"{rev}: {r.base} did not exist at that point")
+            else:
+                full = self._find_ref(txn, r.base)
+                if full is not None:
+                    oid = ObjectId.from_digest(txn.get_ref(full))
+        if oid is None:
+            oid = self._resolve_id(r.base)
+        for kind, arg in steps:
+            if kind in ("reflog", "at"):
+                raise InvalidRevision(f"{rev}: @{{...}} must come right after a ref name")
+            n = int(arg)  # type: ignore[arg-type]
+            if kind == "parent":
+                if n == 0:
+                    continue
+                commit = load_commit(self.store, oid)
+                if len(commit.parents) < n:
+                    raise InvalidRevision(f"{rev}: commit {oid.short} has no parent #{n}")
+                oid = commit.parents[n - 1]
+            else:
+                for _ in range(n):
+                    commit = load_commit(self.store, oid)
+                    if not commit.parents:
+                        raise InvalidRevision(f"{rev}: history of {r.base} is shorter than that")
+                    oid = commit.parents[0]
+        return oid
+
+    def _resolve_id(self, text: str) -> ObjectId:
+        if is_full_id(text):
+            oid = ObjectId(text)
+            if not self.store.has("m", oid):
+                raise RefNotFound(f"no commit {text}")
+            return oid
+        if is_id_prefix(text):
+            found = self.store.find_prefix("m", text, limit=2)
+            if len(found) > 1:
+                raise AmbiguousId(f"{text} is ambiguous: matches several commits; give more characters")
+            if found:
+                return found[0]
+        raise RefNotFound(f"no branch, tag or commit called {text!r}")
+
+    def _split_path(self, spec: str) -> tuple[str, str]:
+        rev, sep, path = spec.partition(":")
+        return rev, path if sep else ""
+
+    # -- reading ----------------------------------------------------------------------------
+    def get_commit(self, rev: str) -> Commit:
+        """The commit a revision names."""
+        return load_commit(self.store, self.resolve(rev))
+
+    def log(self, rev: str, limit: int | None = None) -> list[LogEntry]:
+        """Commits reachable from ``rev``, newest first (by commit time)."""
+        start = self.resolve(rev)
+        out: list[LogEntry] = []
+        seen = {start}
+        first = load_commit(self.store, start)
+        heap: list[tuple[str, str, ObjectId, Commit]] = [(_neg(first.time), start, start, first)]
+        while heap and (limit is None or len(out) < limit):
+            _t, _k, oid, commit = heapq.heappop(heap)
+            out.append(LogEntry(oid, commit))
+            for p in commit.parents:
+                if p not in seen:
+                    seen.add(p)
+                    pc = load_commit(self.store, p)
+                    heapq.heappush(heap, (_neg(pc.time), p, p, pc))
+        return out
+
+    def show(self, rev: str) -> dict[str, Any]:
+        """A commit with its id and the refs that point at it, as a JSON-ready dict."""
+        oid = self.resolve(rev)
+        commit = load_commit(self.store, oid)
+        d = {"id": str(oid), **commit.to_dict()}
+        d.pop("v", None)
+        d["refs"] = [short_name(n) for n, target in self._iter_refs() if target == oid]
+        return d
+
+    def ls(self, spec: str, recursive: bool = True) -> list[LsEntry]:
+        """Files (and directories) of ``REV[:PATH]`` with sizes; safetensors summarised."""
+        from .snapshot import resolve_path
+        rev, path = self._split_path(spec)
+        oid = self.resolve(rev)
+        commit = load_commit(self.store, oid)
+        entry = resolve_path(self.store, commit.tree, path)
+        out: list[LsEntry] = []
+        if entry.kind != TREE_KIND:
+            out.append(self._ls_entry(path, entry))
+            return out
+        self._ls_tree(entry.id, path.strip("/") + "/" if path.strip("/") else "", recursive, out)
+        return out
+
+    def _ls_tree(self, tid: ObjectId, prefix: str, recursive: bool, out: list[LsEntry]) -> None:
+        for e in load_tree(self.store, tid).entries:
+            out.append(self._ls_entry(prefix + e.name, e))
+            if e.kind == TREE_KIND and recursive:
+                self._ls_tree(e.id, prefix + e.name + "/", recursive, out)
+
+    def _ls_entry(self, path: str, e) -> LsEntry:
+        from .chunking import SAFETENSORS_NAME, read_header
+        from .snapshot import FileReader
+
+        item = LsEntry(path, e.kind, e.size, e.id, e.mode)
+        if e.kind != TREE_KIND:
+            fobj = load_file(self.store, e.id)
+            if fobj.chunker == SAFETENSORS_NAME:
+                with FileReader(self.store, e.id, fobj, path) as f:
+                    h = read_header(f, fobj.size)
+                dtypes: dict[str, int] = {}
+                for t in h.tensors:
+                    dtypes[t.dtype] = dtypes.get(t.dtype, 0) + 1
+                item.safetensors = {"tensors": len(h.tensors), "parameters": h.parameters, "dtypes": dtypes}
+        return item
+
+    def open_file(self, spec: str, path: str | None = None) -> FileReader:
+        """A seekable, verified binary stream of a file in a commit.
+
+        ``repo.open_file("exp1:model.safetensors")`` or ``repo.open_file("exp1", "model.safetensors")``.
+        A commit of a single file can omit the path.
+
+        Raises:
+            PathNotFound: no such file, or the path is a directory.
+        """
+        from .snapshot import FileReader, resolve_path
+
+        rev, inner = self._split_path(spec) if path is None else (spec, path)
+        commit = load_commit(self.store, self.resolve(rev))
+        if not inner:
+            tree = load_tree(self.store, commit.tree)
+            files = [e for e in tree.entries if e.kind != TREE_KIND]
+            if len(tree.entries) != 1 or len(files) != 1:
+                raise PathNotFound(f"{rev} holds a directory; name a file as {rev}:PATH")
+            inner = files[0].name
+        entry = resolve_path(self.store, commit.tree, inner)
+        if entry.kind == TREE_KIND:
+            raise PathNotFound(f"{inner} is a directory in {rev}")
+        return FileReader(self.store, entry.id, load_file(self.store, entry.id), inner)
+
+    # -- refs --------------------------------------------------------------------------------
+    def _iter_refs(self, prefix: str = "refs/") -> list[tuple[str, ObjectId]]:
+        with self.store.index.read() as txn:
+            return [(n, ObjectId.from_digest(d)) for n, d in txn.iter_refs(prefix)]
+
+    def branches(self) -> list[RefInfo]:
+        """Every branch, sorted by name."""
+        return [RefInfo(short_name(n), n, oid) for n, oid in self._iter_refs(HEADS)]
+
+    def tags(self) -> list[RefInfo]:
+        """Every tag, sorted by name."""
+        return [RefInfo(short_name(n), n, oid) for n, oid in self._iter_refs(TAGS)]
+
+    def head(self, branch: str) -> ObjectId | None:
+        """The commit a branch points at, or None if it does not exist."""
+        full = branch_ref(branch)
+        with self.store.index.read() as txn:
+            d = txn.get_ref(full)
+        return ObjectId.from_digest(d) if d is not None else None
+
+    def _update_ref(self, full: str, old, new: ObjectId | None, command: str, message: str) -> None:
+        change = RefChange(self.user, command, message)
+        with self.store.index.write() as txn:
+            won, actual = set_if_equals(txn, full, old, new.digest if new is not None else None, change, self.clock())
+        if not won:
+            raise RefConflict(
+                f"{short_name(full)} moved to {actual.hex()[:7] if actual else 'nothing'} meanwhile; "
+                "nothing was changed",
+                full,
+                None if old is ANY or old is None else old.hex(),
+                actual.hex() if actual else None,
+            )
+
+    def create_branch(self, name: str, rev: str) -> ObjectId:
+        """Create branch ``name`` at ``rev``.
+
+        Raises:
+            InvalidName: bad branch name.
+            Conflict: the branch exists.
+        """
+        full = branch_ref(name)
+        oid = self.resolve(rev)
+        try:
+            self._update_ref(full, None, oid, "branch", f"created from {rev}")
+        except RefConflict:
+            raise Conflict(f"branch {name} already exists") from None
+        return oid
+
+    def delete_branch(self, name: str) -> ObjectId:
+        """Delete a branch; its reflog stays, so ``restore`` can bring it back.
+
+        Returns:
+            The commit the branch pointed at.
+
+        Raises:
+            RefNotFound: no such branch.
+        """
+        full = branch_ref(name)
+        with self.store.index.read() as txn:
+            cur = txn.get_ref(full)
+        if cur is None:
+            raise RefNotFound(f"no branch {name}")
+        self._update_ref(full, cur, None, "branch -d", f"deleted {name}")
+        return ObjectId.from_digest(cur)
+
+    def create_tag(self, name: str, rev: str, message: str = "") -> ObjectId:
+        """Create an immutable tag.
+
+        Raises:
+            Conflict: the tag exists (tags never move).
+        """
+        full = tag_ref(name)
+        oid = self.resolve(rev)
+        try:
+            self._update_ref(full, None, oid, "tag", message or f"tagged {rev}")
+        except RefConflict:
+            raise Conflict(f"tag {name} already exists and tags never move") from None
+        return oid
+
+    def reflog(self, ref: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+        """Reflog entries, newest first: all refs, or one (deleted refs included)."""
+        out = []
+        with self.store.index.read() as txn:
+            if ref is None:
+                it = txn.iter_reflog()
+            else:
+                full = self._find_ref(txn, ref) or self._find_logged_ref(txn, ref)
+                if full is None:
+                    check_ref_name(ref)
+                    raise RefNotFound(f"no reflog for {ref}")
+                it = txn.iter_ref_reflog(full)
+            for seq, e in it:
+                out.append({"seq": seq, **e})
+                if limit is not None and len(out) >= limit:
+                    break
+        return out
+
+    # -- writing -----------------------------------------------------------------------------
+    def commit(
+        self,
+        path: str | os.PathLike,
+        branch: str,
+        message: str,
+        *,
+        kind: str = "other",
+        meta: dict[str, Any] | None = None,
+        metrics: dict[str, Any] | None = None,
+        params: dict[str, Any] | None = None,
+        inputs: dict[str, Any] | None = None,
+        provenance: dict[str, Any] | None = None,
+        argv: list[str] | None = None,
+        cwd: str | os.PathLike | None = None,
+        expected_head: ObjectId | None | object = ANY,
+        progress: Progress | None = None,
+    ) -> CommitResult:
+        """Snapshot a file or directory as a new commit on ``branch``.
+
+        The branch moves by compare-and-swap from the head this commit was built on (or from
+        ``expected_head`` if given): if another writer moved it meanwhile, the objects stay
+        stored but the branch does not move, and :class:`RefConflict` says so.
+
+        Raises:
+            InvalidName: bad branch name; PathNotFound: ``path`` missing;
+            UserError: bad kind or metadata; RefConflict: lost the race.
+        """
+        from . import provenance as _prov
+        from .snapshot import Ingest
+
+        full = branch_ref(branch)
+        if kind not in COMMIT_KINDS:
+            raise UserError(f"unknown kind {kind!r}; choose one of {', '.join(COMMIT_KINDS)}")
+        path = Path(path)
+        with self.store.index.read() as txn:
+            cur = txn.get_ref(full)
+        parent = ObjectId.from_digest(cur) if cur is not None else None
+        if expected_head is not ANY:
+            if expected_head != parent:
+                raise RefConflict(
+                    f"{branch} is at {parent.short if parent else 'nothing'}, not the expected head",
+                    full,
+                    str(expected_head) if expected_head else None,
+                    parent,
+                )
+        cwd = Path(cwd) if cwd is not None else Path.cwd()
+        prov = _prov.capture(cwd, argv, provenance)
+        with self.store.batch() as batch, Ingest(self.store, batch, progress or (lambda n: None)) as ingest:
+            tree_id = ingest.ingest_root(path)
+            now = self.clock()
+            commit = Commit(
+                tree=tree_id,
+                parents=(parent,) if parent else (),
+                author=self.user,
+                time=_now_iso(now),
+                message=message,
+                kind=kind,
+                meta=dict(meta or {}),
+                metrics=dict(metrics or {}),
+                params=dict(params or {}),
+                inputs=dict(inputs or {}),
+                provenance=prov,
+                stats=ingest.stats.to_dict(),
+            )
+            raw = commit.to_bytes()
+            cid = commit.id
+            batch.add("m", cid, raw)
+            change = RefChange(self.user, "commit", message)
+
+            def move(txn):
+                return set_if_equals(txn, full, cur, cid.digest, change, now)
+
+            won, actual = batch.commit(move)
+        if not won:
+            raise RefConflict(
+                f"{branch} moved to {actual.hex()[:7] if actual else 'nothing'} while committing; "
+                f"commit {cid.short} is stored but not on the branch (fetch the new head and commit again)",
+                full,
+                parent,
+                actual.hex() if actual else None,
+            )
+        return CommitResult(cid, commit, branch, parent, batch.new_bytes, batch.stored_bytes)
+
+    def checkout(
+        self, rev: str, dest: str | os.PathLike, *, force: bool = False, progress: Progress | None = None
+    ) -> Checkout:
+        """Write the commit's files (or ``REV:PATH``'s subtree or file) into ``dest``, verified.
+
+        Raises:
+            Conflict: ``dest`` is not empty (without ``force``).
+            IntegrityError: damaged data; no damaged file is ever created under its final name.
+        """
+        from .snapshot import Checkout, resolve_path
+
+        rev_s, inner = self._split_path(rev)
+        commit = load_commit(self.store, self.resolve(rev_s))
+        entry = resolve_path(self.store, commit.tree, inner)
+        co = Checkout(self.store, progress or (lambda n: None))
+        try:
+            co.run(entry, Path(dest), force=force)
+        finally:
+            co.close()
+        return co
+
+    # -- comparing -----------------------------------------------------------------------------
+    def _sides(self, tree_id: ObjectId) -> dict[str, FileSide]:
+        from .diff import FileSide
+        from .snapshot import walk_files
+
+        out = {}
+        for path, e in walk_files(self.store, tree_id):
+            fobj = load_file(self.store, e.id)
+            out[path] = FileSide(e.id, fobj, _opener(self.store, e.id, fobj, path))
+        return out
+
+    def diff(self, a: str, b: str, magnitudes: bool = True) -> DiffResult:
+        """Files and tensors added, removed and changed from ``a`` to ``b``."""
+        from .diff import diff_files
+        ca, cb = self.resolve(a), self.resolve(b)
+        ta, tb = load_commit(self.store, ca).tree, load_commit(self.store, cb).tree
+        return DiffResult(str(ca), str(cb), diff_files(self._sides(ta), self._sides(tb), magnitudes))
+
+    def status(self, path: str | os.PathLike, branch: str, magnitudes: bool = True) -> DiffResult:
+        """What committing ``path`` to ``branch`` would change, without storing anything."""
+        from .diff import FileSide, diff_files
+        from .snapshot import Ingest
+        path = Path(path)
+        head = self.head(branch)
+        with Ingest(self.store, None) as ingest:
+            ingest.ingest_root(path)
+            files = ingest.files
+        base = path if path.is_dir() else path.parent
+        new = {}
+        for rel, (fid, fobj) in files.items():
+            new[rel] = FileSide(fid, fobj, _disk_opener(base / rel))
+        old = self._sides(load_commit(self.store, head).tree) if head is not None else {}
+        return DiffResult(str(head) if head else None, str(path), diff_files(old, new, magnitudes))
+
+    # -- checking ------------------------------------------------------------------------------
+    def fsck(self, progress: Progress | None = None) -> FsckReport:
+        """Verify every object, ref and reflog entry; report damage with what it affects."""
+        from .fsck import fsck
+
+        return fsck(self.store, progress)
+
+    def object_bytes(self) -> int:
+        """Raw (uncompressed) bytes of every indexed object."""
+        return sum(e.raw_len for _k, _i, e in self.store.iter_entries())
+
+    def size_of(self, spec: str) -> int:
+        """Logical bytes of ``REV[:PATH]`` (a file's size, or a directory's total)."""
+        from .snapshot import resolve_path
+
+        rev, inner = self._split_path(spec)
+        commit = load_commit(self.store, self.resolve(rev))
+        return resolve_path(self.store, commit.tree, inner).size or commit.stats.get("bytes", 0)
+
+    def stored_bytes(self) -> int:
+        """Bytes of all pack files on disk."""
+        return sum(p.stat().st_size for p in (self.root / PACKS_DIR).iterdir() if p.is_file())
+
+
+def _current_user() -> str:
+    import os
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:  # a uid without a passwd entry (containers)
+        return f"uid{os.getuid()}"
+
+
+def _neg(iso: str) -> str:
+    # Max-heap on ISO times via a min-heap on their character complements.
+    return "".join(chr(0x10FFFF - ord(ch)) for ch in iso)
+
+
+def _opener(store: ObjectStore, fid: ObjectId, fobj: FileObject, path: str):
+    from .snapshot import FileReader
+
+    return lambda: FileReader(store, fid, fobj, path)
+
+
+def _disk_opener(path: Path):
+    return lambda: open(path, "rb")
+
+
+__all__ = ["CommitResult", "DiffResult", "LogEntry", "LsEntry", "RefInfo", "Repo", "STORE_DIRNAME"]

@@ -1,0 +1,475 @@
+"""Snapshot a path into objects, and materialize objects back into files, verifying every byte.
+
+Ingest runs a small pipeline: the main thread reads and chunks each file; a thread pool hashes
+each chunk and, when the index does not already hold it, compresses it (BLAKE3 and zstd release
+the GIL, so this uses every core); the main thread appends results to the pack in file order.
+At most ``workers + 2`` chunks are in flight, which bounds memory whatever the file size.
+
+Checkout writes each file under a temporary name inside the destination, opened relative to
+directory descriptors with ``O_NOFOLLOW`` (so a symlink planted in the destination can never
+redirect a write outside it), checks every chunk and the whole file against their ids, and only
+then renames it to its final name.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+from bisect import bisect_right
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import codecs
+from .chunking import SAFETENSORS_NAME, plan_file
+from .errors import Conflict, IntegrityError, InvalidName, PathNotFound, UserError
+from .fsutil import unique_name
+from .hashing import ObjectId, StreamHasher, hash_bytes
+from .objects import (
+    FILE_KIND,
+    MODE_DIR,
+    MODE_EXEC,
+    MODE_FILE,
+    TREE_KIND,
+    FileObject,
+    Tree,
+    TreeEntry,
+    load_file,
+    load_tree,
+)
+from .storage.store import ObjectStore, WriteBatch
+
+Progress = Callable[[int], None]
+
+
+def _no_progress(_n: int) -> None:
+    pass
+
+
+@dataclass
+class Stats:
+    """What a snapshot holds; stored in the commit as ``stats``."""
+
+    files: int = 0
+    bytes: int = 0
+    tensors: int = 0
+    parameters: int = 0
+    safetensors_files: int = 0
+    dtypes: dict[str, int] = field(default_factory=dict)
+    new_bytes: int = 0  # raw bytes not already in the store
+    stored_bytes: int = 0  # what those cost on disk after compression
+    invalid_safetensors: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form for the commit (store-dependent counters excluded: they are not identity)."""
+        d: dict[str, Any] = {"files": self.files, "bytes": self.bytes}
+        if self.safetensors_files:
+            d.update(
+                tensors=self.tensors,
+                parameters=self.parameters,
+                safetensors_files=self.safetensors_files,
+                dtypes=dict(sorted(self.dtypes.items())),
+            )
+        if self.invalid_safetensors:
+            d["invalid_safetensors"] = self.invalid_safetensors
+        return d
+
+
+class Ingest:
+    """Turns files and directories into stored (or, with ``batch=None``, only hashed) objects."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        batch: WriteBatch | None,
+        progress: Progress = _no_progress,
+        workers: int | None = None,
+    ):
+        self.store = store
+        self.batch = batch
+        self.progress = progress
+        self.cdc_avg = int(store.config.get("chunking", "cdc_avg_size", 64 * 1024))
+        self.tensor_max = int(store.config.get("chunking", "tensor_max_chunk", 16 << 20))
+        self.level = int(store.config.get("codec", "zstd_level", codecs.DEFAULT_LEVEL))
+        self.workers = workers or max(1, os.cpu_count() or 1)
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="mstore-ingest")
+        self.stats = Stats()
+        # path inside the snapshot -> FileObject, for status/diff without re-reading
+        self.files: dict[str, tuple[ObjectId, FileObject]] = {}
+
+    def close(self) -> None:
+        """Stop the worker threads."""
+        self.pool.shutdown(wait=True)
+
+    def __enter__(self) -> Ingest:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- chunks ---------------------------------------------------------------------------
+    def _work(self, data: bytes) -> tuple[bytes, ObjectId, int, bytes | None]:
+        oid = hash_bytes(data)
+        if self.batch is None or self.store.has("c", oid):
+            return data, oid, codecs.RAW, None
+        codec, payload = codecs.encode(data, self.level)
+        return data, oid, codec, payload
+
+    def ingest_file(self, path: Path, rel: str) -> tuple[ObjectId, int]:
+        """Store one regular file; returns (file id, size)."""
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            plan = plan_file(f, size, path.name, self.cdc_avg, self.tensor_max)
+            hasher = StreamHasher()
+            chunks: list[tuple[ObjectId, int]] = []
+            inflight: deque[Future] = deque()
+            window = self.workers + 2
+            total = 0
+
+            def drain_one() -> None:
+                nonlocal total
+                data, oid, codec, payload = inflight.popleft().result()
+                hasher.update(data)
+                chunks.append((oid, len(data)))
+                total += len(data)
+                if self.batch is not None:
+                    if payload is not None:
+                        if not self.batch.contains("c", oid):
+                            self.batch.add_encoded("c", oid, oid.digest, codec, len(data), payload)
+                    else:
+                        self.batch.contains("c", oid)  # marks it re-used (age refresh)
+                self.progress(len(data))
+
+            for data in plan.chunks():
+                if not data:
+                    continue
+                inflight.append(self.pool.submit(self._work, data))
+                if len(inflight) >= window:
+                    drain_one()
+            while inflight:
+                drain_one()
+        if total != size:
+            raise UserError(f"{path} changed size while it was being committed")
+        fid = hasher.id()
+        fobj = FileObject(size, plan.chunker, tuple(chunks))
+        if self.batch is not None:
+            self.batch.add("f", fid, fobj.to_bytes())
+        self.files[rel] = (fid, fobj)
+        st = self.stats
+        st.files += 1
+        st.bytes += size
+        if plan.header is not None:
+            st.safetensors_files += 1
+            st.tensors += len(plan.header.tensors)
+            st.parameters += plan.header.parameters
+            for t in plan.header.tensors:
+                st.dtypes[t.dtype] = st.dtypes.get(t.dtype, 0) + 1
+        elif plan.header_error is not None:
+            st.invalid_safetensors.append(f"{rel}: {plan.header_error}")
+        return fid, size
+
+    # -- trees ----------------------------------------------------------------------------
+    def _entry_for(self, path: Path, name: str, rel: str, st: os.stat_result) -> TreeEntry:
+        if stat.S_ISLNK(st.st_mode):
+            try:
+                target = path.stat()
+            except OSError:
+                raise UserError(f"{path}: dangling symlink") from None
+            if not stat.S_ISREG(target.st_mode):
+                raise UserError(f"{path}: symlinks are followed only to regular files")
+            st = target
+        if stat.S_ISREG(st.st_mode):
+            fid, size = self.ingest_file(path, rel)
+            mode = MODE_EXEC if st.st_mode & 0o111 else MODE_FILE
+            return TreeEntry(name, FILE_KIND, mode, fid, size)
+        if stat.S_ISDIR(st.st_mode):
+            tid, size = self.ingest_dir(path, rel)
+            return TreeEntry(name, TREE_KIND, MODE_DIR, tid, size)
+        raise UserError(f"{path}: not a regular file or directory")
+
+    def ingest_dir(self, path: Path, rel: str = "") -> tuple[ObjectId, int]:
+        """Store a directory recursively; returns (tree id, total bytes)."""
+        entries = []
+        try:
+            names = sorted(os.listdir(path))
+        except OSError as exc:
+            raise UserError(f"cannot read directory {path}: {exc.strerror}") from None
+        for name in names:
+            _check_fs_name(name, path)
+            child = path / name
+            entries.append(self._entry_for(child, name, f"{rel}{name}" if not rel else f"{rel}/{name}", child.lstat()))
+        tree = Tree.build(entries)
+        raw = tree.to_bytes()
+        tid = tree.id
+        if self.batch is not None:
+            self.batch.add("t", tid, raw)
+        return tid, sum(e.size for e in entries)
+
+    def ingest_root(self, path: Path) -> ObjectId:
+        """Snapshot ``path``: a directory becomes the root tree; a file, a tree of one entry.
+
+        Raises:
+            PathNotFound: ``path`` does not exist.
+            UserError: unreadable or special files, bad names.
+        """
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            raise PathNotFound(f"{path} does not exist") from None
+        if stat.S_ISDIR(st.st_mode):
+            tid, _ = self.ingest_dir(path)
+            return tid
+        name = path.name
+        _check_fs_name(name, path.parent)
+        entry = self._entry_for(path, name, name, st)
+        tree = Tree.build([entry])
+        if self.batch is not None:
+            self.batch.add("t", tree.id, tree.to_bytes())
+        return tree.id
+
+
+def _check_fs_name(name: str, parent: Path) -> None:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidName(f"{parent / name!r}: file name is not valid UTF-8") from None
+
+
+# -- reading ------------------------------------------------------------------------------
+
+
+class FileReader(io.RawIOBase):
+    """A seekable, read-only, verified stream over a stored file.
+
+    Every chunk is verified against its id when it is read; a sequential read from the start to
+    the end also verifies the whole file against its id.
+    """
+
+    def __init__(self, store: ObjectStore, fid: ObjectId, fobj: FileObject, name: str = ""):
+        super().__init__()
+        self.store = store
+        self.fid = fid
+        self.fobj = fobj
+        self.name = name or str(fid)
+        self._starts = []
+        pos = 0
+        for _cid, n in fobj.chunks:
+            self._starts.append(pos)
+            pos += n
+        self._pos = 0
+        self._cache_index = -1
+        self._cache = b""
+        self._hasher: StreamHasher | None = StreamHasher()
+        self._hashed_to = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            pos = offset
+        elif whence == io.SEEK_CUR:
+            pos = self._pos + offset
+        elif whence == io.SEEK_END:
+            pos = self.fobj.size + offset
+        else:
+            raise ValueError(f"bad whence {whence}")
+        if pos < 0:
+            raise ValueError("negative seek position")
+        self._pos = pos
+        return pos
+
+    def _chunk(self, i: int) -> bytes:
+        if i != self._cache_index:
+            cid, n = self.fobj.chunks[i]
+            data = self.store.get("c", cid)
+            if len(data) != n:
+                raise IntegrityError(f"chunk {cid} of {self.name} has {len(data)} bytes, manifest says {n}")
+            self._cache, self._cache_index = data, i
+        return self._cache
+
+    def readinto(self, buf: Any) -> int:
+        view = memoryview(buf).cast("B")
+        if self._pos >= self.fobj.size or not len(view):
+            return 0
+        i = bisect_right(self._starts, self._pos) - 1
+        data = self._chunk(i)
+        off = self._pos - self._starts[i]
+        n = min(len(view), len(data) - off)
+        view[:n] = data[off : off + n]
+        if self._hasher is not None and self._pos == self._hashed_to:
+            self._hasher.update(view[:n])
+            self._hashed_to += n
+            if self._hashed_to == self.fobj.size:
+                got = self._hasher.id()
+                self._hasher = None
+                if got != self.fid:
+                    raise IntegrityError(f"{self.name}: content hashes to {got}, expected {self.fid}")
+        self._pos += n
+        return n
+
+    def iter_chunks(self, pool: ThreadPoolExecutor | None = None, window: int = 4) -> Iterator[bytes]:
+        """Every chunk in order, verified (decoded ahead in ``pool`` when given)."""
+        hasher = StreamHasher()
+        if pool is None:
+            for i in range(len(self.fobj.chunks)):
+                data = self._chunk(i)
+                hasher.update(data)
+                yield data
+        else:
+            chunks = self.fobj.chunks
+            futs: deque[Future] = deque()
+            nxt = 0
+            while nxt < len(chunks) or futs:
+                while nxt < len(chunks) and len(futs) < window:
+                    futs.append(pool.submit(self.store.get, "c", chunks[nxt][0]))
+                    nxt += 1
+                data = futs.popleft().result()
+                hasher.update(data)
+                yield data
+        got = hasher.id()
+        if got != self.fid:
+            raise IntegrityError(f"{self.name}: content hashes to {got}, expected {self.fid}")
+
+
+def resolve_path(store: ObjectStore, root: ObjectId, path: str) -> TreeEntry:
+    """The entry at ``path`` (``a/b/c``) inside the tree ``root``.
+
+    Raises:
+        PathNotFound: no such entry.
+    """
+    parts = [p for p in path.strip("/").split("/") if p]
+    if not parts:
+        return TreeEntry("", TREE_KIND, MODE_DIR, root, 0)
+    tree = load_tree(store, root)
+    for i, part in enumerate(parts):
+        entry = tree.get(part)
+        if entry is None:
+            raise PathNotFound(f"{'/'.join(parts[: i + 1])} is not in this commit")
+        if i == len(parts) - 1:
+            return entry
+        if entry.kind != TREE_KIND:
+            raise PathNotFound(f"{'/'.join(parts[: i + 1])} is a file, not a directory")
+        tree = load_tree(store, entry.id)
+    raise AssertionError("unreachable")
+
+
+def walk_files(store: ObjectStore, root: ObjectId, prefix: str = "") -> Iterator[tuple[str, TreeEntry]]:
+    """(path, entry) of every file under a tree, in sorted path order."""
+    tree = load_tree(store, root)
+    for e in tree.entries:
+        path = f"{prefix}{e.name}"
+        if e.kind == TREE_KIND:
+            yield from walk_files(store, e.id, path + "/")
+        else:
+            yield path, e
+
+
+# -- checkout -----------------------------------------------------------------------------
+
+
+class Checkout:
+    """Materialize a tree under a destination directory, verifying every byte."""
+
+    def __init__(self, store: ObjectStore, progress: Progress = _no_progress, workers: int | None = None):
+        self.store = store
+        self.progress = progress
+        self.pool = ThreadPoolExecutor(workers or max(1, os.cpu_count() or 1), thread_name_prefix="mstore-co")
+        self.files = 0
+        self.bytes = 0
+
+    def close(self) -> None:
+        """Stop worker threads."""
+        self.pool.shutdown(wait=True)
+
+    def run(self, entry: TreeEntry, dest: Path, force: bool = False) -> None:
+        """Write a tree's contents (or one file, under its own name) into ``dest``.
+
+        Raises:
+            Conflict: ``dest`` is not empty and ``force`` is False, or a path is in the way.
+            IntegrityError: stored bytes do not match their ids (the file is not created).
+        """
+        if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+            if not dest.is_dir():
+                raise Conflict(f"{dest} exists and is not a directory")
+        if dest.exists() and any(dest.iterdir()) and not force:
+            raise Conflict(f"{dest} is not empty; use --force to write into it")
+        dest.mkdir(parents=True, exist_ok=True)
+        fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if entry.kind == TREE_KIND:
+                self._tree(entry.id, fd, str(dest))
+            else:
+                self._file(entry, fd, str(dest))
+        finally:
+            os.close(fd)
+
+    def _tree(self, tid: ObjectId, dir_fd: int, shown: str) -> None:
+        tree = load_tree(self.store, tid)
+        for e in tree.entries:
+            if e.kind == TREE_KIND:
+                try:
+                    os.mkdir(e.name, MODE_DIR, dir_fd=dir_fd)
+                except FileExistsError:
+                    pass
+                try:
+                    sub = os.open(e.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+                except OSError:
+                    raise Conflict(f"{shown}/{e.name} exists and is not a directory (or is a symlink)") from None
+                try:
+                    self._tree(e.id, sub, f"{shown}/{e.name}")
+                finally:
+                    os.close(sub)
+            else:
+                self._file(e, dir_fd, shown)
+
+    def _file(self, e: TreeEntry, dir_fd: int, shown: str) -> None:
+        fobj = load_file(self.store, e.id)
+        if fobj.size != e.size:
+            raise IntegrityError(f"{shown}/{e.name}: tree says {e.size} bytes, manifest says {fobj.size}")
+        tmp = unique_name(".mstore-", ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd)
+        ok = False
+        try:
+            reader = FileReader(self.store, e.id, fobj, f"{shown}/{e.name}")
+            for data in reader.iter_chunks(self.pool, window=4):
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                self.progress(len(data))
+            os.fchmod(fd, e.mode)
+            os.close(fd)
+            fd = -1
+            try:
+                st = os.stat(e.name, dir_fd=dir_fd, follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    raise Conflict(f"{shown}/{e.name} exists and is a directory")
+            except FileNotFoundError:
+                pass
+            os.replace(tmp, e.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            ok = True
+            self.files += 1
+            self.bytes += e.size
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            if not ok:
+                try:
+                    os.unlink(tmp, dir_fd=dir_fd)
+                except OSError:
+                    pass
+
+
+def is_safetensors(path: str, fobj: FileObject) -> bool:
+    """True if the file was chunked as safetensors (its header parsed when committed)."""
+    return fobj.chunker == SAFETENSORS_NAME

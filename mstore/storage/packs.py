@@ -1,0 +1,274 @@
+r"""Pack files: append-only containers of encoded objects, sealed when full.
+
+Layout (all integers little-endian)::
+
+    header   b"MSTPACK\\0"  u32 format version (1)  u32 reserved (0)              16 bytes
+    record*  b"MSRC" kind:u8 codec:u8 reserved:u16 raw_len:u64 enc_len:u64
+             id:32 bytes  check:32 bytes (BLAKE3 of the raw payload)             88 bytes
+             payload: enc_len bytes
+    footer   b"MSFT" u32 reserved  u64 record count
+             BLAKE3 of every byte before the footer                              48 bytes
+
+A pack without a footer is one whose writer is still running or was killed; its records are
+still valid individually (each carries its own check). A sealed pack is never modified again.
+Each writing process appends only to packs it created (names are unique), so concurrent
+writers never share a file.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import blake3
+
+from .. import codecs
+from ..errors import IntegrityError, StorageError, UnsupportedFormat
+from ..fsutil import fsync_dir, pread_exact, unique_name, write_all
+
+PACK_MAGIC = b"MSTPACK\0"
+PACK_VERSION = 1
+HEADER = struct.Struct("<8sII")
+RECORD = struct.Struct("<4sBBHQQ32s32s")
+RECORD_MAGIC = b"MSRC"
+FOOTER = struct.Struct("<4sIQ32s")
+FOOTER_MAGIC = b"MSFT"
+SUFFIX = ".pack"
+
+# Buffer this much before a write(2); large enough to amortise syscalls, small enough that a
+# chunk never waits long in memory.
+_WRITE_BUFFER = 4 << 20
+
+
+@dataclass(frozen=True)
+class Record:
+    """One record as read from a pack."""
+
+    kind: str
+    codec: int
+    raw_len: int
+    enc_len: int
+    id: bytes
+    check: bytes
+    offset: int
+
+    @property
+    def end(self) -> int:
+        """Offset of the byte after this record's payload."""
+        return self.offset + RECORD.size + self.enc_len
+
+
+def parse_record_header(buf: bytes, offset: int) -> Record:
+    """Parse the fixed record header that starts at ``offset``.
+
+    Raises:
+        IntegrityError: wrong magic or an unknown kind.
+    """
+    magic, kind, codec, _res, raw_len, enc_len, oid, check = RECORD.unpack(buf)
+    if magic != RECORD_MAGIC:
+        raise IntegrityError(f"no record at pack offset {offset} (bad magic)")
+    try:
+        kind_s = bytes([kind]).decode("ascii")
+    except UnicodeDecodeError:
+        raise IntegrityError(f"record at pack offset {offset} has a bad kind byte") from None
+    if kind_s not in "cftm":
+        raise IntegrityError(f"record at pack offset {offset} has unknown kind {kind_s!r}")
+    return Record(kind_s, codec, raw_len, enc_len, oid, check, offset)
+
+
+class PackWriter:
+    """Appends records to one pack file owned by this process."""
+
+    def __init__(self, packs_dir: Path, max_size: int):
+        self.name = unique_name(suffix=SUFFIX)
+        self.path = packs_dir / self.name
+        self.max_size = max_size
+        try:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+        except OSError as exc:
+            raise StorageError(f"cannot create pack {self.path}: {exc.strerror}") from exc
+        self._buf = bytearray()
+        self._hash = blake3.blake3()
+        self.size = 0
+        self.records = 0
+        self.sealed = False
+        self._dir_synced = False
+        self._append(HEADER.pack(PACK_MAGIC, PACK_VERSION, 0))
+
+    def _append(self, data: bytes | memoryview) -> None:
+        self._buf += data
+        self._hash.update(data)
+        self.size += len(data)
+        if len(self._buf) >= _WRITE_BUFFER:
+            self._drain()
+
+    def _drain(self) -> None:
+        if self._buf:
+            try:
+                write_all(self.fd, self._buf)
+            except OSError as exc:
+                raise StorageError(f"cannot write pack {self.path}: {exc.strerror}") from exc
+            self._buf = bytearray()
+
+    def add(self, kind: str, oid: bytes, check: bytes, codec: int, raw_len: int, payload: bytes) -> int:
+        """Append one encoded object; returns the record's offset."""
+        offset = self.size
+        self._append(RECORD.pack(RECORD_MAGIC, ord(kind), codec, 0, raw_len, len(payload), oid, check))
+        self._append(payload)
+        self.records += 1
+        return offset
+
+    @property
+    def full(self) -> bool:
+        """True once the pack has reached its size bound."""
+        return self.size >= self.max_size
+
+    def sync(self) -> None:
+        """Make every appended byte durable (write, fsync the file, and the directory once).
+
+        Raises:
+            StorageError: the disk refused.
+        """
+        self._drain()
+        try:
+            os.fsync(self.fd)
+            if not self._dir_synced:
+                fsync_dir(self.path.parent)
+                self._dir_synced = True
+        except OSError as exc:
+            raise StorageError(f"cannot fsync pack {self.path}: {exc.strerror}") from exc
+
+    def seal(self) -> None:
+        """Write the footer, make it durable and close. Nothing is appended afterwards."""
+        if self.sealed:
+            return
+        digest = self._hash.digest()
+        self._buf += FOOTER.pack(FOOTER_MAGIC, 0, self.records, digest)
+        self.size += FOOTER.size
+        self.sync()
+        os.close(self.fd)
+        self.sealed = True
+
+    def abandon(self) -> None:
+        """Close without sealing (an error path); the file stays for compaction to reclaim."""
+        if not self.sealed:
+            try:
+                self._drain()
+            finally:
+                os.close(self.fd)
+                self.sealed = True
+
+
+class PackReader:
+    """Random access to records in pack files, with an LRU of open descriptors."""
+
+    # A store with thousands of small packs must not run into the descriptor limit (often 1024).
+    MAX_OPEN = 128
+
+    def __init__(self, packs_dir: Path):
+        self.packs_dir = packs_dir
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _fd(self, name: str) -> int:
+        # Caller holds self._lock.
+        fd = self._fds.get(name)
+        if fd is not None:
+            self._fds.move_to_end(name)
+            return fd
+        try:
+            fd = os.open(self.packs_dir / name, os.O_RDONLY)
+        except FileNotFoundError:
+            raise IntegrityError(f"pack {name} is missing") from None
+        self._fds[name] = fd
+        while len(self._fds) > self.MAX_OPEN:
+            _, old = self._fds.popitem(last=False)
+            os.close(old)
+        return fd
+
+    def read(self, name: str, offset: int, enc_len: int) -> tuple[Record, bytes]:
+        """Read the record at ``offset`` and its payload (not yet decoded or verified).
+
+        Raises:
+            IntegrityError: the pack is missing, truncated or the record header is damaged.
+        """
+        try:
+            # Under the lock, so the LRU never closes a descriptor that a thread is reading.
+            with self._lock:
+                buf = pread_exact(self._fd(name), RECORD.size + enc_len, offset)
+        except StorageError:
+            raise IntegrityError(f"pack {name} is truncated at offset {offset}") from None
+        rec = parse_record_header(buf[: RECORD.size], offset)
+        if rec.enc_len != enc_len:
+            raise IntegrityError(f"pack {name} offset {offset}: record length {rec.enc_len} != indexed {enc_len}")
+        return rec, buf[RECORD.size :]
+
+    def decode(self, rec: Record, payload: bytes) -> bytes:
+        """Decode a payload and check it against the record's check hash.
+
+        Raises:
+            IntegrityError: the payload does not decode or its hash is wrong.
+        """
+        raw = codecs.decode(rec.codec, payload, rec.raw_len)
+        if blake3.blake3(raw).digest() != rec.check:
+            raise IntegrityError("payload hash does not match its record")
+        return raw
+
+    def close(self) -> None:
+        """Close every cached descriptor."""
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+def scan_pack(path: Path) -> tuple[list[Record], bool, int]:
+    """Walk a pack's records without trusting any index.
+
+    Returns:
+        (records, sealed, bytes_scanned): the records whose headers parse and whose payload
+        lies inside the file; whether a valid footer ends the pack; how far the scan got.
+
+    Raises:
+        UnsupportedFormat: the pack header names a version this mstore does not read.
+        IntegrityError: the file is not a pack.
+    """
+    size = path.stat().st_size
+    records: list[Record] = []
+    with open(path, "rb") as f:
+        head = f.read(HEADER.size)
+        if len(head) < HEADER.size:
+            raise IntegrityError(f"pack {path.name} is shorter than its header")
+        magic, version, _ = HEADER.unpack(head)
+        if magic != PACK_MAGIC:
+            raise IntegrityError(f"{path.name} is not a pack file")
+        if version != PACK_VERSION:
+            raise UnsupportedFormat(f"pack {path.name} has version {version}; this mstore reads {PACK_VERSION}")
+        h = blake3.blake3(head)
+        offset = HEADER.size
+        while offset + 4 <= size:
+            f.seek(offset)
+            peek = f.read(4)
+            if peek == FOOTER_MAGIC and offset + FOOTER.size == size:
+                f.seek(offset)
+                _m, _r, count, digest = FOOTER.unpack(f.read(FOOTER.size))
+                return records, (count == len(records) and digest == h.digest()), size
+            hdr = peek + f.read(RECORD.size - 4)
+            if len(hdr) < RECORD.size:
+                break
+            try:
+                rec = parse_record_header(hdr, offset)
+            except IntegrityError:
+                break
+            if rec.end > size:
+                break
+            payload = f.read(rec.enc_len)
+            h.update(hdr)
+            h.update(payload)
+            records.append(rec)
+            offset = rec.end
+    return records, False, offset

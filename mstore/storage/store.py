@@ -1,0 +1,270 @@
+"""ObjectStore: put and get verified objects; the write order that makes crashes harmless.
+
+Write order (docs/format.md, invariants I1–I3):
+
+1. encoded records are appended to a pack owned by this process;
+2. the pack is fsynced (and its directory, once) — *before* anything refers to its bytes;
+3. one LMDB write transaction indexes the new objects, refreshes the age of re-used ones and,
+   through ``on_commit``, moves refs. A crash before 3 leaves only unindexed pack bytes.
+
+Every read is verified: the record header must name the requested kind and id, the payload
+must decode to exactly the recorded length, and its hash must be the id (chunks, trees,
+commits) or the record's check hash (file manifests, whose id is their *content's* hash and is
+verified when that content is read).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import blake3
+
+from .. import codecs
+from ..errors import IntegrityError, ObjectNotFound, StorageError
+from ..format import INDEX_DIR, PACKS_DIR, Config
+from ..hashing import ObjectId, hash_typed
+from .index import KINDS, Entry, Index, Txn
+from .packs import PackReader, PackWriter
+
+TYPED_PREFIX = {"t": "tree", "m": "commit"}
+
+# Re-storing an object refreshes its age so that a concurrent gc cannot collect it before a
+# ref points at it; refreshing at most once an hour keeps re-commits from rewriting the index.
+REFRESH_AFTER = 3600.0
+
+
+class ObjectStore:
+    """The packs and index of one repository."""
+
+    def __init__(self, root: Path, config: Config, clock: Callable[[], float] = time.time):
+        self.root = root
+        self.config = config
+        self.packs_dir = root / PACKS_DIR
+        self.index = Index(root / INDEX_DIR)
+        self.reader = PackReader(self.packs_dir)
+        self.clock = clock
+        self._pack_names: dict[int, str] = {}
+
+    def close(self) -> None:
+        """Release file descriptors and the index handle."""
+        self.reader.close()
+        self.index.close()
+
+    # -- reading ---------------------------------------------------------------------------
+    def pack_name(self, number: int, txn: Txn | None = None) -> str:
+        """The file name of pack ``number``."""
+        name = self._pack_names.get(number)
+        if name is None:
+            if txn is None:
+                with self.index.read() as t:
+                    rec = t.get_pack(number)
+            else:
+                rec = txn.get_pack(number)
+            if rec is None:
+                raise IntegrityError(f"index names pack #{number}, which is not registered")
+            name = self._pack_names[number] = rec["name"]
+        return name
+
+    def entry(self, kind: str, oid: ObjectId) -> Entry | None:
+        """The index entry of an object, or None."""
+        with self.index.read() as txn:
+            return txn.get_entry(kind, oid.digest)
+
+    def has(self, kind: str, oid: ObjectId) -> bool:
+        """True if the object is indexed."""
+        return self.entry(kind, oid) is not None
+
+    def get(self, kind: str, oid: ObjectId, entry: Entry | None = None) -> bytes:
+        """The verified raw bytes of an object.
+
+        Raises:
+            ObjectNotFound: not indexed.
+            IntegrityError: the stored bytes are damaged (message names the object and pack).
+        """
+        if entry is None:
+            entry = self.entry(kind, oid)
+            if entry is None:
+                raise ObjectNotFound(f"{KINDS[kind]} {oid} is not in the store", oid)
+        name = self.pack_name(entry.pack)
+        try:
+            rec, payload = self.reader.read(name, entry.offset, entry.enc_len)
+            if rec.kind != kind or rec.id != oid.digest or rec.raw_len != entry.raw_len:
+                raise IntegrityError("record header does not match the index")
+            raw = self.reader.decode(rec, payload)
+            verify_raw(kind, oid, raw)
+        except IntegrityError as exc:
+            raise IntegrityError(
+                f"{KINDS[kind]} {oid} is damaged (pack {name}, offset {entry.offset}): {exc}"
+            ) from None
+        return raw
+
+    def iter_entries(self, kind: str | None = None) -> Iterator[tuple[str, ObjectId, Entry]]:
+        """Every indexed object, from one read snapshot."""
+        with self.index.read() as txn:
+            for k, digest, entry in txn.iter_entries(kind):
+                yield k, ObjectId.from_digest(digest), entry
+
+    def find_prefix(self, kind: str, prefix: str, limit: int = 2) -> list[ObjectId]:
+        """Ids of ``kind`` starting with the hex ``prefix`` (at most ``limit``)."""
+        byte_prefix = bytes.fromhex(prefix[: len(prefix) // 2 * 2])
+        out: list[ObjectId] = []
+        with self.index.read() as txn:
+            for _k, digest, _e in txn.iter_entries(kind, byte_prefix):
+                if digest.hex().startswith(prefix):
+                    out.append(ObjectId.from_digest(digest))
+                    if len(out) >= limit:
+                        break
+        return out
+
+    # -- writing ---------------------------------------------------------------------------
+    def batch(self) -> WriteBatch:
+        """Start a batch of writes that becomes visible in one (or a few) index transactions."""
+        return WriteBatch(self)
+
+
+def verify_raw(kind: str, oid: ObjectId, raw: bytes) -> None:
+    """Check decoded bytes against their id.
+
+    Raises:
+        IntegrityError: the hash is not the id.
+    """
+    if kind == "c":
+        got = blake3.blake3(raw).digest()
+    elif kind in TYPED_PREFIX:
+        got = hash_typed(TYPED_PREFIX[kind], raw).digest
+    else:
+        return  # file manifests: checked by the record's check hash; content checked on read
+    if got != oid.digest:
+        raise IntegrityError(f"hash mismatch: content hashes to {got.hex()}")
+
+
+class WriteBatch:
+    """Objects written by one operation; see the module docstring for the write order.
+
+    Use as a context manager; :meth:`commit` makes everything visible, and leaving the block
+    without committing abandons the batch (its pack bytes stay unindexed until compaction).
+    """
+
+    # Index what is durable whenever this much has been written, so a long commit keeps
+    # bounded state in memory and a crash loses at most this much work.
+    FLUSH_BYTES = 256 << 20
+
+    def __init__(self, store: ObjectStore):
+        self.store = store
+        self.level = int(store.config.get("codec", "zstd_level", codecs.DEFAULT_LEVEL))
+        self.max_pack = int(store.config.get("packs", "max_size", 64 << 20))
+        self.writer: PackWriter | None = None
+        self._writer_number: int | None = None
+        # (kind, digest) -> (writer, offset, enc_len, raw_len, codec)
+        self.pending: dict[tuple[str, bytes], tuple[PackWriter, int, int, int, int]] = {}
+        self.reused: set[tuple[str, bytes]] = set()
+        self._numbers: dict[int, int] = {}  # id(writer) -> pack number once registered
+        self._unflushed = 0
+        self.new_bytes = 0  # raw bytes of new objects
+        self.stored_bytes = 0  # encoded bytes written to packs
+        self.done = False
+
+    def __enter__(self) -> WriteBatch:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.writer is not None and not self.writer.sealed:
+            if self.done:
+                self.writer.seal()
+            else:
+                self.writer.abandon()
+
+    def contains(self, kind: str, oid: ObjectId, txn: Txn | None = None) -> bool:
+        """True if the object is already pending here or indexed (and then marks it re-used)."""
+        key = (kind, oid.digest)
+        if key in self.pending or key in self.reused:
+            return True
+        if txn is not None:
+            found = txn.get_entry(kind, oid.digest) is not None
+        else:
+            found = self.store.has(kind, oid)
+        if found:
+            self.reused.add(key)
+        return found
+
+    def add(self, kind: str, oid: ObjectId, raw: bytes | memoryview, check: bytes | None = None) -> bool:
+        """Store an object unless it exists; True if it was new.
+
+        ``check`` is BLAKE3 of ``raw``; pass it when already computed (it equals the id for
+        chunks).
+        """
+        if self.contains(kind, oid):
+            return False
+        if check is None:
+            check = oid.digest if kind == "c" else blake3.blake3(raw).digest()
+        codec, payload = codecs.encode(raw, self.level)
+        self.add_encoded(kind, oid, check, codec, len(raw), payload)
+        return True
+
+    def add_encoded(self, kind: str, oid: ObjectId, check: bytes, codec: int, raw_len: int, payload: bytes) -> None:
+        """Append an already encoded object (the caller has checked it is not stored)."""
+        if self.writer is None or self.writer.full:
+            self._roll()
+        assert self.writer is not None
+        offset = self.writer.add(kind, oid.digest, check, codec, raw_len, payload)
+        self.pending[(kind, oid.digest)] = (self.writer, offset, len(payload), raw_len, codec)
+        self.new_bytes += raw_len
+        self.stored_bytes += len(payload)
+        self._unflushed += len(payload)
+        if self._unflushed >= self.FLUSH_BYTES:
+            self.flush()
+
+    def _roll(self) -> None:
+        if self.writer is not None:
+            self.flush()
+            self.writer.seal()
+        self.writer = PackWriter(self.store.packs_dir, self.max_pack)
+
+    def flush(self, on_commit: Callable[[Txn], Any] | None = None) -> Any:
+        """Make pending objects durable and indexed; run ``on_commit`` in the same transaction.
+
+        Raises:
+            StorageError: a re-used object vanished (a concurrent gc took it); nothing that
+                ``on_commit`` would have done has happened.
+        """
+        if self.writer is not None and self.pending:
+            self.writer.sync()
+        now = self.store.clock()
+        result = None
+        with self.store.index.write() as txn:
+            for (kind, digest), (writer, offset, enc_len, raw_len, codec) in self.pending.items():
+                number = self._numbers.get(id(writer))
+                if number is None:
+                    number = self._numbers[id(writer)] = txn.register_pack(writer.name, now)
+                txn.put_entry(kind, digest, Entry(number, offset, enc_len, raw_len, codec, 0, now))
+            for kind, digest in self.reused:
+                entry = txn.get_entry(kind, digest)
+                if entry is None:
+                    raise StorageError(
+                        f"{KINDS[kind]} {digest.hex()} disappeared while this operation used it "
+                        "(a concurrent gc?); nothing was changed, run the command again"
+                    )
+                if now - entry.stored_at > REFRESH_AFTER:
+                    txn.put_entry(
+                        kind,
+                        digest,
+                        Entry(entry.pack, entry.offset, entry.enc_len, entry.raw_len, entry.codec, entry.flags, now),
+                        overwrite=True,
+                    )
+            if on_commit is not None:
+                result = on_commit(txn)
+        self.pending.clear()
+        self.reused.clear()
+        self._unflushed = 0
+        return result
+
+    def commit(self, on_commit: Callable[[Txn], Any] | None = None) -> Any:
+        """Final flush; seals the current pack. Returns what ``on_commit`` returned."""
+        result = self.flush(on_commit)
+        self.done = True
+        if self.writer is not None:
+            self.writer.seal()
+        return result
