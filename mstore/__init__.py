@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any
 _ERRORS = (
     "AmbiguousId", "ChecksumMismatch", "Conflict", "FormatError", "IntegrityError", "InvalidName",
     "InvalidRevision", "MalformedObject", "MstoreError", "NotFound", "ObjectNotFound", "PathNotFound",
-    "RefConflict", "RefNotFound", "RepositoryExists", "RepositoryNotFound", "StorageError",
+    "RefConflict", "RefNotFound", "Refused", "RegressionRefused", "ProtectedRef", "RepositoryExists",
+    "RepositoryNotFound", "StorageError",
     "UnsupportedFormat", "UserError",
 )
-_REPO = ("CommitResult", "DiffResult", "LogEntry", "LsEntry", "RefInfo", "Repo")
+_REPO = ("CommitResult", "DiffResult", "LogEntry", "LsEntry", "RefChangeResult", "RefInfo", "Repo")
 
 __all__ = sorted((*_ERRORS, *_REPO, "ObjectId"))
 

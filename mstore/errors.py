@@ -126,6 +126,24 @@ class StorageError(MstoreError):
     exit_code = 7
 
 
+class Refused(MstoreError):
+    """A safety rule refused the operation; an explicit flag can override it (and is recorded)."""
+
+    exit_code = 8
+
+
+class RegressionRefused(Refused):
+    """A commit looks like a regression of its parent (see guards.py)."""
+
+    def __init__(self, message: str, findings: list):
+        super().__init__(message)
+        self.findings = findings
+
+
+class ProtectedRef(Refused):
+    """Deleting or force-moving a protected ref needs --force-protected and --confirm NAME."""
+
+
 class RepositoryNotFound(NotFound):
     """No mstore repository at or above the given directory."""
 

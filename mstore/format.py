@@ -54,11 +54,16 @@ DEFAULTS: dict[str, Any] = {
     "chunking": {"cdc_avg_size": 64 * 1024, "tensor_max_chunk": 16 * 1024 * 1024},
     "packs": {"max_size": 64 * 1024 * 1024},
     "codec": {"zstd_level": 3},
+    # Deleting or force-moving a ref matching one of these (fnmatch on the short or full name)
+    # needs --force-protected and --confirm NAME.
+    "protect": {"patterns": ["main", "refs/tags/*"]},
+    # Commit guards (guards.py): refuse a version that shrinks or regresses against its parent.
+    "guards": {"max_shrink": 0.5, "max_vocab_shrink": 0.0, "max_metric_regression": 0.10},
 }
 
 # Known sections; an unknown section could be a feature of a newer mstore whose meaning we
 # would silently ignore, so it is refused like a newer version.
-KNOWN_SECTIONS = frozenset(DEFAULTS) | {"protect", "guards", "gc", "remotes"}
+KNOWN_SECTIONS = frozenset(DEFAULTS) | {"gc", "remotes"}
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ modules below it and holds no algorithms of its own.
 
 from __future__ import annotations
 
+import fnmatch
 import heapq
 import os
 import time
@@ -25,9 +26,13 @@ from .errors import (
     AmbiguousId,
     Conflict,
     InvalidRevision,
+    MstoreError,
+    ObjectNotFound,
     PathNotFound,
+    ProtectedRef,
     RefConflict,
     RefNotFound,
+    RegressionRefused,
     RepositoryExists,
     RepositoryNotFound,
     UserError,
@@ -83,14 +88,42 @@ class LogEntry:
 
 @dataclass(frozen=True)
 class CommitResult:
-    """What :meth:`Repo.commit` did."""
+    """What :meth:`Repo.commit` did (or, with ``dry_run``, would do: ``id`` and ``commit`` None)."""
 
-    id: ObjectId
-    commit: Commit
+    id: ObjectId | None
+    commit: Commit | None
     branch: str
     parent: ObjectId | None
     new_bytes: int
     stored_bytes: int
+    overridden: list = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class RefChangeResult:
+    """What a ref change did (or would do): the ref, its value before and after."""
+
+    name: str
+    full_name: str
+    old: ObjectId | None
+    new: ObjectId | None
+    dry_run: bool = False
+    forced: bool = False
+    dependents: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {
+            "ref": self.name,
+            "full_name": self.full_name,
+            "old": self.old,
+            "new": self.new,
+            "dry_run": self.dry_run,
+            "forced": self.forced,
+            "dependents": self.dependents,
+        }
 
 
 @dataclass(frozen=True)
@@ -415,7 +448,9 @@ class Repo:
     def _update_ref(self, full: str, old, new: ObjectId | None, command: str, message: str) -> None:
         change = RefChange(self.user, command, message)
         with self.store.index.write() as txn:
-            won, actual = set_if_equals(txn, full, old, new.digest if new is not None else None, change, self.clock())
+            won, actual = set_if_equals(
+                txn, full, old, new.digest if new is not None else None, change, self.clock()
+            )
         if not won:
             raise RefConflict(
                 f"{short_name(full)} moved to {actual.hex()[:7] if actual else 'nothing'} meanwhile; "
@@ -425,7 +460,26 @@ class Repo:
                 actual.hex() if actual else None,
             )
 
-    def create_branch(self, name: str, rev: str) -> ObjectId:
+    # -- protection ------------------------------------------------------------------------
+    def is_protected(self, full: str) -> bool:
+        """True if a ref matches a ``[protect] patterns`` entry (short or full name)."""
+        patterns = self.config.get("protect", "patterns", []) or []
+        short = short_name(full)
+        return any(fnmatch.fnmatchcase(full, p) or fnmatch.fnmatchcase(short, p) for p in patterns)
+
+    def _check_protection(self, full: str, action: str, force_protected: bool, confirm: str | None) -> bool:
+        """Refuse a destructive change of a protected ref unless forced and confirmed by name."""
+        if not self.is_protected(full):
+            return False
+        short = short_name(full)
+        if not force_protected or confirm not in (short, full):
+            raise ProtectedRef(
+                f"{short} is protected; {action} it only with --force-protected --confirm {short}"
+            )
+        return True
+
+    # -- branches and tags -------------------------------------------------------------------
+    def create_branch(self, name: str, rev: str, *, dry_run: bool = False) -> ObjectId:
         """Create branch ``name`` at ``rev``.
 
         Raises:
@@ -434,30 +488,39 @@ class Repo:
         """
         full = branch_ref(name)
         oid = self.resolve(rev)
+        if dry_run:
+            if self.head(name) is not None:
+                raise Conflict(f"branch {name} already exists")
+            return oid
         try:
             self._update_ref(full, None, oid, "branch", f"created from {rev}")
         except RefConflict:
             raise Conflict(f"branch {name} already exists") from None
         return oid
 
-    def delete_branch(self, name: str) -> ObjectId:
-        """Delete a branch; its reflog stays, so ``restore`` can bring it back.
-
-        Returns:
-            The commit the branch pointed at.
+    def delete_branch(
+        self, name: str, *, dry_run: bool = False, force_protected: bool = False, confirm: str | None = None
+    ) -> RefChangeResult:
+        """Delete a branch; its reflog stays, so :meth:`restore` brings it back.
 
         Raises:
             RefNotFound: no such branch.
+            ProtectedRef: the branch is protected and not forced and confirmed.
         """
         full = branch_ref(name)
         with self.store.index.read() as txn:
             cur = txn.get_ref(full)
         if cur is None:
             raise RefNotFound(f"no branch {name}")
-        self._update_ref(full, cur, None, "branch -d", f"deleted {name}")
-        return ObjectId.from_digest(cur)
+        forced = self._check_protection(full, "delete", force_protected, confirm)
+        was = ObjectId.from_digest(cur)
+        dependents = self.dependents(name)
+        if not dry_run:
+            msg = f"deleted {name}" + (" (protected; forced and confirmed)" if forced else "")
+            self._update_ref(full, cur, None, "branch -d", msg)
+        return RefChangeResult(name, full, was, None, dry_run, forced, dependents)
 
-    def create_tag(self, name: str, rev: str, message: str = "") -> ObjectId:
+    def create_tag(self, name: str, rev: str, message: str = "", *, dry_run: bool = False) -> ObjectId:
         """Create an immutable tag.
 
         Raises:
@@ -465,11 +528,157 @@ class Repo:
         """
         full = tag_ref(name)
         oid = self.resolve(rev)
-        try:
-            self._update_ref(full, None, oid, "tag", message or f"tagged {rev}")
-        except RefConflict:
-            raise Conflict(f"tag {name} already exists and tags never move") from None
+        with self.store.index.read() as txn:
+            exists = txn.get_ref(full) is not None
+        if exists:
+            raise Conflict(f"tag {name} already exists and tags never move")
+        if not dry_run:
+            try:
+                self._update_ref(full, None, oid, "tag", message or f"tagged {rev}")
+            except RefConflict:
+                raise Conflict(f"tag {name} already exists and tags never move") from None
         return oid
+
+    def delete_tag(
+        self, name: str, *, dry_run: bool = False, force_protected: bool = False, confirm: str | None = None
+    ) -> RefChangeResult:
+        """Delete a tag (tags are protected by default: needs ``force_protected`` and ``confirm``).
+
+        Raises:
+            RefNotFound: no such tag.
+            ProtectedRef: not forced and confirmed.
+        """
+        full = tag_ref(name)
+        with self.store.index.read() as txn:
+            cur = txn.get_ref(full)
+        if cur is None:
+            raise RefNotFound(f"no tag {name}")
+        forced = self._check_protection(full, "delete", force_protected, confirm)
+        if not dry_run:
+            self._update_ref(full, cur, None, "tag -d", f"deleted tag {name}" + (" (forced)" if forced else ""))
+        return RefChangeResult(name, full, ObjectId.from_digest(cur), None, dry_run, forced, [])
+
+    def restore(
+        self,
+        spec: str,
+        *,
+        as_name: str | None = None,
+        dry_run: bool = False,
+        force_protected: bool = False,
+        confirm: str | None = None,
+    ) -> RefChangeResult:
+        """Bring back a deleted or moved ref from its reflog: ``exp1``, ``exp1@{3}``, ``exp1@{2.days.ago}``.
+
+        Without ``@{...}`` the ref is recreated at the value it had before it was deleted (it must
+        not exist). With ``as_name`` a new branch of that name is created instead. The restore is
+        itself a reflogged change, so it can be undone too.
+
+        Raises:
+            RefNotFound: no reflog for that name.
+            InvalidRevision: a bad ``@{...}``, or a reflog shorter than asked.
+            Conflict: the target exists (``--as`` an existing name, or ``exp1`` without ``@{}`` while it exists).
+            ProtectedRef: moving a protected ref without force and confirmation.
+        """
+        r = parse_revision(spec, self.clock())
+        if r.steps and (len(r.steps) != 1 or r.steps[0][0] not in ("reflog", "at")):
+            raise InvalidRevision(f"restore takes REF, REF@{{N}} or REF@{{TIME}}, not {spec!r}")
+        with self.store.index.read() as txn:
+            full = self._find_ref(txn, r.base) or self._find_logged_ref(txn, r.base)
+            if full is None:
+                check_ref_name(r.base)
+                raise RefNotFound(f"nothing to restore: {r.base} has no reflog")
+            current = txn.get_ref(full)
+            if r.steps:
+                target = reflog_value(txn, full, r.steps[0])
+                if target is None:
+                    raise InvalidRevision(f"{spec}: {r.base} did not exist at that point; pick another entry")
+            else:
+                if current is not None and as_name is None:
+                    raise Conflict(
+                        f"{short_name(full)} exists (at {current.hex()[:7]}); "
+                        f"name an earlier state: mstore restore {short_name(full)}@{{1}}"
+                    )
+                target = None
+                for _seq, e in txn.iter_ref_reflog(full):
+                    val = e["new"] or e["old"]
+                    if val is not None:
+                        target = ObjectId(val)
+                        break
+                if target is None:
+                    raise RefNotFound(f"{r.base}'s reflog records no commit to restore")
+        if not self.store.has("m", target):
+            raise ObjectNotFound(f"commit {target} of {spec} is no longer in the store", target)
+        if as_name is not None:
+            dest = branch_ref(as_name)
+            with self.store.index.read() as txn:
+                if txn.get_ref(dest) is not None:
+                    raise Conflict(f"branch {as_name} already exists; choose another --as name")
+            old = None
+            forced = False
+        else:
+            dest = full
+            if dest.startswith(TAGS) and current is not None and current != target.digest:
+                raise Conflict(f"tag {short_name(dest)} exists and tags never move")
+            old = current
+            forced = current is not None and self._check_protection(dest, "move", force_protected, confirm)
+        prev = ObjectId.from_digest(old) if old is not None else None
+        if not dry_run:
+            self._update_ref(dest, old, target, "restore", f"restored from {spec}")
+        return RefChangeResult(short_name(dest), dest, prev, target, dry_run, forced, [])
+
+    def dependents(self, branch: str) -> list[str]:
+        """Other branches whose commits record a commit of ``branch`` as an input (``inputs`` or ``meta.base``)."""
+        try:
+            own = {e.id for e in self.log(branch)}
+        except MstoreError:
+            return []
+        out = []
+        for b in self.branches():
+            if b.name == branch:
+                continue
+            for e in self.log(b.full_name):
+                if _input_ids(e.commit) & own:
+                    out.append(b.name)
+                    break
+        return out
+
+    def branches_info(self) -> list[dict[str, Any]]:
+        """Every branch with what it is: kind, created, last moved, size, lineage, step, metrics."""
+        out = []
+        with self.store.index.read() as txn:
+            refs = [(n, ObjectId.from_digest(d)) for n, d in txn.iter_refs(HEADS)]
+            times = {}
+            for name, _oid in refs:
+                first = last = None
+                for _seq, e in txn.iter_ref_reflog(name, newest_first=False):
+                    if first is None:
+                        first = e["time"]
+                    last = e["time"]
+                times[name] = (first, last)
+        for name, oid in refs:
+            c = load_commit(self.store, oid)
+            created, moved = times[name]
+            base = c.inputs.get("base") or c.meta.get("base")
+            metrics = {**{k: v for k, v in c.meta.items() if _is_metric(k, v)}, **c.metrics}
+            out.append(
+                {
+                    "name": short_name(name),
+                    "id": str(oid),
+                    "kind": c.kind,
+                    "message": c.message,
+                    "commit_time": c.time,
+                    "created": created,
+                    "moved": moved,
+                    "bytes": c.stats.get("bytes"),
+                    "files": c.stats.get("files"),
+                    "parameters": c.stats.get("parameters"),
+                    "base": base,
+                    "inputs": c.inputs,
+                    "step": c.meta.get("step", c.metrics.get("step")),
+                    "metrics": metrics,
+                }
+            )
+        return out
 
     def reflog(self, ref: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
         """Reflog entries, newest first: all refs, or one (deleted refs included)."""
@@ -505,40 +714,76 @@ class Repo:
         argv: list[str] | None = None,
         cwd: str | os.PathLike | None = None,
         expected_head: ObjectId | None | object = ANY,
+        allow_regression: bool = False,
+        dry_run: bool = False,
         progress: Progress | None = None,
     ) -> CommitResult:
         """Snapshot a file or directory as a new commit on ``branch``.
+
+        Before a byte is stored, the commit guards compare the new version with the branch head
+        (sizes, tensors, vocabulary, metrics); a regression is refused unless
+        ``allow_regression``, and the override is recorded in the commit's provenance.
 
         The branch moves by compare-and-swap from the head this commit was built on (or from
         ``expected_head`` if given): if another writer moved it meanwhile, the objects stay
         stored but the branch does not move, and :class:`RefConflict` says so.
 
+        With ``dry_run`` nothing is stored: the result says what would be committed
+        (``id`` is None; ``new_bytes`` counts data the store does not hold yet).
+
         Raises:
             InvalidName: bad branch name; PathNotFound: ``path`` missing;
-            UserError: bad kind or metadata; RefConflict: lost the race.
+            UserError: bad kind; MalformedObject: metadata that cannot be stored (NaN);
+            RegressionRefused: a guard tripped; RefConflict: lost the race.
         """
         from . import provenance as _prov
-        from .snapshot import Ingest
+        from .guards import check, numeric_metrics
+        from .objects import canonical_json
+        from .snapshot import Ingest, scan, stored_summary
 
         full = branch_ref(branch)
         if kind not in COMMIT_KINDS:
             raise UserError(f"unknown kind {kind!r}; choose one of {', '.join(COMMIT_KINDS)}")
+        for value in (meta, metrics, params, inputs):
+            canonical_json(value or {})  # refuse NaN and the like before anything is stored
         path = Path(path)
         with self.store.index.read() as txn:
             cur = txn.get_ref(full)
         parent = ObjectId.from_digest(cur) if cur is not None else None
-        if expected_head is not ANY:
-            if expected_head != parent:
-                raise RefConflict(
-                    f"{branch} is at {parent.short if parent else 'nothing'}, not the expected head",
-                    full,
-                    str(expected_head) if expected_head else None,
-                    parent,
-                )
+        if expected_head is not ANY and expected_head != parent:
+            raise RefConflict(
+                f"{branch} is at {parent.short if parent else 'nothing'}, not the expected head",
+                full,
+                str(expected_head) if expected_head else None,
+                parent,
+            )
+        child = scan(path)
+        findings = []
+        if parent is not None:
+            pc = load_commit(self.store, parent)
+            before = stored_summary(self.store, pc.tree, pc.stats)
+            before.metrics = numeric_metrics(pc.meta, pc.metrics)
+            child.metrics = numeric_metrics(meta or {}, metrics or {})
+            findings = check(before, child, self.config.data.get("guards"))
+        if findings and not allow_regression:
+            raise RegressionRefused(_refusal_text(branch, parent, findings, dry_run), findings)
         cwd = Path(cwd) if cwd is not None else Path.cwd()
         prov = _prov.capture(cwd, argv, provenance)
-        with self.store.batch() as batch, Ingest(self.store, batch, progress or (lambda n: None)) as ingest:
+        if findings:
+            prov["guards_overridden"] = [f.to_dict() for f in findings]
+        progress = progress or (lambda n: None)
+        if dry_run:
+            with Ingest(self.store, None, progress) as ingest:
+                ingest.ingest_root(path)
+            stats = ingest.stats.to_dict()
+            if child.vocab_size is not None:
+                stats["vocab_size"] = child.vocab_size
+            return CommitResult(None, None, branch, parent, ingest.new_bytes, 0, findings, stats, True)
+        with self.store.batch() as batch, Ingest(self.store, batch, progress) as ingest:
             tree_id = ingest.ingest_root(path)
+            stats = ingest.stats.to_dict()
+            if child.vocab_size is not None:
+                stats["vocab_size"] = child.vocab_size
             now = self.clock()
             commit = Commit(
                 tree=tree_id,
@@ -552,7 +797,7 @@ class Repo:
                 params=dict(params or {}),
                 inputs=dict(inputs or {}),
                 provenance=prov,
-                stats=ingest.stats.to_dict(),
+                stats=stats,
             )
             raw = commit.to_bytes()
             cid = commit.id
@@ -571,7 +816,7 @@ class Repo:
                 parent,
                 actual.hex() if actual else None,
             )
-        return CommitResult(cid, commit, branch, parent, batch.new_bytes, batch.stored_bytes)
+        return CommitResult(cid, commit, branch, parent, batch.new_bytes, batch.stored_bytes, findings, stats, False)
 
     def checkout(
         self, rev: str, dest: str | os.PathLike, *, force: bool = False, progress: Progress | None = None
@@ -652,6 +897,42 @@ class Repo:
         return sum(p.stat().st_size for p in (self.root / PACKS_DIR).iterdir() if p.is_file())
 
 
+def _refusal_text(branch: str, parent: ObjectId | None, findings: list, dry_run: bool) -> str:
+    lines = [
+        f"refusing to commit to {branch}{' (dry run)' if dry_run else ''}: this version looks like a "
+        f"regression of its parent {parent.short if parent else ''}"
+    ]
+    for f in findings:
+        if isinstance(f.new, (int, float)) and isinstance(f.old, (int, float)) and not isinstance(f.new, bool):
+            lines.append(f"  {f.what:<28} {_fmt_num(f.new)}  (parent {_fmt_num(f.old)}, {f.detail})")
+        else:
+            lines.append(f"  {f.what:<28} {f.detail}")
+    lines.append("commit with --allow-regression to record it anyway (the override is recorded in the commit)")
+    return "\n".join(lines)
+
+
+def _fmt_num(v: float) -> str:
+    if isinstance(v, float) and not v.is_integer():
+        return f"{v:.4g}"
+    return f"{int(v):,}"
+
+
+def _input_ids(c: Commit) -> set[str]:
+    ids = set()
+    for v in list(c.inputs.values()) + [c.meta.get("base")]:
+        if isinstance(v, str) and is_full_id(v):
+            ids.add(v)
+        elif isinstance(v, dict) and isinstance(v.get("id"), str):
+            ids.add(v["id"])
+    return ids
+
+
+def _is_metric(key: str, value: Any) -> bool:
+    from .guards import direction
+
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and direction(key) is not None
+
+
 def _current_user() -> str:
     import os
     import pwd
@@ -677,4 +958,4 @@ def _disk_opener(path: Path):
     return lambda: open(path, "rb")
 
 
-__all__ = ["CommitResult", "DiffResult", "LogEntry", "LsEntry", "RefInfo", "Repo", "STORE_DIRNAME"]
+__all__ = ["CommitResult", "DiffResult", "LogEntry", "LsEntry", "RefChangeResult", "RefInfo", "Repo", "STORE_DIRNAME"]

@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from . import codecs
-from .chunking import SAFETENSORS_NAME, plan_file
-from .errors import Conflict, IntegrityError, InvalidName, PathNotFound, UserError
+from .chunking import SAFETENSORS_NAME, plan_file, read_header
+from .errors import Conflict, FormatError, IntegrityError, InvalidName, PathNotFound, UserError
 from .fsutil import unique_name
+from .guards import VOCAB_FILES, VersionSummary, pick_vocab, vocab_size_of
 from .hashing import ObjectId, StreamHasher, hash_bytes
 from .objects import (
     FILE_KIND,
@@ -45,6 +46,9 @@ from .storage.store import ObjectStore, WriteBatch
 
 Progress = Callable[[int], None]
 
+# Vocabulary files larger than this are not parsed for the vocabulary guard.
+MAX_VOCAB_FILE = 64 << 20
+
 
 def _no_progress(_n: int) -> None:
     pass
@@ -60,8 +64,7 @@ class Stats:
     parameters: int = 0
     safetensors_files: int = 0
     dtypes: dict[str, int] = field(default_factory=dict)
-    new_bytes: int = 0  # raw bytes not already in the store
-    stored_bytes: int = 0  # what those cost on disk after compression
+    vocab_size: int | None = None
     invalid_safetensors: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -74,6 +77,8 @@ class Stats:
                 safetensors_files=self.safetensors_files,
                 dtypes=dict(sorted(self.dtypes.items())),
             )
+        if self.vocab_size is not None:
+            d["vocab_size"] = self.vocab_size
         if self.invalid_safetensors:
             d["invalid_safetensors"] = self.invalid_safetensors
         return d
@@ -100,6 +105,9 @@ class Ingest:
         self.stats = Stats()
         # path inside the snapshot -> FileObject, for status/diff without re-reading
         self.files: dict[str, tuple[ObjectId, FileObject]] = {}
+        # Dry runs (batch None) count what a real commit would add.
+        self.new_bytes = 0
+        self._seen_new: set[ObjectId] = set()
 
     def close(self) -> None:
         """Stop the worker threads."""
@@ -112,12 +120,14 @@ class Ingest:
         self.close()
 
     # -- chunks ---------------------------------------------------------------------------
-    def _work(self, data: bytes) -> tuple[bytes, ObjectId, int, bytes | None]:
+    def _work(self, data: bytes) -> tuple[bytes, ObjectId, int, bytes | None, bool]:
         oid = hash_bytes(data)
-        if self.batch is None or self.store.has("c", oid):
-            return data, oid, codecs.RAW, None
+        if self.store.has("c", oid):
+            return data, oid, codecs.RAW, None, True
+        if self.batch is None:
+            return data, oid, codecs.RAW, None, False
         codec, payload = codecs.encode(data, self.level)
-        return data, oid, codec, payload
+        return data, oid, codec, payload, False
 
     def ingest_file(self, path: Path, rel: str) -> tuple[ObjectId, int]:
         """Store one regular file; returns (file id, size)."""
@@ -132,11 +142,15 @@ class Ingest:
 
             def drain_one() -> None:
                 nonlocal total
-                data, oid, codec, payload = inflight.popleft().result()
+                data, oid, codec, payload, exists = inflight.popleft().result()
                 hasher.update(data)
                 chunks.append((oid, len(data)))
                 total += len(data)
-                if self.batch is not None:
+                if self.batch is None:
+                    if not exists and oid not in self._seen_new:
+                        self._seen_new.add(oid)
+                        self.new_bytes += len(data)
+                else:
                     if payload is not None:
                         if not self.batch.contains("c", oid):
                             self.batch.add_encoded("c", oid, oid.digest, codec, len(data), payload)
@@ -230,6 +244,41 @@ class Ingest:
         if self.batch is not None:
             self.batch.add("t", tree.id, tree.to_bytes())
         return tree.id
+
+
+def scan(path: Path) -> VersionSummary:
+    """The guards' view of a path, without reading any tensor data.
+
+    Sizes come from ``stat``, tensors from safetensors headers, the vocabulary from small
+    tokenizer/config files: cheap enough to run before a single byte is stored, so a refused
+    commit leaves nothing behind.
+
+    Raises:
+        PathNotFound: ``path`` does not exist.
+    """
+    if not path.exists():
+        raise PathNotFound(f"{path} does not exist")
+    summary = VersionSummary()
+    vocab: dict[str, int] = {}
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        rel = f.name if f == path else f.relative_to(path).as_posix()
+        size = f.stat().st_size
+        summary.bytes += size
+        summary.files += 1
+        if f.name.endswith(".safetensors"):
+            try:
+                with open(f, "rb") as fh:
+                    h = read_header(fh, size)
+                summary.tensors[rel] = {t.name: (t.dtype, t.shape) for t in h.tensors}
+            except FormatError:
+                pass
+        if f.name in VOCAB_FILES and size <= MAX_VOCAB_FILE:
+            vs = vocab_size_of(f.name, f.read_bytes())
+            if vs is not None:
+                vocab[rel] = vs
+    summary.vocab_size = pick_vocab(vocab)
+    return summary
 
 
 def _check_fs_name(name: str, parent: Path) -> None:
@@ -473,3 +522,18 @@ class Checkout:
 def is_safetensors(path: str, fobj: FileObject) -> bool:
     """True if the file was chunked as safetensors (its header parsed when committed)."""
     return fobj.chunker == SAFETENSORS_NAME
+
+
+def stored_summary(store: ObjectStore, tree_id: ObjectId, stats: dict[str, Any]) -> VersionSummary:
+    """The guards' view of a stored version (safetensors headers are read from the store)."""
+    tensors = {}
+    for path, e in walk_files(store, tree_id):
+        fobj = load_file(store, e.id)
+        if fobj.chunker == SAFETENSORS_NAME:
+            with FileReader(store, e.id, fobj, path) as f:
+                h = read_header(f, fobj.size)
+            tensors[path] = {t.name: (t.dtype, t.shape) for t in h.tensors}
+    return VersionSummary(
+        bytes=int(stats.get("bytes", 0)), files=int(stats.get("files", 0)),
+        vocab_size=stats.get("vocab_size"), tensors=tensors,
+    )

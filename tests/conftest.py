@@ -28,7 +28,7 @@ def repo(tmp_path: Path) -> Repo:
 def work(tmp_path: Path) -> Path:
     """A scratch directory for files to commit."""
     d = tmp_path / "work"
-    d.mkdir()
+    d.mkdir(exist_ok=True)
     return d
 
 

@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "branch": ("mstore.cli.refs", "branch", "List, create or delete branches."),
     "tag": ("mstore.cli.refs", "tag", "List or create immutable tags."),
     "reflog": ("mstore.cli.refs", "reflog", "Every ref change, deleted refs included."),
+    "restore": ("mstore.cli.refs", "restore", "Bring back a deleted or moved branch from the reflog."),
+    "branches": ("mstore.cli.refs", "branches", "What is each branch: kind, age, size, base, step, metrics."),
     "fsck": ("mstore.cli.store", "fsck", "Verify every object, ref and reflog entry."),
 }
 
@@ -90,18 +92,17 @@ def cli(ctx: click.Context, store: str | None) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI and map errors to exit codes."""
     from ..errors import MstoreError
+    from ._output import echo
 
     try:
         cli.main(args=argv, prog_name="mstore", standalone_mode=False)
     except MstoreError as exc:
-        from ._output import error
-
-        error(str(exc))
+        echo(f"error: {exc}", err=True)
         if exc.show_traceback:
             raise
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+        echo("aborted", err=True)
         sys.exit(130)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
@@ -113,5 +114,5 @@ def main(argv: list[str] | None = None) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
     except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
+        echo("interrupted", err=True)
         sys.exit(130)

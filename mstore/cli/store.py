@@ -51,23 +51,54 @@ def init(ctx: click.Context, directory: str | None, as_json: bool) -> None:
     metavar="KEY=VALUE",
     help="Metadata to record (repeatable); numbers stay numbers, e.g. --meta lr=3e-4.",
 )
+@click.option(
+    "--input",
+    "inputs",
+    multiple=True,
+    metavar="NAME=REV",
+    help="A version this one was made from (repeatable), recorded by id, e.g. --input base=models/base.",
+)
+@click.option(
+    "--allow-regression", is_flag=True, help="Commit even if a guard finds a regression (the override is recorded)."
+)
+@click.option("--dry-run", is_flag=True, help="Run the guards and say what would be stored; store nothing.")
 @json_option
 @click.pass_context
-def commit(
-    ctx: click.Context, path: str, branch: str, message: str, kind: str, meta: tuple[str, ...], as_json: bool
-) -> None:
+def commit(ctx, path, branch, message, kind, meta, inputs, allow_regression, dry_run, as_json) -> None:
     """Snapshot PATH (a file or directory) as a new commit on BRANCH.
 
     Unchanged tensors and chunks are stored once; provenance (code revision, command line,
     user, host, Python and package versions) is recorded automatically.
+
+    Guards compare the new version with the branch head before anything is stored, and refuse
+    (exit status 8) a version that shrinks by more than half, loses tensors or parameters,
+    changes a tensor's dtype or shape, loses vocabulary, or worsens a tracked metric in --meta
+    (loss: lower is better; acc/score: higher) by more than 10 %. Thresholds live in
+    config.toml [guards].
     """
     meta_d = parse_meta(meta)
     with state(ctx).repo() as repo:
-        with out.progress(path_size(path), "committing") as bar:
+        input_ids = {}
+        for item in inputs:
+            name, sep, rev = item.partition("=")
+            if not sep or not name or not rev:
+                raise click.UsageError(f"--input wants NAME=REV, got {item!r}")
+            input_ids[name] = str(repo.resolve(rev))
+        with out.progress(path_size(path), "checking" if dry_run else "committing") as bar:
             res = repo.commit(
-                path, branch, message, kind=kind, meta=meta_d, argv=["mstore", *sys.argv[1:]], progress=bar
+                path,
+                branch,
+                message,
+                kind=kind,
+                meta=meta_d,
+                inputs=input_ids,
+                argv=["mstore", *sys.argv[1:]],
+                allow_regression=allow_regression,
+                dry_run=dry_run,
+                progress=bar,
             )
-        stats = res.commit.stats
+        stats = res.stats
+        overridden = [f.to_dict() for f in res.overridden]
         if as_json:
             out.emit_json(
                 {
@@ -75,17 +106,30 @@ def commit(
                     "branch": branch,
                     "parent": res.parent,
                     "stats": stats,
+                    "dry_run": dry_run,
                     "new_bytes": res.new_bytes,
                     "stored_bytes": res.stored_bytes,
+                    "guards_overridden": overridden,
                 }
             )
             return
+        for f in res.overridden:
+            out.warn(f"regression recorded anyway: {f.what}: {f.detail}")
         extra = f", {stats['tensors']} tensors" if stats.get("tensors") else ""
-        out.echo(f"[{branch} {res.id.short}] {message}")
-        out.echo(
-            f"  {stats['files']} files, {out.human_bytes(stats['bytes'])}{extra}; "
-            f"new data {out.human_bytes(res.new_bytes)} stored as {out.human_bytes(res.stored_bytes)}"
-        )
+        if dry_run:
+            parent = res.parent.short if res.parent else "a new branch"
+            verdict = "guards overridden" if res.overridden else "guards passed"
+            out.echo(f"would commit {path} to {branch} (on {parent}); {verdict}")
+            out.echo(
+                f"  {stats['files']} files, {out.human_bytes(stats['bytes'])}{extra}; "
+                f"{out.human_bytes(res.new_bytes)} not yet in the store"
+            )
+        else:
+            out.echo(f"[{branch} {res.id.short}] {message}")
+            out.echo(
+                f"  {stats['files']} files, {out.human_bytes(stats['bytes'])}{extra}; "
+                f"new data {out.human_bytes(res.new_bytes)} stored as {out.human_bytes(res.stored_bytes)}"
+            )
         for bad in stats.get("invalid_safetensors", []):
             out.warn(f"stored as plain bytes, not as tensors: {bad}")
 

@@ -176,6 +176,13 @@ class WriteBatch:
                 self.writer.seal()
             else:
                 self.writer.abandon()
+                if id(self.writer) not in self._numbers:
+                    # Never indexed, so nothing can refer to it: an aborted operation leaves
+                    # no trace. (A pack that was partly indexed stays for gc to reclaim.)
+                    try:
+                        self.writer.path.unlink()
+                    except OSError:
+                        pass
 
     def contains(self, kind: str, oid: ObjectId, txn: Txn | None = None) -> bool:
         """True if the object is already pending here or indexed (and then marks it re-used)."""
