@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench docs clean
 
 install: $(STAMP)
 
@@ -18,12 +18,15 @@ demo: install
 	$(BIN)/python demo/demo.py
 
 test: install
-	$(BIN)/ruff check mstore tests bench demo
+	$(BIN)/ruff check mstore tests bench demo docs
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -n 2 --dist loadfile -q
 
+docs: install
+	$(BIN)/python docs/gen_cli.py
+
 lint: install
-	$(BIN)/ruff check mstore tests bench demo
+	$(BIN)/ruff check mstore tests bench demo docs
 	$(BIN)/lint-imports
 
 bench: install

@@ -125,11 +125,13 @@ def set_if_equals(
     new: bytes | None,
     change: RefChange,
     now: float | None = None,
+    allow_tag_change: bool = False,
 ) -> tuple[bool, bytes | None]:
     """Compare-and-swap one ref inside a write transaction, logging the change.
 
     ``old`` is the value the caller saw (None: must not exist; ``ANY``: no check). ``new`` None
-    deletes the ref. A tag, once created, can never be moved or deleted here.
+    deletes the ref. A tag, once created, is never moved or deleted unless ``allow_tag_change``
+    (a forced and confirmed deletion of a protected ref).
 
     Returns:
         (won, current): whether the ref was changed, and the value it had.
@@ -137,7 +139,7 @@ def set_if_equals(
     current = txn.get_ref(name)
     if old is not ANY and current != old:
         return False, current
-    if name.startswith(TAGS) and current is not None and current != new:
+    if name.startswith(TAGS) and current is not None and current != new and not allow_tag_change:
         raise Conflict(f"tag {short_name(name)} already exists and tags never move")
     if current == new:
         return True, current

@@ -445,11 +445,13 @@ class Repo:
             d = txn.get_ref(full)
         return ObjectId.from_digest(d) if d is not None else None
 
-    def _update_ref(self, full: str, old, new: ObjectId | None, command: str, message: str) -> None:
+    def _update_ref(
+        self, full: str, old, new: ObjectId | None, command: str, message: str, allow_tag_change: bool = False
+    ) -> None:
         change = RefChange(self.user, command, message)
         with self.store.index.write() as txn:
             won, actual = set_if_equals(
-                txn, full, old, new.digest if new is not None else None, change, self.clock()
+                txn, full, old, new.digest if new is not None else None, change, self.clock(), allow_tag_change
             )
         if not won:
             raise RefConflict(
@@ -555,7 +557,9 @@ class Repo:
             raise RefNotFound(f"no tag {name}")
         forced = self._check_protection(full, "delete", force_protected, confirm)
         if not dry_run:
-            self._update_ref(full, cur, None, "tag -d", f"deleted tag {name}" + (" (forced)" if forced else ""))
+            self._update_ref(
+                full, cur, None, "tag -d", f"deleted tag {name}" + (" (forced)" if forced else ""), allow_tag_change=True
+            )
         return RefChangeResult(name, full, ObjectId.from_digest(cur), None, dry_run, forced, [])
 
     def restore(

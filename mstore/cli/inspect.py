@@ -199,7 +199,7 @@ def _render_diff(result, as_json: bool, title: str) -> None:
         if same:
             out.echo(f"  ({same} tensors unchanged)")
     if unchanged:
-        out.echo(f"({unchanged} files unchanged)")
+        out.echo(f"({unchanged} file{'s' if unchanged != 1 else ''} unchanged)")
     if not any(f.status != "unchanged" for f in result.files):
         out.echo("no changes")
 
