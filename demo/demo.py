@@ -109,9 +109,24 @@ def main() -> None:
         save_model(out, params, vocab)
         print(f"\ntrained to step {step}: train loss {loss:.4f}, eval loss {eval_loss:.4f}")
         run(
-            "commit", str(out.relative_to(WORK)), "-b", "runs/demo", "-m", f"step {step}", "--kind", "checkpoint",
-            "--input", "base=models/base", "--input", "data=data/bag-of-tokens",
-            "--meta", f"step={step}", "--meta", f"loss={loss:.4f}", "--meta", f"eval/loss={eval_loss:.4f}",
+            "commit",
+            str(out.relative_to(WORK)),
+            "-b",
+            "runs/demo",
+            "-m",
+            f"step {step}",
+            "--kind",
+            "checkpoint",
+            "--input",
+            "base=models/base",
+            "--input",
+            "data=data/bag-of-tokens",
+            "--meta",
+            f"step={step}",
+            "--meta",
+            f"loss={loss:.4f}",
+            "--meta",
+            f"eval/loss={eval_loss:.4f}",
         )
 
     run("log", "runs/demo", "--oneline")

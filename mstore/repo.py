@@ -368,6 +368,7 @@ class Repo:
     def ls(self, spec: str, recursive: bool = True) -> list[LsEntry]:
         """Files (and directories) of ``REV[:PATH]`` with sizes; safetensors summarised."""
         from .snapshot import resolve_path
+
         rev, path = self._split_path(spec)
         oid = self.resolve(rev)
         commit = load_commit(self.store, oid)
@@ -475,9 +476,7 @@ class Repo:
             return False
         short = short_name(full)
         if not force_protected or confirm not in (short, full):
-            raise ProtectedRef(
-                f"{short} is protected; {action} it only with --force-protected --confirm {short}"
-            )
+            raise ProtectedRef(f"{short} is protected; {action} it only with --force-protected --confirm {short}")
         return True
 
     # -- branches and tags -------------------------------------------------------------------
@@ -558,7 +557,12 @@ class Repo:
         forced = self._check_protection(full, "delete", force_protected, confirm)
         if not dry_run:
             self._update_ref(
-                full, cur, None, "tag -d", f"deleted tag {name}" + (" (forced)" if forced else ""), allow_tag_change=True
+                full,
+                cur,
+                None,
+                "tag -d",
+                f"deleted tag {name}" + (" (forced)" if forced else ""),
+                allow_tag_change=True,
             )
         return RefChangeResult(name, full, ObjectId.from_digest(cur), None, dry_run, forced, [])
 
@@ -857,6 +861,7 @@ class Repo:
     def diff(self, a: str, b: str, magnitudes: bool = True) -> DiffResult:
         """Files and tensors added, removed and changed from ``a`` to ``b``."""
         from .diff import diff_files
+
         ca, cb = self.resolve(a), self.resolve(b)
         ta, tb = load_commit(self.store, ca).tree, load_commit(self.store, cb).tree
         return DiffResult(str(ca), str(cb), diff_files(self._sides(ta), self._sides(tb), magnitudes))
@@ -865,6 +870,7 @@ class Repo:
         """What committing ``path`` to ``branch`` would change, without storing anything."""
         from .diff import FileSide, diff_files
         from .snapshot import Ingest
+
         path = Path(path)
         head = self.head(branch)
         with Ingest(self.store, None) as ingest:

@@ -15,7 +15,10 @@ def _version(d, seed: int, vocab: int = 2000):
     rng = np.random.default_rng(seed)
     write_safetensors(
         d / "model.safetensors",
-        {"emb": rng.standard_normal((vocab, 32)).astype(np.float32), "head": rng.standard_normal((32, 8)).astype(np.float32)},
+        {
+            "emb": rng.standard_normal((vocab, 32)).astype(np.float32),
+            "head": rng.standard_normal((32, 8)).astype(np.float32),
+        },
     )
     (d / "config.json").write_text(json.dumps({"vocab_size": vocab}))
     return d
@@ -152,8 +155,12 @@ def test_deleting_a_branch_that_others_were_trained_from_names_them(repo, work):
 def test_branches_info_answers_what_is_this(repo, work):
     base = repo.commit(_version(work / "base", 1), "models/base", "base", kind="model").id
     repo.commit(
-        _version(work / "ft", 2), "runs/ft", "step 200", kind="checkpoint",
-        inputs={"base": str(base)}, meta={"step": 200, "eval/loss": 1.5, "lr": 1e-4},
+        _version(work / "ft", 2),
+        "runs/ft",
+        "step 200",
+        kind="checkpoint",
+        inputs={"base": str(base)},
+        meta={"step": 200, "eval/loss": 1.5, "lr": 1e-4},
     )
     info = {b["name"]: b for b in repo.branches_info()}
     ft = info["runs/ft"]

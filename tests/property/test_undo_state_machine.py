@@ -58,7 +58,9 @@ class UndoMachine(RuleBasedStateMachine):
     @precondition(lambda self: any(self.repo.head(b) is not None and len(self.repo.reflog(b)) > 1 for b in BRANCHES))
     @rule(data=st.data())
     def restore_earlier(self, data):
-        b = data.draw(st.sampled_from([b for b in BRANCHES if self.repo.head(b) is not None and len(self.repo.reflog(b)) > 1]))
+        b = data.draw(
+            st.sampled_from([b for b in BRANCHES if self.repo.head(b) is not None and len(self.repo.reflog(b)) > 1])
+        )
         entries = self.repo.reflog(b)
         n = data.draw(st.integers(1, len(entries) - 1))
         if entries[n]["new"] is None:
