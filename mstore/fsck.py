@@ -67,6 +67,9 @@ def fsck(store: ObjectStore, progress: Callable[[int], None] | None = None) -> F
         refs = [(name, ObjectId.from_digest(d)) for name, d in txn.iter_refs()]
         reflog = [(seq, e) for seq, e in txn.iter_reflog(newest_first=False)]
         registered = {rec["name"] for _n, rec in txn.iter_packs()}
+        # Commits an applied gc proof collected: reflog entries may name them; that is history,
+        # not damage.
+        collected = {k[1:].hex(): v.decode() for k, v in txn.db_items("collected", b"m")}
 
     # Refs and reflog: every target must be an intact commit whose whole history is readable.
     roots: dict[ObjectId, list[str]] = {}
@@ -80,6 +83,8 @@ def fsck(store: ObjectStore, progress: Callable[[int], None] | None = None) -> F
             if val is None:
                 continue
             oid = ObjectId(val)
+            if oid in collected and not store.has("m", oid):
+                continue
             roots.setdefault(oid, [])
             if not store.has("m", oid):
                 report.reflog.append(

@@ -16,7 +16,8 @@ import fnmatch
 import heapq
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -615,7 +616,13 @@ class Repo:
                 if target is None:
                     raise RefNotFound(f"{r.base}'s reflog records no commit to restore")
         if not self.store.has("m", target):
-            raise ObjectNotFound(f"commit {target} of {spec} is no longer in the store", target)
+            from .gc import collected_by
+
+            proof = collected_by(self.store, "m", target)
+            hint = (
+                f": collected by gc proof {proof[:7]} (mstore gc undo {proof[:7]} until it is purged)" if proof else ""
+            )
+            raise ObjectNotFound(f"commit {target.short} of {spec} is no longer in the store{hint}", target)
         if as_name is not None:
             dest = branch_ref(as_name)
             with self.store.index.read() as txn:
@@ -889,6 +896,109 @@ class Repo:
         from .fsck import fsck
 
         return fsck(self.store, progress)
+
+    # -- garbage collection (gc.py; docs/gc.md) -------------------------------------------------
+    def gc_policy(self, **overrides: Any) -> dict[str, Any]:
+        """The effective gc policy: defaults, ``[gc]`` in config.toml, then ``overrides``."""
+        from .gc import policy_from
+
+        return policy_from(self.config.data.get("gc"), **overrides)
+
+    def gc_plan(
+        self,
+        *,
+        retention_days: float | None = None,
+        grace_days: float | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> tuple[str, dict[str, Any]]:
+        """Write a reachability proof of what gc would delete; deletes nothing.
+
+        Returns:
+            (proof id, proof document).
+
+        Raises:
+            GcRefused: a live object cannot be read (nothing is safe to delete).
+        """
+        from .gc import plan
+
+        policy = self.gc_policy(retention_days=retention_days, grace_days=grace_days)
+        return plan(self.store, self.clock(), policy, self.user, progress)
+
+    def gc_show(self, proof: str) -> tuple[str, dict[str, Any]]:
+        """Load a proof by id or prefix, checking it was not edited."""
+        from .gc import load_proof
+
+        return load_proof(self.root, proof)
+
+    def gc_verify(self, proof: str):
+        """Re-check a proof now; the verdict lists every reason it no longer holds."""
+        from .gc import load_proof, verify
+
+        pid, doc = load_proof(self.root, proof)
+        return verify(self.store, pid, doc, self.clock())
+
+    def gc_apply(self, proof: str, *, crash_hook: Callable[[str], None] | None = None):
+        """Re-check a proof and move its candidates to trash (undo with :meth:`gc_undo` until purge).
+
+        Raises:
+            GcRefused: the proof is not valid now; nothing changed.
+        """
+        from .gc import apply, load_proof
+
+        pid, doc = load_proof(self.root, proof)
+        return apply(self.store, pid, doc, self.clock(), self.user, crash_hook)
+
+    def gc_undo(self, proof: str) -> int:
+        """Bring back everything an applied proof moved to trash; returns the object count."""
+        from .gc import load_proof, undo
+
+        pid, _doc = load_proof(self.root, proof)
+        return undo(self.store, pid, self.clock(), self.user)
+
+    def gc_purge(self, *, quarantine_days: float | None = None, dry_run: bool = False) -> list[dict[str, Any]]:
+        """Delete trash older than the quarantine period: after this, those versions are gone."""
+        from .gc import purge
+
+        q = self.gc_policy(quarantine_days=quarantine_days)["quarantine_days"]
+        return purge(self.store, self.clock(), float(q), self.user, dry_run)
+
+    def gc_log(self) -> list[dict[str, Any]]:
+        """The gc audit log (applied, undone, purged), oldest first."""
+        from .gc import audit_entries
+
+        return audit_entries(self.store)
+
+    def pin(self, rev: str, note: str = "") -> ObjectId:
+        """Keep a commit whatever happens to refs (a gc root)."""
+        from .gc import pin
+
+        oid = self.resolve(rev)
+        pin(self.store, oid, self.clock(), self.user, note)
+        return oid
+
+    def unpin(self, rev: str) -> bool:
+        """Remove a pin."""
+        from .gc import unpin
+
+        return unpin(self.store, self.resolve(rev))
+
+    def pins(self) -> list[dict[str, Any]]:
+        """Every pinned commit."""
+        from .gc import pins
+
+        return pins(self.store)
+
+    @contextmanager
+    def lease(self, revs: list[str], note: str = "", ttl: float = 86400.0) -> Iterator[str]:
+        """Hold a gc lease on commits while a job uses them (a mount, a run)."""
+        from .gc import release_lease, take_lease
+
+        ids = [str(self.resolve(r)) for r in revs]
+        lease = take_lease(self.store, ids, self.clock(), ttl, note)
+        try:
+            yield lease
+        finally:
+            release_lease(self.store, lease)
 
     def object_bytes(self) -> int:
         """Raw (uncompressed) bytes of every indexed object."""

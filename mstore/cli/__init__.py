@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "restore": ("mstore.cli.refs", "restore", "Bring back a deleted or moved branch from the reflog."),
     "branches": ("mstore.cli.refs", "branches", "What is each branch: kind, age, size, base, step, metrics."),
     "fsck": ("mstore.cli.store", "fsck", "Verify every object, ref and reflog entry."),
+    "gc": ("mstore.cli.gc", "gc", "Delete unreachable data, only through a reviewable proof."),
+    "pin": ("mstore.cli.gc", "pin", "Keep a commit whatever happens to refs; list pins."),
 }
 
 

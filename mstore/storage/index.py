@@ -13,7 +13,13 @@ Named databases and their records (all integers little-endian unless stated):
 ``refs``     key ``refs/heads/main`` (UTF-8) → 32-byte digest.
 ``reflog``   key ``sequence (u64 big-endian)`` → JSON reflog entry (see refs.py).
 ``reflog_by_ref`` key ``ref name + NUL + sequence (u64 big-endian)`` → empty.
-``meta``     small counters (``next_pack``, ``reflog_seq``).
+``meta``     small counters (``next_pack``, ``reflog_seq``, ``gc_seq``).
+``pins``     key digest → JSON ``{"time", "user", "note"}``: commits that gc keeps.
+``leases``   key lease id (UTF-8) → JSON ``{"ids", "pid", "host", "created", "expires", "note"}``.
+``trash``    key ``kind + digest`` → index entry value of an object a gc proof moved to trash,
+             followed by the proof id (UTF-8).
+``gc_log``   key sequence (u64 big-endian) → JSON audit entry (applied / undone / purged).
+``collected`` key ``kind + digest`` → proof id that collected the object.
 
 Kinds: ``c`` chunk, ``f`` file manifest, ``t`` tree, ``m`` commit. A one-chunk file's chunk and
 its manifest share the same id (both are BLAKE3 of the content), so the kind is part of the key.
@@ -44,7 +50,12 @@ _U64BE = struct.Struct(">Q")
 # in about 100 MB; 256 GiB leaves room for stores far larger than any single machine holds.
 DEFAULT_MAP_SIZE = 256 << 30
 
-_DBS = ("objects", "packs", "refs", "reflog", "reflog_by_ref", "meta")
+_DBS = (
+    "objects", "packs", "refs", "reflog", "reflog_by_ref", "meta",
+    # gc (gc.py): pinned commits, leases of running jobs, trashed objects, the audit log, and
+    # which proof collected an object (so errors can say so).
+    "pins", "leases", "trash", "gc_log", "collected",
+)
 
 
 @dataclass(frozen=True)
@@ -94,7 +105,7 @@ class Index:
                     env = lmdb.open(
                         self.path,
                         map_size=map_size,
-                        max_dbs=len(_DBS) + 2,
+                        max_dbs=len(_DBS) + 4,
                         subdir=True,
                         readonly=readonly,
                         lock=True,
@@ -273,6 +284,48 @@ class Txn:
                     names.append(name)
                     last = name
         return names
+
+    def put_pack(self, number: int, record: dict) -> None:
+        """Replace a registered pack's record (gc marks packs retired or trashed)."""
+        self.txn.put(_U32BE.pack(number), json.dumps(record, sort_keys=True).encode(), db=self.dbs["packs"])
+
+    def delete_pack(self, number: int) -> bool:
+        """Forget a pack number (its file is gone)."""
+        return self.txn.delete(_U32BE.pack(number), db=self.dbs["packs"])
+
+    # -- generic access for gc's small tables -------------------------------------------
+    def db_get(self, db: str, key: bytes) -> bytes | None:
+        """A value of one of the small named databases."""
+        raw = self.txn.get(key, db=self.dbs[db])
+        return bytes(raw) if raw is not None else None
+
+    def db_put(self, db: str, key: bytes, value: bytes) -> None:
+        """Set a value in one of the small named databases."""
+        self.txn.put(key, value, db=self.dbs[db])
+
+    def db_delete(self, db: str, key: bytes) -> bool:
+        """Delete a key from one of the small named databases."""
+        return self.txn.delete(key, db=self.dbs[db])
+
+    def db_items(self, db: str, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+        """(key, value) pairs of a named database, in key order."""
+        with self.txn.cursor(db=self.dbs[db]) as cur:
+            if not cur.set_range(prefix):
+                return
+            for key, value in cur:
+                if not key.startswith(prefix):
+                    break
+                yield bytes(key), bytes(value)
+
+    def db_count(self, db: str) -> int:
+        """Number of entries in a named database."""
+        return self.txn.stat(self.dbs[db])["entries"]
+
+    def next_seq(self, counter: str) -> int:
+        """Increment and return a counter."""
+        seq = self.get_counter(counter) + 1
+        self.set_counter(counter, seq)
+        return seq
 
     # -- meta ----------------------------------------------------------------------------
     def get_counter(self, name: str) -> int:

@@ -55,7 +55,7 @@ class ObjectStore:
 
     # -- reading ---------------------------------------------------------------------------
     def pack_name(self, number: int, txn: Txn | None = None) -> str:
-        """The file name of pack ``number``."""
+        """The file name of pack ``number`` (relative to ``packs/``)."""
         name = self._pack_names.get(number)
         if name is None:
             if txn is None:
@@ -65,8 +65,16 @@ class ObjectStore:
                 rec = txn.get_pack(number)
             if rec is None:
                 raise IntegrityError(f"index names pack #{number}, which is not registered")
-            name = self._pack_names[number] = rec["name"]
+            name = rec["name"]
+            if rec.get("dir"):  # a pack moved to trash by gc: packs/../trash/<proof>/<name>
+                name = f"../{rec['dir']}/{name}"
+            self._pack_names[number] = name
         return name
+
+    def forget_pack_names(self) -> None:
+        """Drop cached pack locations (after gc moved or rewrote packs)."""
+        self._pack_names.clear()
+        self.reader.close()
 
     def entry(self, kind: str, oid: ObjectId) -> Entry | None:
         """The index entry of an object, or None."""

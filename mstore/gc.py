@@ -1,0 +1,872 @@
+"""Garbage collection that cannot delete what anyone still needs.
+
+Three verbs, and a proof between them (docs/gc.md):
+
+* :func:`plan` computes the roots (refs, reflog entries inside the retention window, pins,
+  unexpired leases), marks everything reachable, and writes a *proof*: a canonical JSON
+  document, named by its BLAKE3 hash, listing every candidate with its size, age and what last
+  referenced it, the roots, a digest of the whole refs/reflog/pins/leases state and the live
+  set's size and digest. It deletes nothing. If marking meets an object it cannot read, it
+  refuses to produce a proof at all: an incomplete view of what is live is never a reason to
+  delete.
+* :func:`verify` re-checks a proof against the store as it is now and says exactly why it is no
+  longer valid, if it is not.
+* :func:`apply` re-checks everything again and moves the candidates to ``trash/<proof>/``,
+  rewriting the packs that held them so the space is really returned; :func:`undo` brings them
+  back; :func:`purge` empties trash older than the quarantine period — the only point of no
+  return.
+
+Crash safety of apply (reverse of the write order): new packs (live records copied, candidates
+copied to trash packs) are written and fsynced first; one LMDB transaction then re-checks the
+state digest under the write lock, repoints live entries, moves candidate entries to the trash
+table and marks the old packs retired; the old pack files are unlinked last. A crash before the
+transaction leaves unregistered packs (reclaimed later); after it, retired packs that the next
+gc run removes. The proof can be applied again or verified as done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import blake3
+
+from .errors import IntegrityError, MstoreError, NotFound, Refused, UnsupportedFormat, UserError
+from .fsutil import atomic_write, fsync_dir
+from .hashing import ObjectId, hash_bytes, is_id_prefix
+from .objects import TREE_KIND, canonical_json, load_commit, load_file, load_tree
+from .reachability import walk
+from .refs import short_name
+from .storage.index import KINDS, Entry, Txn
+from .storage.packs import RECORD, SUFFIX, PackWriter, scan_pack
+from .storage.store import ObjectStore
+
+PROOF_TYPE = "mstore-gc-proof"
+PROOF_VERSION = 1
+DAY = 86400.0
+
+POLICY_DEFAULTS: dict[str, Any] = {
+    "retention_days": 30,  # reflog entries younger than this are roots
+    "grace_days": 14,  # nothing stored (or re-stored) more recently is ever a candidate
+    "proof_max_age_seconds": 3600,  # apply refuses an older proof
+    "quarantine_days": 7,  # purge only empties trash older than this
+    "compact_below": 0.8,  # also rewrite packs whose live fraction is below this
+}
+
+_U64BE = struct.Struct(">Q")
+_ENTRY_SIZE = len(Entry(0, 0, 0, 0, 0, 0, 0.0).pack_bytes())
+
+
+class GcRefused(Refused):
+    """A proof cannot be produced or applied; ``reasons`` lists every reason."""
+
+    def __init__(self, message: str, reasons: list[str]):
+        super().__init__(message + "".join(f"\n  - {r}" for r in reasons))
+        self.reasons = reasons
+
+
+def policy_from(config_section: dict[str, Any] | None, **overrides: Any) -> dict[str, Any]:
+    """The effective policy: defaults, then ``[gc]`` in config.toml, then explicit overrides."""
+    pol = dict(POLICY_DEFAULTS)
+    for k, v in (config_section or {}).items():
+        if k in POLICY_DEFAULTS:
+            pol[k] = v
+    for k, v in overrides.items():
+        if v is not None:
+            pol[k] = v
+    return pol
+
+
+def proofs_dir(root: Path) -> Path:
+    """Where proofs are kept."""
+    return root / "gc" / "proofs"
+
+
+def trash_dir(root: Path) -> Path:
+    """Where applied proofs put what they removed."""
+    return root / "trash"
+
+
+# -- state and roots ------------------------------------------------------------------------
+
+
+def state_digest(txn: Txn) -> str:
+    """BLAKE3 over every ref, every reflog entry, every pin and every lease.
+
+    Any ref move, deletion, restore, new reflog entry, pin or lease change since a plan changes
+    it, and apply refuses.
+    """
+    h = blake3.blake3()
+    for name, digest in txn.iter_refs(""):
+        h.update(b"R" + name.encode() + b"\0" + digest)
+    h.update(b"L" + _U64BE.pack(txn.get_counter("reflog_seq")))
+    for key, value in txn.db_items("reflog"):
+        h.update(key + value)
+    for key, value in txn.db_items("pins"):
+        h.update(b"P" + key + value)
+    for key, value in txn.db_items("leases"):
+        h.update(b"E" + key + value)
+    return h.hexdigest()
+
+
+@dataclass
+class Roots:
+    """What gc must keep, and why."""
+
+    refs: dict[str, str] = field(default_factory=dict)
+    reflog: list[list[Any]] = field(default_factory=list)  # [seq, ref, id, time]
+    pins: list[str] = field(default_factory=list)
+    leases: list[dict[str, Any]] = field(default_factory=list)
+
+    def commit_ids(self) -> set[str]:
+        """Every commit id named by a root."""
+        ids = set(self.refs.values()) | set(self.pins)
+        ids.update(r[2] for r in self.reflog)
+        for lease in self.leases:
+            ids.update(lease.get("ids", []))
+        return ids
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"refs": self.refs, "reflog": self.reflog, "pins": self.pins, "leases": self.leases}
+
+
+def collect_roots(txn: Txn, now: float, retention_days: float) -> Roots:
+    """Refs, in-window reflog entries (old and new values), pins, and unexpired leases."""
+    roots = Roots()
+    for name, digest in txn.iter_refs(""):
+        roots.refs[name] = digest.hex()
+    cutoff = now - retention_days * DAY
+    for seq, e in txn.iter_reflog(newest_first=True):
+        if e["time"] < cutoff:
+            break
+        for key in ("new", "old"):
+            if e.get(key):
+                roots.reflog.append([seq, e["ref"], e[key], e["time"]])
+    roots.pins = sorted(key.hex() for key, _ in txn.db_items("pins"))
+    for key, value in txn.db_items("leases"):
+        lease = json.loads(value)
+        if lease.get("expires", 0) >= now:
+            roots.leases.append({"lease": key.decode(), **lease})
+    return roots
+
+
+# -- plan -----------------------------------------------------------------------------------
+
+
+def plan(
+    store: ObjectStore, now: float, policy: dict[str, Any], user: str, progress: Callable[[str], None] | None = None
+) -> tuple[str, dict[str, Any]]:
+    """Compute and store a proof; returns ``(proof id, proof document)``. Deletes nothing.
+
+    Raises:
+        GcRefused: an object reachable from the roots cannot be read or verified (its id and
+            the error are listed); no proof is written.
+    """
+    with store.index.read() as txn:
+        digest = state_digest(txn)
+        roots = collect_roots(txn, now, float(policy["retention_days"]))
+        reflog_all = list(txn.iter_reflog(newest_first=True))
+        entries = {(k, d): e for k, d, e in txn.iter_entries()}
+        registered = {rec["name"]: (num, rec) for num, rec in txn.iter_packs()}
+    if progress:
+        progress("marking")
+    live = walk(store, [ObjectId(i) for i in roots.commit_ids()])
+    unreadable = dict(live.unreadable)
+    # A root naming a commit that is not stored at all (collected earlier) is no doubt about
+    # what is live; anything else unreadable is.
+    unreadable = {k: v for k, v in unreadable.items() if (k[0], k[1].digest) in entries or k[0] != "m"}
+    if unreadable:
+        reasons = [f"{KINDS[k]} {oid}: {err}" for (k, oid), err in sorted(unreadable.items())]
+        raise GcRefused("gc plan refused: some live objects cannot be read, so nothing is safe to delete", reasons)
+    live_keys: set[tuple[str, bytes]] = set()
+    for kind, ids in (("m", live.commits), ("t", live.trees), ("f", live.files), ("c", live.chunks)):
+        live_keys.update((kind, ObjectId(i).digest) for i in ids)
+    grace_cut = now - float(policy["grace_days"]) * DAY
+    candidates = {k: e for k, e in entries.items() if k not in live_keys and e.stored_at < grace_cut}
+    young = sum(1 for k, e in entries.items() if k not in live_keys and e.stored_at >= grace_cut)
+    live_present = sorted(k for k in live_keys if k in entries)
+    lh = blake3.blake3()
+    live_bytes = 0
+    for k in live_present:
+        lh.update(k[0].encode() + k[1])
+        live_bytes += entries[k].enc_len
+    groups = _attribute(store, candidates, reflog_all, roots, now)
+    dead_packs = []
+    for path in sorted(store.packs_dir.glob("*" + SUFFIX)):
+        st = path.stat()
+        if path.name not in registered and st.st_mtime < grace_cut:
+            dead_packs.append(
+                {"pack": path.name, "bytes": st.st_size, "reason": "not indexed (left by a killed writer)"}
+            )
+    for name, (_num, rec) in sorted(registered.items()):
+        if rec.get("retired"):
+            dead_packs.append(
+                {"pack": name, "bytes": _size(store.packs_dir / name), "reason": "retired by an applied proof"}
+            )
+    doc = {
+        "type": PROOF_TYPE,
+        "version": PROOF_VERSION,
+        "created": now,
+        "created_by": f"{user}@{socket.gethostname()}",
+        "policy": policy,
+        "state_digest": digest,
+        "roots": roots.to_dict(),
+        "live": {"objects": len(live_present), "stored_bytes": live_bytes, "digest": lh.hexdigest()},
+        "candidates": {
+            "objects": len(candidates),
+            "bytes": sum(e.raw_len for e in candidates.values()),
+            "stored_bytes": sum(e.enc_len for e in candidates.values()),
+            "younger_than_grace": young,
+        },
+        "groups": groups,
+        "dead_packs": dead_packs,
+    }
+    raw = canonical_json(doc)
+    pid = hash_bytes(raw)
+    d = proofs_dir(store.root)
+    d.mkdir(parents=True, exist_ok=True)
+    atomic_write(d / f"{pid}.json", raw)
+    return str(pid), doc
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _attribute(
+    store: ObjectStore,
+    candidates: dict[tuple[str, bytes], Entry],
+    reflog_all: list[tuple[int, dict]],
+    roots: Roots,
+    now: float,
+) -> list[dict[str, Any]]:
+    """Group candidates by what last referenced them: ref, commit, message, when deleted."""
+    last_ref: dict[str, tuple[int, dict]] = {}
+    deleted_at: dict[str, float] = {}
+    for seq, e in reflog_all:  # newest first
+        for key in ("new", "old"):
+            v = e.get(key)
+            if v and v not in last_ref:
+                last_ref[v] = (seq, e)
+        if e.get("new") is None and e["ref"] not in deleted_at and e["ref"] not in roots.refs:
+            deleted_at[e["ref"]] = e["time"]
+    cand_commits = [ObjectId.from_digest(d) for (k, d) in candidates if k == "m"]
+    owner: dict[tuple[str, bytes], str] = {}
+    info: dict[str, dict[str, Any]] = {}
+    for cid in sorted(cand_commits, key=lambda c: -(last_ref.get(c, (0, {}))[0])):
+        try:
+            c = load_commit(store, cid)
+        except MstoreError:
+            info[cid] = {"id": str(cid), "message": None, "time": None}
+            owner[("m", cid.digest)] = cid
+            continue
+        info[cid] = {"id": str(cid), "message": c.message, "time": c.time, "kind": c.kind}
+        owner[("m", cid.digest)] = cid
+        _claim_tree(store, c.tree, cid, candidates, owner)
+    groups: dict[Any, dict[str, Any]] = {}
+    for key, e in sorted(candidates.items()):
+        cid = owner.get(key)
+        ref = None
+        if cid is not None and cid in last_ref:
+            ref = last_ref[cid][1]["ref"]
+        gkey = ref if cid is not None else None
+        g = groups.get(gkey)
+        if g is None:
+            g = groups[gkey] = {
+                "ref": short_name(ref) if ref else None,
+                "commits": [],
+                "objects": [],
+                "bytes": 0,
+                "stored_bytes": 0,
+                "reason": _reason(ref, cid, last_ref, deleted_at, roots, now),
+            }
+        if key[0] == "m":
+            c_info = dict(info.get(cid, {"id": str(cid)}))
+            if cid in last_ref:
+                c_info["last_referenced"] = last_ref[cid][1]["time"]
+            g["commits"].append(c_info)
+        g["objects"].append([key[0], key[1].hex(), e.raw_len, e.enc_len, round(e.stored_at, 3)])
+        g["bytes"] += e.raw_len
+        g["stored_bytes"] += e.enc_len
+    return sorted(groups.values(), key=lambda g: (-g["stored_bytes"], g["ref"] or ""))
+
+
+def _claim_tree(store: ObjectStore, tid: ObjectId, cid: ObjectId, candidates: dict, owner: dict) -> None:
+    key = ("t", tid.digest)
+    if key in candidates:
+        if key in owner:
+            return
+        owner[key] = cid
+    try:
+        tree = load_tree(store, tid)
+    except MstoreError:
+        return
+    for e in tree.entries:
+        if e.kind == TREE_KIND:
+            _claim_tree(store, e.id, cid, candidates, owner)
+            continue
+        fkey = ("f", e.id.digest)
+        if fkey in candidates and fkey not in owner:
+            owner[fkey] = cid
+        try:
+            fobj = load_file(store, e.id)
+        except MstoreError:
+            continue
+        for chunk_id, _n in fobj.chunks:
+            ck = ("c", chunk_id.digest)
+            if ck in candidates and ck not in owner:
+                owner[ck] = cid
+
+
+def _reason(ref, cid, last_ref, deleted_at, roots: Roots, now: float) -> str:
+    if cid is None:
+        return "not reachable from any commit (left by an interrupted or refused operation)"
+    if ref is None:
+        return "a commit no ref or reflog entry ever named (a commit that lost a race)"
+    when = last_ref[cid][1]["time"]
+    days = (now - when) / DAY
+    if ref in deleted_at:
+        return (
+            f"{short_name(ref)} deleted {(now - deleted_at[ref]) / DAY:.0f} days ago; "
+            f"last referenced {days:.0f} days ago (reflog entry outside the retention window)"
+        )
+    return f"no longer on {short_name(ref)}: moved away {days:.0f} days ago (reflog entry outside the retention window)"
+
+
+# -- loading and verifying ----------------------------------------------------------------
+
+
+def load_proof(root: Path, prefix: str) -> tuple[str, dict[str, Any]]:
+    """Find a proof by id or prefix (≥ 7) and check that its content still hashes to its id.
+
+    Raises:
+        UserError: a prefix shorter than 7 or not hex; NotFound: no such proof;
+        IntegrityError: the file was edited (its hash is not its name).
+    """
+    if not is_id_prefix(prefix):
+        raise UserError(f"give the proof id or a prefix of at least 7 hex characters, not {prefix!r}")
+    matches = sorted(p for p in proofs_dir(root).glob(f"{prefix}*.json"))
+    if not matches:
+        raise NotFound(f"no gc proof {prefix}")
+    if len(matches) > 1:
+        raise UserError(f"{prefix} matches several proofs; give more characters")
+    path = matches[0]
+    raw = path.read_bytes()
+    pid = path.stem
+    got = hash_bytes(raw)
+    if got != pid:
+        raise IntegrityError(f"gc proof {pid[:7]} was edited: its content hashes to {got[:12]}…, not its id")
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        raise IntegrityError(f"gc proof {pid[:7]} is not JSON") from None
+    if doc.get("type") != PROOF_TYPE:
+        raise IntegrityError(f"{path.name} is not a gc proof")
+    if doc.get("version") != PROOF_VERSION:
+        raise UnsupportedFormat(
+            f"gc proof {pid[:7]} has version {doc.get('version')}; this mstore reads {PROOF_VERSION}"
+        )
+    return pid, doc
+
+
+def proof_candidates(doc: dict[str, Any]) -> dict[tuple[str, bytes], list[Any]]:
+    """(kind, digest) → [kind, hex, raw, stored, stored_at] of every candidate in a proof."""
+    out = {}
+    for g in doc["groups"]:
+        for obj in g["objects"]:
+            out[(obj[0], bytes.fromhex(obj[1]))] = obj
+    return out
+
+
+def audit_entries(store: ObjectStore) -> list[dict[str, Any]]:
+    """The gc audit log, oldest first."""
+    with store.index.read() as txn:
+        return [json.loads(v) for _k, v in txn.db_items("gc_log")]
+
+
+def proof_status(store: ObjectStore, pid: str) -> str | None:
+    """``applied``, ``undone``, ``purged`` (the latest audit action for the proof) or None."""
+    status = None
+    for e in audit_entries(store):
+        if e["proof"] == pid:
+            status = e["action"]
+    return status
+
+
+@dataclass
+class Verdict:
+    """Whether a proof may be applied now, and every reason if not."""
+
+    proof: str
+    valid: bool
+    reasons: list[str]
+    status: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"proof": self.proof, "valid": self.valid, "reasons": self.reasons, "status": self.status}
+
+
+def verify(store: ObjectStore, pid: str, doc: dict[str, Any], now: float) -> Verdict:
+    """Recompute everything a proof claims; list every reason it no longer holds."""
+    reasons: list[str] = []
+    status = proof_status(store, pid)
+    if status is not None:
+        reasons.append(f"the proof was already {status}")
+    policy = doc["policy"]
+    age = now - float(doc["created"])
+    if age > float(policy["proof_max_age_seconds"]):
+        reasons.append(
+            f"the proof is {age / 60:.0f} minutes old; the limit is {float(policy['proof_max_age_seconds']) / 60:.0f} "
+            "(plan again)"
+        )
+    with store.index.read() as txn:
+        digest = state_digest(txn)
+        roots = collect_roots(txn, float(doc["created"]), float(policy["retention_days"]))
+        current = {k: txn.get_entry(k, d) for (k, d) in proof_candidates(doc)}
+    if digest != doc["state_digest"]:
+        reasons.extend(_state_changes(doc["roots"], roots) or ["refs, reflog, pins or leases changed since the plan"])
+    cands = proof_candidates(doc)
+    gone = [k for k, e in current.items() if e is None]
+    if gone:
+        reasons.append(
+            f"{len(gone)} candidates are no longer in the store (e.g. {KINDS[gone[0][0]]} {gone[0][1].hex()})"
+        )
+    grace_cut = now - float(policy["grace_days"]) * DAY
+    young = [k for k, e in current.items() if e is not None and e.stored_at >= grace_cut]
+    if young:
+        reasons.append(
+            f"{len(young)} candidates were stored again within the grace period "
+            f"(e.g. {KINDS[young[0][0]]} {young[0][1].hex()})"
+        )
+    live = walk(store, [ObjectId(i) for i in collect_roots_now(store, now, policy).commit_ids()])
+    live_keys = set()
+    for kind, ids in (("m", live.commits), ("t", live.trees), ("f", live.files), ("c", live.chunks)):
+        live_keys.update((kind, ObjectId(i).digest) for i in ids)
+    reachable = [k for k in cands if k in live_keys]
+    if reachable:
+        reasons.append(
+            f"{len(reachable)} candidates are reachable from the current roots "
+            f"(e.g. {KINDS[reachable[0][0]]} {reachable[0][1].hex()})"
+        )
+    problems = {k: v for k, v in live.unreadable.items() if k[0] != "m" or store.has("m", k[1])}
+    if problems:
+        reasons.append(f"{len(problems)} live objects cannot be read; nothing is safe to delete")
+    return Verdict(pid, not reasons, reasons, status)
+
+
+def collect_roots_now(store: ObjectStore, now: float, policy: dict[str, Any]) -> Roots:
+    """The roots as they are now."""
+    with store.index.read() as txn:
+        return collect_roots(txn, now, float(policy["retention_days"]))
+
+
+def _state_changes(old: dict[str, Any], new: Roots) -> list[str]:
+    out = []
+    for name in sorted(set(old["refs"]) | set(new.refs)):
+        a, b = old["refs"].get(name), new.refs.get(name)
+        if a != b:
+            if a is None:
+                out.append(f"ref {short_name(name)} was created (at {b[:7]})")
+            elif b is None:
+                out.append(f"ref {short_name(name)} was deleted (was {a[:7]})")
+            else:
+                out.append(f"ref {short_name(name)} moved {a[:7]} -> {b[:7]}")
+    old_max = max((r[0] for r in old["reflog"]), default=0)
+    new_entries = [r for r in new.reflog if r[0] > old_max]
+    if new_entries and not out:
+        out.append(f"{len({r[0] for r in new_entries})} new reflog entries since the plan")
+    if sorted(old["pins"]) != sorted(new.pins):
+        out.append("pins changed since the plan")
+    if [x.get("lease") for x in old["leases"]] != [x.get("lease") for x in new.leases]:
+        out.append("leases of running jobs changed since the plan")
+    return out
+
+
+# -- apply ----------------------------------------------------------------------------------
+
+
+@dataclass
+class ApplyResult:
+    """What an applied proof did."""
+
+    proof: str
+    objects: int
+    trashed_bytes: int
+    packs_rewritten: int
+    packs_removed: int
+    bytes_before: int
+    bytes_after: int
+
+    @property
+    def freed(self) -> int:
+        """Bytes no longer in packs/ (now in trash/ or gone as dead bytes)."""
+        return self.bytes_before - self.bytes_after
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {
+            "proof": self.proof,
+            "objects": self.objects,
+            "trashed_bytes": self.trashed_bytes,
+            "packs_rewritten": self.packs_rewritten,
+            "packs_removed": self.packs_removed,
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "freed": self.freed,
+        }
+
+
+def _packs_bytes(store: ObjectStore) -> int:
+    return sum(p.stat().st_size for p in store.packs_dir.glob("*" + SUFFIX))
+
+
+def apply(
+    store: ObjectStore,
+    pid: str,
+    doc: dict[str, Any],
+    now: float,
+    user: str,
+    crash_hook: Callable[[str], None] | None = None,
+) -> ApplyResult:
+    """Re-check a proof and move its candidates to trash, rewriting the packs that held them.
+
+    ``crash_hook(point)`` is called at each step boundary (tests kill the process there).
+
+    Raises:
+        GcRefused: the proof is not valid now (every reason listed); nothing changed.
+    """
+    hook = crash_hook or (lambda point: None)
+    verdict = verify(store, pid, doc, now)
+    if verdict.status == "applied":
+        _cleanup_retired(store)
+    if not verdict.valid:
+        raise GcRefused(f"gc proof {pid[:7]} cannot be applied", verdict.reasons)
+    before = _packs_bytes(store)
+    cands = proof_candidates(doc)
+    policy = doc["policy"]
+    with store.index.read() as txn:
+        packs = {num: rec for num, rec in txn.iter_packs()}
+        entries = {(k, d): e for k, d, e in txn.iter_entries()}
+    # Which packs to rewrite: every pack holding a candidate, and packs mostly dead.
+    live_per_pack: dict[int, int] = {}
+    cand_packs: set[int] = set()
+    for key, e in entries.items():
+        if key in cands:
+            cand_packs.add(e.pack)
+        else:
+            live_per_pack[e.pack] = live_per_pack.get(e.pack, 0) + e.enc_len
+    grace_cut = now - float(policy["grace_days"]) * DAY
+
+    def in_use(rec: dict) -> bool:
+        # A pack another process may still append to: unsealed and recently written.
+        path = store.packs_dir / rec["name"]
+        try:
+            recent = path.stat().st_mtime >= grace_cut
+        except FileNotFoundError:
+            return False
+        return recent and not scan_pack(path)[1]
+
+    rewrite = set(cand_packs)
+    busy = [packs[n]["name"] for n in cand_packs if in_use(packs[n])]
+    if busy:
+        raise GcRefused(f"gc proof {pid[:7]} cannot be applied", [f"pack {b} is still being written" for b in busy])
+    for num, rec in packs.items():
+        if rec.get("dir") or rec.get("retired") or num in rewrite:
+            continue
+        size = _size(store.packs_dir / rec["name"])
+        if size and live_per_pack.get(num, 0) / size < float(policy["compact_below"]) and not in_use(rec):
+            rewrite.add(num)
+    tdir = trash_dir(store.root) / pid
+    tdir.mkdir(parents=True, exist_ok=True)
+    max_pack = int(store.config.get("packs", "max_size", 64 << 20))
+    live_writer = trash_writer = None
+    moves: dict[tuple[str, bytes], tuple[PackWriter, int, Entry]] = {}
+    hook("before-copy")
+    try:
+        for num in sorted(rewrite):
+            hook("copy-pack")
+            rec = packs[num]
+            path = store.packs_dir / rec["name"]
+            records, _sealed, _end = scan_pack(path)
+            with open(path, "rb") as f:
+                for r in records:
+                    key = (r.kind, r.id)
+                    e = entries.get(key)
+                    if e is None or e.pack != num or e.offset != r.offset:
+                        continue  # dead bytes: not what the index points at
+                    f.seek(r.offset + RECORD.size)
+                    payload = f.read(r.enc_len)
+                    if key in cands:
+                        if trash_writer is None or trash_writer.full:
+                            if trash_writer is not None:
+                                trash_writer.seal()
+                            trash_writer = PackWriter(tdir, max_pack)
+                        w = trash_writer
+                    else:
+                        if live_writer is None or live_writer.full:
+                            if live_writer is not None:
+                                live_writer.seal()
+                            live_writer = PackWriter(store.packs_dir, max_pack)
+                        w = live_writer
+                    off = w.add(r.kind, r.id, r.check, r.codec, r.raw_len, payload)
+                    moves[key] = (w, off, e)
+        missing = [k for k, e in entries.items() if e.pack in rewrite and k not in moves]
+        if missing:
+            raise GcRefused(
+                f"gc proof {pid[:7]} cannot be applied",
+                [
+                    f"{len(missing)} indexed objects were not found in their packs (run mstore fsck); e.g. "
+                    f"{KINDS[missing[0][0]]} {missing[0][1].hex()}"
+                ],
+            )
+        for w in {id(w): w for w, _o, _e in moves.values()}.values():
+            w.seal()
+        for w in (live_writer, trash_writer):
+            if w is not None and not w.sealed:
+                w.seal()
+        hook("after-copy")
+        with store.index.write() as txn:
+            if state_digest(txn) != doc["state_digest"]:
+                raise GcRefused(f"gc proof {pid[:7]} cannot be applied", ["refs or reflog changed during apply"])
+            numbers: dict[int, int] = {}
+            for key, (w, off, old) in moves.items():
+                cur = txn.get_entry(*key)
+                if cur is None or cur.pack != old.pack or cur.offset != old.offset:
+                    raise GcRefused(f"gc proof {pid[:7]} cannot be applied", ["the index changed during apply"])
+                if key in cands and cur.stored_at >= grace_cut:
+                    raise GcRefused(
+                        f"gc proof {pid[:7]} cannot be applied",
+                        [f"{KINDS[key[0]]} {key[1].hex()} was stored again during apply"],
+                    )
+                n = numbers.get(id(w))
+                if n is None:
+                    n = numbers[id(w)] = txn.register_pack(w.name, now)
+                    if w.path.parent == tdir:
+                        txn.put_pack(n, {"name": w.name, "created": now, "dir": f"trash/{pid}"})
+                new = Entry(n, off, cur.enc_len, cur.raw_len, cur.codec, cur.flags, cur.stored_at)
+                if key in cands:
+                    txn.delete_entry(*key)
+                    txn.db_put("trash", key[0].encode() + key[1], new.pack_bytes() + pid.encode())
+                    txn.db_put("collected", key[0].encode() + key[1], pid.encode())
+                else:
+                    txn.put_entry(key[0], key[1], new, overwrite=True)
+            for num in rewrite:
+                rec = dict(packs[num])
+                rec["retired"] = pid
+                txn.put_pack(num, rec)
+            seq = txn.next_seq("gc_seq")
+            txn.db_put(
+                "gc_log",
+                _U64BE.pack(seq),
+                json.dumps(
+                    {
+                        "seq": seq,
+                        "proof": pid,
+                        "action": "applied",
+                        "time": now,
+                        "user": user,
+                        "objects": len(cands),
+                        "trashed_bytes": sum(o[3] for o in cands.values()),
+                        "packs_rewritten": len(rewrite),
+                    },
+                    sort_keys=True,
+                ).encode(),
+            )
+        hook("after-commit")
+    except BaseException:
+        for w in (live_writer, trash_writer):
+            if w is not None and not w.sealed:
+                w.abandon()
+        raise
+    store.forget_pack_names()
+    removed = _cleanup_retired(store, hook)
+    _remove_dead_packs(store, doc, now)
+    after = _packs_bytes(store)
+    return ApplyResult(pid, len(cands), sum(o[3] for o in cands.values()), len(rewrite), removed, before, after)
+
+
+def _cleanup_retired(store: ObjectStore, hook: Callable[[str], None] | None = None) -> int:
+    """Unlink pack files an applied proof retired, then forget them (idempotent)."""
+    with store.index.read() as txn:
+        retired = [(num, rec) for num, rec in txn.iter_packs() if rec.get("retired")]
+    store.forget_pack_names()
+    for _num, rec in retired:
+        try:
+            (store.packs_dir / rec["name"]).unlink()
+        except FileNotFoundError:
+            pass
+        if hook:
+            hook("unlinked-one")
+    if retired:
+        fsync_dir(store.packs_dir)
+        with store.index.write() as txn:
+            for num, _rec in retired:
+                txn.delete_pack(num)
+    return len(retired)
+
+
+def _remove_dead_packs(store: ObjectStore, doc: dict[str, Any], now: float) -> None:
+    """Delete unregistered pack files the proof listed, if still unregistered and old."""
+    grace_cut = now - float(doc["policy"]["grace_days"]) * DAY
+    with store.index.read() as txn:
+        registered = {rec["name"] for _n, rec in txn.iter_packs()}
+    for item in doc.get("dead_packs", []):
+        path = store.packs_dir / item["pack"]
+        if item["pack"] in registered or not path.exists():
+            continue
+        if path.stat().st_mtime < grace_cut:
+            path.unlink()
+
+
+# -- undo, purge ----------------------------------------------------------------------------
+
+
+def undo(store: ObjectStore, pid: str, now: float, user: str) -> int:
+    """Bring back everything an applied proof moved to trash; returns the object count.
+
+    Raises:
+        GcRefused: the proof was not applied, or was already undone or purged.
+    """
+    status = proof_status(store, pid)
+    if status != "applied":
+        raise GcRefused(f"gc proof {pid[:7]} cannot be undone", [f"its status is {status or 'not applied'}"])
+    tdir = trash_dir(store.root) / pid
+    with store.index.read() as txn:
+        tpacks = [(num, rec) for num, rec in txn.iter_packs() if rec.get("dir") == f"trash/{pid}"]
+        items = [(k, v) for k, v in txn.db_items("trash") if v[40:].decode() == pid]
+    # Link every trash pack into packs/ first: a crash leaves both names, never neither.
+    for _num, rec in tpacks:
+        dst = store.packs_dir / rec["name"]
+        if not dst.exists():
+            os.link(tdir / rec["name"], dst)
+    fsync_dir(store.packs_dir)
+    with store.index.write() as txn:
+        for num, rec in tpacks:
+            txn.put_pack(num, {"name": rec["name"], "created": rec["created"]})
+        for key, value in items:
+            txn.put_entry(key[:1].decode(), key[1:], Entry.unpack(value[:_ENTRY_SIZE]), overwrite=False)
+            txn.db_delete("trash", key)
+            txn.db_delete("collected", key)
+        seq = txn.next_seq("gc_seq")
+        txn.db_put(
+            "gc_log",
+            _U64BE.pack(seq),
+            json.dumps(
+                {"seq": seq, "proof": pid, "action": "undone", "time": now, "user": user, "objects": len(items)},
+                sort_keys=True,
+            ).encode(),
+        )
+    store.forget_pack_names()
+    shutil.rmtree(tdir, ignore_errors=True)
+    return len(items)
+
+
+def purge(
+    store: ObjectStore, now: float, quarantine_days: float, user: str, dry_run: bool = False
+) -> list[dict[str, Any]]:
+    """Delete trash of proofs applied more than ``quarantine_days`` ago. The point of no return."""
+    applied: dict[str, dict[str, Any]] = {}
+    for e in audit_entries(store):
+        if e["action"] == "applied":
+            applied[e["proof"]] = e
+        else:
+            applied.pop(e["proof"], None)
+    due = [e for e in applied.values() if now - e["time"] >= quarantine_days * DAY]
+    out = []
+    for e in due:
+        pid = e["proof"]
+        tdir = trash_dir(store.root) / pid
+        size = sum(p.stat().st_size for p in tdir.glob("*")) if tdir.exists() else 0
+        out.append({"proof": pid, "applied": e["time"], "objects": e.get("objects"), "bytes": size})
+        if dry_run:
+            continue
+        with store.index.write() as txn:
+            for key, value in list(txn.db_items("trash")):
+                if value[_ENTRY_SIZE:].decode() == pid:
+                    txn.db_delete("trash", key)
+            for num, rec in list(txn.iter_packs()):
+                if rec.get("dir") == f"trash/{pid}":
+                    txn.delete_pack(num)
+            seq = txn.next_seq("gc_seq")
+            txn.db_put(
+                "gc_log",
+                _U64BE.pack(seq),
+                json.dumps(
+                    {"seq": seq, "proof": pid, "action": "purged", "time": now, "user": user, "bytes": size},
+                    sort_keys=True,
+                ).encode(),
+            )
+        shutil.rmtree(tdir, ignore_errors=True)
+    return out
+
+
+# -- pins and leases --------------------------------------------------------------------------
+
+
+def pin(store: ObjectStore, cid: ObjectId, now: float, user: str, note: str = "") -> None:
+    """Keep a commit (and everything it reaches) whatever refs do."""
+    with store.index.write() as txn:
+        txn.db_put("pins", cid.digest, json.dumps({"time": now, "user": user, "note": note}, sort_keys=True).encode())
+
+
+def unpin(store: ObjectStore, cid: ObjectId) -> bool:
+    """Remove a pin; True if there was one."""
+    with store.index.write() as txn:
+        return txn.db_delete("pins", cid.digest)
+
+
+def pins(store: ObjectStore) -> list[dict[str, Any]]:
+    """Every pin."""
+    with store.index.read() as txn:
+        return [{"id": k.hex(), **json.loads(v)} for k, v in txn.db_items("pins")]
+
+
+def take_lease(store: ObjectStore, ids: list[str], now: float, ttl: float, note: str) -> str:
+    """Record that a running job uses these commits; returns the lease id."""
+    lease = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns():x}"
+    with store.index.write() as txn:
+        txn.db_put(
+            "leases",
+            lease.encode(),
+            json.dumps(
+                {
+                    "ids": list(ids),
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "created": now,
+                    "expires": now + ttl,
+                    "note": note,
+                },
+                sort_keys=True,
+            ).encode(),
+        )
+    return lease
+
+
+def release_lease(store: ObjectStore, lease: str) -> None:
+    """Drop a lease."""
+    with store.index.write() as txn:
+        txn.db_delete("leases", lease.encode())
+
+
+def collected_by(store: ObjectStore, kind: str, oid: ObjectId) -> str | None:
+    """The proof that collected an object, if one did."""
+    with store.index.read() as txn:
+        v = txn.db_get("collected", kind.encode() + oid.digest)
+    return v.decode() if v is not None else None
+
+
+__all__ = ["GcRefused", "POLICY_DEFAULTS", "apply", "plan", "purge", "undo", "verify"]
