@@ -52,6 +52,8 @@ class FsckReport:
 def fsck(store: ObjectStore, progress: Callable[[int], None] | None = None) -> FsckReport:
     """Check the whole store; never raises for damage, reports it."""
     report = FsckReport()
+    # A fresh look at the disk: cached descriptors would keep reading a pack that was deleted.
+    store.forget_pack_names()
     bad: dict[tuple[str, ObjectId], str] = {}
     for kind, oid, entry in store.iter_entries():
         report.objects += 1
@@ -169,29 +171,36 @@ def _affected(
                         found.append((e.name, ("c", cid)))
         return found
 
-    seen: set[ObjectId] = set()
-    stack = [(oid, refs) for oid, refs in roots.items()]
-    labels: dict[ObjectId, list[str]] = {oid: list(refs) for oid, refs in roots.items()}
-    while stack:
-        cid, _refs = stack.pop()
-        if cid in seen:
-            continue
-        seen.add(cid)
+    # Pass 1: which refs reach each commit (walk parents from every ref tip first, so the
+    # labels are complete before any damage is attributed).
+    labels: dict[ObjectId, set[str]] = {}
+    parents: dict[ObjectId, tuple[ObjectId, ...]] = {}
+    for tip, refs in roots.items():
+        stack = [tip]
+        while stack:
+            cid = stack.pop()
+            have = labels.setdefault(cid, set())
+            if cid in parents and set(refs) <= have:
+                continue
+            have.update(refs)
+            if cid not in parents:
+                try:
+                    parents[cid] = load_commit(store, cid).parents if not problem("m", cid) else ()
+                except MstoreError:
+                    parents[cid] = ()
+            stack.extend(parents[cid])
+    # Pass 2: attribute every broken object to the commits (and refs) that contain it.
+    for cid in labels:
         if problem("m", cid):
-            out.setdefault(("m", cid), (set(), {}))[1].setdefault(cid, []).extend(labels.get(cid, []))
+            out.setdefault(("m", cid), (set(), {}))[1].setdefault(cid, []).extend(sorted(labels[cid]))
             continue
         try:
             commit = load_commit(store, cid)
         except MstoreError:
             continue
-        for p in commit.parents:
-            # An ancestor is affected "via" the refs that reach it.
-            plabels = labels.setdefault(p, [])
-            plabels.extend(r for r in labels.get(cid, []) if r not in plabels)
-            stack.append((p, plabels))
         for path, key in broken_in_tree(commit.tree):
             files, commits = out.setdefault(key, (set(), {}))
             if path:
                 files.add(path)
-            commits.setdefault(cid, []).extend(labels.get(cid, []))
+            commits.setdefault(cid, []).extend(sorted(labels[cid]))
     return out

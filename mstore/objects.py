@@ -64,12 +64,22 @@ def canonical_json(value: Any) -> bytes:
 def _load(raw: bytes, what: str) -> dict:
     try:
         value = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MalformedObject(f"{what} is not valid JSON: {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # ValueError: malformed JSON or an integer too long to convert; RecursionError: deep nesting.
+        raise MalformedObject(f"{what} is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(value, dict):
         raise MalformedObject(f"{what} is not a JSON object")
-    if value.get("v") != OBJECT_VERSION:
-        raise MalformedObject(f"{what} has unsupported object version {value.get('v')!r}")
+    v = value.get("v")
+    if type(v) is not int or v != OBJECT_VERSION:
+        raise MalformedObject(f"{what} has unsupported object version {v!r}")
+    try:
+        canonical = canonical_json(value)
+    except MalformedObject:
+        canonical = None
+    if canonical != bytes(raw):
+        # One content, one id: a non-canonical encoding would let the same object live under
+        # many ids (and hide edits from a reviewer comparing ids).
+        raise MalformedObject(f"{what} is not in canonical form (sorted keys, no whitespace)")
     return value
 
 
@@ -96,7 +106,11 @@ def check_name(name: str) -> str:
         raise InvalidName(f"invalid entry name {name!r}")
     if "/" in name or "\0" in name:
         raise InvalidName(f"invalid entry name {name!r}: contains '/' or NUL")
-    if len(name.encode("utf-8", "surrogateescape")) > 255:
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidName(f"invalid entry name {name!r}: not valid UTF-8") from None
+    if len(encoded) > 255:
         raise InvalidName(f"entry name too long ({len(name)} characters): {name[:40]!r}…")
     return name
 
@@ -310,6 +324,8 @@ class Commit:
         for key in ("meta", "metrics", "params", "inputs", "provenance", "stats"):
             if not isinstance(d.get(key), dict):
                 raise MalformedObject(f"commit: {key} missing or not an object")
+        if d["kind"] not in COMMIT_KINDS:
+            raise MalformedObject(f"commit: unknown kind {d['kind']!r}")
         return cls(
             tree=_id(d.get("tree"), "commit tree"),
             parents=tuple(_id(p, "commit parent") for p in parents),

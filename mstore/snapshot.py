@@ -341,31 +341,44 @@ class FileReader(io.RawIOBase):
     def _chunk(self, i: int) -> bytes:
         if i != self._cache_index:
             cid, n = self.fobj.chunks[i]
-            data = self.store.get("c", cid)
+            try:
+                data = self.store.get("c", cid)
+            except IntegrityError as exc:
+                raise IntegrityError(f"{self.name} (bytes {self._starts[i]}-{self._starts[i] + n}): {exc}") from None
             if len(data) != n:
                 raise IntegrityError(f"chunk {cid} of {self.name} has {len(data)} bytes, manifest says {n}")
             self._cache, self._cache_index = data, i
         return self._cache
 
     def readinto(self, buf: Any) -> int:
+        """Fill ``buf`` as far as the file allows (across chunk boundaries, like a regular file)."""
         view = memoryview(buf).cast("B")
-        if self._pos >= self.fobj.size or not len(view):
-            return 0
-        i = bisect_right(self._starts, self._pos) - 1
-        data = self._chunk(i)
-        off = self._pos - self._starts[i]
-        n = min(len(view), len(data) - off)
-        view[:n] = data[off : off + n]
-        if self._hasher is not None and self._pos == self._hashed_to:
-            self._hasher.update(view[:n])
-            self._hashed_to += n
-            if self._hashed_to == self.fobj.size:
-                got = self._hasher.id()
-                self._hasher = None
-                if got != self.fid:
-                    raise IntegrityError(f"{self.name}: content hashes to {got}, expected {self.fid}")
-        self._pos += n
-        return n
+        done = 0
+        while done < len(view) and self._pos < self.fobj.size:
+            i = bisect_right(self._starts, self._pos) - 1
+            data = self._chunk(i)
+            off = self._pos - self._starts[i]
+            n = min(len(view) - done, len(data) - off)
+            view[done : done + n] = data[off : off + n]
+            if self._hasher is not None and self._pos == self._hashed_to:
+                self._hasher.update(view[done : done + n])
+                self._hashed_to += n
+                if self._hashed_to == self.fobj.size:
+                    got = self._hasher.id()
+                    self._hasher = None
+                    if got != self.fid:
+                        raise IntegrityError(f"{self.name}: content hashes to {got}, expected {self.fid}")
+            self._pos += n
+            done += n
+        return done
+
+    def read(self, size: int = -1) -> bytes:
+        """Read ``size`` bytes (all remaining if negative); fewer only at the end of the file."""
+        if size is None or size < 0:
+            size = max(0, self.fobj.size - self._pos)
+        buf = bytearray(min(size, max(0, self.fobj.size - self._pos)))
+        n = self.readinto(buf)
+        return bytes(buf[:n])
 
     def iter_chunks(self, pool: ThreadPoolExecutor | None = None, window: int = 4) -> Iterator[bytes]:
         """Every chunk in order, verified (decoded ahead in ``pool`` when given)."""
@@ -383,7 +396,10 @@ class FileReader(io.RawIOBase):
                 while nxt < len(chunks) and len(futs) < window:
                     futs.append(pool.submit(self.store.get, "c", chunks[nxt][0]))
                     nxt += 1
-                data = futs.popleft().result()
+                try:
+                    data = futs.popleft().result()
+                except IntegrityError as exc:
+                    raise IntegrityError(f"{self.name}: {exc}") from None
                 hasher.update(data)
                 yield data
         got = hasher.id()

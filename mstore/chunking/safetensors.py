@@ -122,8 +122,10 @@ def parse_header(prefix: bytes, file_size: int) -> SafetensorsHeader:
         raise MalformedSafetensors("header is truncated")
     try:
         doc = json.loads(prefix[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MalformedSafetensors(f"header is not valid JSON: {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError and integers too long to convert; RecursionError
+        # deeply nested arrays. A hostile header must never crash a commit.
+        raise MalformedSafetensors(f"header is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(doc, dict):
         raise MalformedSafetensors("header is not a JSON object")
     data_start = 8 + n

@@ -1,0 +1,242 @@
+"""Corruption is found and reported with what it affects, never returned (DESIGN promise 3).
+
+History used throughout (branch ``exp``; tag ``good`` on the first commit)::
+
+    c1  ckpt/model.safetensors (t0 t1 t2 t3), notes.txt
+    c2  t1 changed            <- the damaged chunk is t1 as of c2
+    c3  t2 changed (t1 as in c2, so c3 reaches the damaged chunk too)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import blake3
+import numpy as np
+import pytest
+
+from mstore import IntegrityError, ObjectId, Repo
+from mstore.storage.index import Entry
+from mstore.storage.packs import RECORD
+from tests.conftest import tree_bytes, write_safetensors
+
+MODEL = "ckpt/model.safetensors"
+
+
+@dataclass
+class History:
+    repo: Repo
+    dirs: dict[str, Path]
+    commits: dict[str, ObjectId]
+    damaged_chunk: ObjectId
+
+
+def _random_f32(rng: np.random.Generator) -> np.ndarray:
+    return rng.integers(0, 1 << 32, (128, 128), dtype=np.uint32).view(np.float32)
+
+
+@pytest.fixture
+def history(repo: Repo, work: Path) -> History:
+    rng = np.random.default_rng(7)
+    tensors = {f"t{i}": _random_f32(rng) for i in range(4)}
+    dirs: dict[str, Path] = {}
+    commits: dict[str, ObjectId] = {}
+    for name, change in (("c1", None), ("c2", "t1"), ("c3", "t2")):
+        if change:
+            tensors[change] = _random_f32(rng)
+        d = work / name
+        write_safetensors(d / MODEL, tensors)
+        (d / "notes.txt").write_text(f"version {name}\n")
+        dirs[name] = d
+        commits[name] = repo.commit(d, "exp", name).id
+        if name == "c2":
+            damaged = ObjectId(blake3.blake3(tensors["t1"].tobytes()).hexdigest())
+    repo.create_tag("good", commits["c1"])
+    assert repo.store.has("c", damaged)
+    return History(repo, dirs, commits, damaged)
+
+
+def _entry(repo: Repo, kind: str, oid: ObjectId) -> Entry:
+    entry = repo.store.entry(kind, oid)
+    assert entry is not None
+    return entry
+
+
+def _pack_path(repo: Repo, entry: Entry) -> Path:
+    return repo.root / "packs" / repo.store.pack_name(entry.pack)
+
+
+def flip_payload_byte(repo: Repo, kind: str, oid: ObjectId) -> None:
+    """Flip one byte in the middle of an object's payload, found through the index."""
+    matches = [e for k, i, e in repo.store.iter_entries() if k == kind and i == oid]
+    assert len(matches) == 1
+    entry = matches[0]
+    pos = entry.offset + RECORD.size + entry.enc_len // 2
+    with open(_pack_path(repo, entry), "r+b") as f:
+        f.seek(pos)
+        byte = f.read(1)[0]
+        f.seek(pos)
+        f.write(bytes([byte ^ 0x40]))
+
+
+def _ids_in_pack(repo: Repo, pack: int) -> set[str]:
+    return {str(oid) for _k, oid, e in repo.store.iter_entries() if e.pack == pack}
+
+
+def _leftovers(dest: Path) -> list[str]:
+    return [str(p.relative_to(dest)) for p in dest.rglob("*") if p.name.startswith(".mstore-")]
+
+
+# -- a flipped byte in one tensor chunk ------------------------------------------------------
+
+
+def test_fsck_reports_a_flipped_byte_with_the_object_its_file_and_the_commits_that_reach_it(history):
+    repo, c = history.repo, history.commits
+    flip_payload_byte(repo, "c", history.damaged_chunk)
+
+    report = repo.fsck()
+
+    assert not report.ok
+    (damage,) = report.damaged
+    assert damage["kind"] == "chunk"
+    assert damage["id"] == history.damaged_chunk
+    assert "damaged" in damage["error"]
+    assert damage["files"] == [MODEL]
+    reached = {d["id"]: d["refs"] for d in damage["commits"]}
+    assert set(reached) == {c["c2"], c["c3"]}
+    assert "exp" in reached[c["c3"]]
+
+
+def test_fsck_names_the_refs_that_reach_each_affected_commit_through_history(history):
+    repo, c = history.repo, history.commits
+    flip_payload_byte(repo, "c", history.damaged_chunk)
+
+    (damage,) = repo.fsck().damaged
+
+    reached = {d["id"]: d["refs"] for d in damage["commits"]}
+    # exp points at c3, whose parent is c2: both versions are reached through exp.
+    assert reached == {c["c2"]: ["exp"], c["c3"]: ["exp"]}
+
+
+def test_cli_fsck_exits_5_and_names_the_damaged_file_and_commits(history, cli):
+    flip_payload_byte(history.repo, "c", history.damaged_chunk)
+
+    proc = cli("fsck", check=False)
+
+    out = proc.stdout.decode()
+    assert proc.returncode == 5, out + proc.stderr.decode()
+    assert MODEL in out
+    assert history.damaged_chunk in out
+    assert history.commits["c2"][:7] in out and history.commits["c3"][:7] in out
+    assert history.commits["c1"][:7] not in out
+
+
+@pytest.mark.parametrize("version", ["c2", "c3"])
+def test_checkout_of_a_damaged_version_raises_integrity_error_and_never_creates_the_file(
+    history, tmp_path, version
+):
+    repo = history.repo
+    flip_payload_byte(repo, "c", history.damaged_chunk)
+    dest = tmp_path / "restored"
+
+    with pytest.raises(IntegrityError) as info:
+        repo.checkout(history.commits[version], dest)
+
+    msg = str(info.value)
+    assert history.damaged_chunk in msg
+    assert "damaged" in msg
+    assert not (dest / MODEL).exists()
+    assert _leftovers(dest) == []
+
+
+def test_checkout_error_names_the_file_it_could_not_restore(history, tmp_path):
+    repo = history.repo
+    flip_payload_byte(repo, "c", history.damaged_chunk)
+
+    with pytest.raises(IntegrityError) as info:
+        repo.checkout(history.commits["c2"], tmp_path / "restored")
+
+    assert "model.safetensors" in str(info.value)
+
+
+def test_open_file_of_a_damaged_file_raises_integrity_error_naming_the_chunk(history):
+    repo = history.repo
+    flip_payload_byte(repo, "c", history.damaged_chunk)
+
+    with pytest.raises(IntegrityError, match=history.damaged_chunk):
+        with repo.open_file(history.commits["c2"], MODEL) as f:
+            f.read()
+
+
+def test_versions_without_the_damaged_chunk_still_check_out_bit_exact(history, tmp_path):
+    repo = history.repo
+    flip_payload_byte(repo, "c", history.damaged_chunk)
+
+    repo.checkout("good", tmp_path / "c1")
+
+    assert tree_bytes(tmp_path / "c1") == tree_bytes(history.dirs["c1"])
+
+
+def test_undamaged_files_of_a_damaged_version_still_read_bit_exact(history):
+    repo = history.repo
+    flip_payload_byte(repo, "c", history.damaged_chunk)
+
+    with repo.open_file(history.commits["c2"], "notes.txt") as f:
+        assert f.read() == (history.dirs["c2"] / "notes.txt").read_bytes()
+
+
+# -- damaged pack files ------------------------------------------------------------------------
+
+
+def test_fsck_reports_a_truncated_pack(history, cli):
+    repo = history.repo
+    commit_entry = _entry(repo, "m", history.commits["c3"])
+    pack = _pack_path(repo, commit_entry)
+    in_pack = _ids_in_pack(repo, commit_entry.pack)
+    os.truncate(pack, pack.stat().st_size // 2)
+
+    report = repo.fsck()
+
+    assert not report.ok
+    damaged = {d["id"]: d["error"] for d in report.damaged}
+    assert history.commits["c3"] in damaged  # the commit is the pack's last record
+    assert "truncated" in damaged[history.commits["c3"]]
+    assert pack.name in damaged[history.commits["c3"]]
+    assert set(damaged) <= in_pack
+    proc = cli("fsck", check=False)
+    assert proc.returncode == 5
+    assert history.commits["c3"] in proc.stdout.decode()
+
+
+def test_fsck_reports_a_deleted_pack(history, cli):
+    repo = history.repo
+    commit_entry = _entry(repo, "m", history.commits["c3"])
+    pack = _pack_path(repo, commit_entry)
+    in_pack = _ids_in_pack(repo, commit_entry.pack)
+    pack.unlink()
+
+    report = repo.fsck()
+
+    assert not report.ok
+    damaged = {d["id"]: d["error"] for d in report.damaged}
+    assert set(damaged) == in_pack  # every object of that pack, and nothing else
+    for err in damaged.values():
+        assert "missing" in err and pack.name in err
+    proc = cli("fsck", check=False)
+    assert proc.returncode == 5
+    assert pack.name in proc.stdout.decode()
+
+
+def test_fsck_reports_a_deleted_pack_even_after_this_process_has_read_from_it(history, tmp_path):
+    repo = history.repo
+    repo.checkout(history.commits["c3"], tmp_path / "warm")  # the pack is now open in this process
+    commit_entry = _entry(repo, "m", history.commits["c3"])
+    pack = _pack_path(repo, commit_entry)
+    pack.unlink()
+
+    report = repo.fsck()
+
+    assert not report.ok
+    assert history.commits["c3"] in {d["id"] for d in report.damaged}
