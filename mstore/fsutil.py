@@ -9,7 +9,6 @@ power cut.
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 
 from .errors import StorageError
@@ -19,7 +18,7 @@ def unique_name(prefix: str = "", suffix: str = "") -> str:
     """A name no other process will pick: time, pid and 64 random bits."""
     import time
 
-    return f"{prefix}{time.time_ns():x}-{os.getpid():x}-{secrets.token_hex(8)}{suffix}"
+    return f"{prefix}{time.time_ns():x}-{os.getpid():x}-{os.urandom(8).hex()}{suffix}"
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

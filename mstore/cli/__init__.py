@@ -36,16 +36,39 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
+PLUGIN_GROUP = "mstore.commands"
+
+
+def _plugins() -> dict[str, object]:
+    """Commands other packages contribute (``mstore train`` from the bundled trainer).
+
+    Entry points are read only when a name is not built in, or for the command list, so the
+    common commands never pay for scanning installed packages.
+    """
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=PLUGIN_GROUP) if ep.name not in COMMANDS}
+
+
 class LazyGroup(click.Group):
     """A group that imports a subcommand's module only when that subcommand runs."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(COMMANDS)
+        return sorted([*COMMANDS, *_plugins()])
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         spec = COMMANDS.get(name)
         if spec is None:
-            return None
+            ep = _plugins().get(name)
+            if ep is None:
+                return None
+            if ctx.resilient_parsing or _listing_help():
+                return click.Command(
+                    name,
+                    help=f"(plugin from {ep.value.split(':')[0]})",
+                    short_help=f"Provided by {ep.value.split('.')[0]}.",
+                )
+            return ep.load()
         if ctx.resilient_parsing or _listing_help():
             return click.Command(name, help=spec[2], short_help=spec[2])
         module = importlib.import_module(spec[0])
