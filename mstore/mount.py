@@ -438,6 +438,20 @@ def check_fuse() -> None:
         raise MountError("/dev/fuse is missing: FUSE is not available here (in a container, pass --device /dev/fuse)")
 
 
+def _return_freed_memory() -> None:
+    """Make glibc map every buffer of 1 MiB or more on its own, so freeing one returns it.
+
+    Otherwise glibc's adaptive threshold moves decoded chunks into per-thread heaps that keep
+    their peak: a mount's RSS would track its busiest moment instead of its cache.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def serve(
     store: Any,
     commit_id: ObjectId,
@@ -462,6 +476,7 @@ def serve(
     """
     check_fuse()
     mfusepy = _binding()
+    _return_freed_memory()
     fs = MountFS(store, commit_id, cache_bytes=cache_bytes, readahead_bytes=readahead_bytes, on_ready=on_ready)
     options: dict[str, Any] = {
         "foreground": True,
@@ -474,6 +489,8 @@ def serve(
         "entry_timeout": 86400,
         "attr_timeout": 86400,
         "negative_timeout": 86400,
+        "max_threads": 16,
+        "max_idle_threads": 8,
     }
     if allow_other:
         options["allow_other"] = True
@@ -541,27 +558,34 @@ def _key(mountpoint: str) -> str:
     return hash_bytes(mountpoint.encode("utf-8", "surrogateescape"))[:16]
 
 
-def _proc_start(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (to tell a live mount from a re-used pid)."""
+def _proc_stat(pid: int) -> list[str] | None:
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return raw.rsplit(")", 1)[-1].split()[19]
+    return raw.rsplit(")", 1)[-1].split()
+
+
+def _proc_start(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (to tell a live mount from a re-used pid)."""
+    fields = _proc_stat(pid)
+    return fields[19] if fields else None
 
 
 def _pid_alive(pid: int, start: str | None = None) -> bool:
+    """True if ``pid`` runs (and, given ``start``, is the same process); zombies are dead."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    if start is not None:
-        now = _proc_start(pid)
-        if now is not None and now != start:
-            return False
-    return True
+    fields = _proc_stat(pid)
+    if fields is None:
+        return True  # no /proc: trust kill(0)
+    if fields[0] in ("Z", "X"):
+        return False
+    return start is None or fields[19] == start
 
 
 @dataclass
@@ -621,9 +645,9 @@ def _remove_entry(path: Path) -> None:
 def list_mounts(root: str | os.PathLike) -> list[MountInfo]:
     """Every mount of this store, checked now.
 
-    An entry whose process is gone is removed from the registry and returned once with
-    ``alive=False``; ``mounted`` says whether the kernel still has the (dead) mount, which
-    ``umount`` clears.
+    An entry whose process is gone has ``alive=False``. If the kernel still has its (dead)
+    mount, ``mounted`` is True and the entry stays until ``umount`` clears it; otherwise the
+    entry is removed now (and so listed this once).
     """
     host = socket.gethostname()
     table = mount_table()
@@ -633,10 +657,8 @@ def list_mounts(root: str | os.PathLike) -> list[MountInfo]:
         info.mounted = (mp in table) if table else os.path.ismount(mp)
         if info.host == host and not _pid_alive(info.pid, info.proc_start):
             info.alive = False
-            _remove_entry(path)
-            log_path = Path(info.log) if info.log else None
-            if log_path is not None and not info.mounted:
-                _remove_entry(log_path)
+            if not info.mounted:
+                _remove_entry(path)
         out.append(info)
     return out
 
@@ -948,9 +970,14 @@ def mount_commit(
     return Mount(root, info)
 
 
+# How a background mount starts its serving process: the mstore command line. Embedders and
+# tests may point this elsewhere (a list of arguments to put before ``--store``).
+CHILD_COMMAND: list[str] | None = None
+
+
 def _child_argv(root: Path, cid: ObjectId, mp: str, label: str, ready_fd: int, **kw: Any) -> list[str]:
     argv = [
-        sys.executable, "-m", "mstore", "--store", str(root), "mount", "--foreground",
+        *(CHILD_COMMAND or [sys.executable, "-m", "mstore"]), "--store", str(root), "mount", "--foreground",
         "--ready-fd", str(ready_fd), "--label", label,
         "--cache-size", str(kw["cache_bytes"]), "--readahead", str(kw["readahead_bytes"]),
     ]
@@ -968,7 +995,7 @@ def _spawn(root: Path, cid: ObjectId, mp: str, label: str, *, timeout: float, **
     log_path = mdir / f"{_key(mp)}.log"
     r, w = os.pipe()
     try:
-        with open(log_path, "ab") as logf:
+        with open(log_path, "wb") as logf:
             proc = subprocess.Popen(
                 _child_argv(Path(root), cid, mp, label, w, **kw),
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,),

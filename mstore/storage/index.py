@@ -114,6 +114,10 @@ class Index:
                     )
                 except lmdb.Error as exc:
                     raise StorageError(f"cannot open index {self.path}: {exc}") from None
+                # Readers killed with SIGKILL leave their slots taken until someone clears them;
+                # without this, a long-lived process (a mount, a trainer) plus a few hundred
+                # killed commands fill the table and nobody can open the store.
+                env.reader_check()
                 _envs[self.path] = (env, 1)
         self.env = env
         self._dbs = {name: env.open_db(name.encode()) for name in _DBS}
@@ -132,10 +136,26 @@ class Index:
             else:
                 _envs[self.path] = (env, count - 1)
 
+    def _begin(self, write: bool) -> lmdb.Transaction:
+        try:
+            return self.env.begin(write=write, buffers=False)
+        except lmdb.ReadersFullError:
+            self.env.reader_check()  # clear slots of dead processes, then try once more
+            try:
+                return self.env.begin(write=write, buffers=False)
+            except lmdb.Error as exc:
+                raise StorageError(f"index {self.path}: {exc}") from None
+        except lmdb.Error as exc:
+            raise StorageError(f"index {self.path}: {exc}") from None
+
     @contextmanager
     def read(self) -> Iterator[Txn]:
-        """A consistent read-only snapshot."""
-        with self.env.begin(write=False, buffers=False) as txn:
+        """A consistent read-only snapshot.
+
+        Raises:
+            StorageError: LMDB could not start a transaction.
+        """
+        with self._begin(write=False) as txn:
             yield Txn(txn, self._dbs)
 
     @contextmanager
@@ -146,7 +166,7 @@ class Index:
             StorageError: LMDB could not commit (disk full, map full).
         """
         try:
-            with self.env.begin(write=True) as txn:
+            with self._begin(write=True) as txn:
                 yield Txn(txn, self._dbs)
         except lmdb.MapFullError:
             raise StorageError(f"index {self.path} is full; raise its map size") from None
