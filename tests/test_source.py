@@ -14,7 +14,9 @@ def _sources():
 
 
 def test_only_the_cli_reads_the_environment():
-    offenders = [rel for rel, src in _sources() if re.search(r"os\.environ|os\.getenv", src) and not rel.startswith("cli/")]
+    offenders = [
+        rel for rel, src in _sources() if re.search(r"os\.environ|os\.getenv", src) and not rel.startswith("cli/")
+    ]
     assert offenders == []
 
 

@@ -132,7 +132,9 @@ def test_unknown_revision_is_a_clear_error(cli, work):
 
 def test_commands_outside_a_repository_say_how_to_start(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "mstore", "log"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mstore", "log"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert proc.returncode == 3
     assert "mstore init" in proc.stderr
 
