@@ -7,6 +7,14 @@ Codec numbers are part of the on-disk format (docs/format.md); never renumber th
 
 * ``RAW`` (0): stored as is. Used when compression does not save at least ``MIN_SAVING``.
 * ``ZSTD`` (1): one zstd frame that declares its content size.
+* ``BYTEPLANE`` (2): for float tensors (element size 2, 4 or 8). Byte *i* of every element goes
+  to plane *i*; each plane is zstd-compressed if that saves at least ``MIN_SAVING``, else stored
+  raw. Weights barely compress as a whole (zstd: ~1.09× fp32, ~1.28× bf16) because the
+  mantissa bytes are noise; the sign/exponent plane compresses ~3×. Splitting them gives
+  ~1.21× fp32 and ~1.46× bf16 and is *faster* than zstd on the whole chunk, since the noise
+  planes are copied instead of compressed. Payload::
+
+      u8 element size | u8 bitmask of compressed planes | u32 encoded length per plane | planes
 
 Decoding is bounded by the raw length recorded beside the chunk in the pack record: a frame
 that declares a different size, or would expand past it, is refused before any large buffer is
@@ -15,6 +23,7 @@ allocated ("compression bomb").
 
 from __future__ import annotations
 
+import struct
 import threading
 
 import zstandard
@@ -23,8 +32,15 @@ from .errors import IntegrityError
 
 RAW = 0
 ZSTD = 1
+BYTEPLANE = 2
 
-NAMES = {RAW: "raw", ZSTD: "zstd"}
+NAMES = {RAW: "raw", ZSTD: "zstd", BYTEPLANE: "byteplane"}
+
+# Byte planes are compressed at zstd level 1: the exponent plane reaches within a few percent of
+# what level 3 gives, at twice the speed.
+PLANE_LEVEL = 1
+# A plane whose first SAMPLE bytes do not compress is stored raw without compressing the rest.
+_SAMPLE = 64 * 1024
 
 # Keep a compressed form only if it saves at least this fraction; below that, reading raw bytes
 # is cheaper than decompressing them for a gain nobody would notice.
@@ -53,15 +69,81 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
-def encode(raw: bytes | memoryview, level: int = DEFAULT_LEVEL) -> tuple[int, bytes]:
-    """Choose an encoding for ``raw`` and return ``(codec, encoded bytes)``."""
+def encode(raw: bytes | memoryview, level: int = DEFAULT_LEVEL, item_size: int = 0) -> tuple[int, bytes]:
+    """Choose an encoding for ``raw`` and return ``(codec, encoded bytes)``.
+
+    ``item_size`` (2, 4 or 8) says the bytes are float elements of that size (byte planes).
+    """
     n = len(raw)
     if n < 64:
+        return RAW, bytes(raw)
+    if item_size in (2, 4, 8) and n % item_size == 0 and n >= 16 * item_size:
+        enc = _encode_planes(raw, item_size)
+        if enc is not None:
+            return BYTEPLANE, enc
         return RAW, bytes(raw)
     enc = _compressor(level).compress(raw)
     if len(enc) <= n * (1 - MIN_SAVING):
         return ZSTD, enc
     return RAW, bytes(raw)
+
+
+def _encode_planes(raw: bytes | memoryview, item: int) -> bytes | None:
+    import numpy as np
+
+    planes = np.frombuffer(raw, dtype=np.uint8).reshape(-1, item).T
+    comp = _compressor(PLANE_LEVEL)
+    mask = 0
+    parts = []
+    for i in range(item):
+        plane = np.ascontiguousarray(planes[i]).data
+        head = comp.compress(plane[:_SAMPLE])
+        enc = None
+        if len(head) <= min(len(plane), _SAMPLE) * (1 - MIN_SAVING):
+            enc = comp.compress(plane)
+            if len(enc) > len(plane) * (1 - MIN_SAVING):
+                enc = None
+        if enc is None:
+            parts.append(bytes(plane))
+        else:
+            mask |= 1 << i
+            parts.append(enc)
+    total = sum(len(p) for p in parts)
+    if total > len(raw) * (1 - MIN_SAVING):
+        return None
+    header = struct.pack(f"<BB{item}I", item, mask, *(len(p) for p in parts))
+    return header + b"".join(parts)
+
+
+def _decode_planes(data: bytes | memoryview, raw_len: int) -> bytes:
+    import numpy as np
+
+    view = memoryview(data)
+    if len(view) < 2:
+        raise IntegrityError("byte-plane chunk too short")
+    item, mask = view[0], view[1]
+    if item not in (2, 4, 8) or raw_len % item:
+        raise IntegrityError(f"byte-plane chunk: element size {item} does not divide {raw_len} bytes")
+    head = 2 + 4 * item
+    if len(view) < head:
+        raise IntegrityError("byte-plane chunk header truncated")
+    lengths = struct.unpack_from(f"<{item}I", view, 2)
+    if head + sum(lengths) != len(view):
+        raise IntegrityError("byte-plane chunk: plane lengths do not add up")
+    n = raw_len // item
+    out = np.empty((n, item), dtype=np.uint8)
+    pos = head
+    for i, length in enumerate(lengths):
+        part = view[pos : pos + length]
+        pos += length
+        if mask & (1 << i):
+            plane = decode(ZSTD, part, n)
+        else:
+            if length != n:
+                raise IntegrityError(f"byte-plane chunk: raw plane {i} has {length} bytes, expected {n}")
+            plane = part
+        out[:, i] = np.frombuffer(plane, dtype=np.uint8)
+    return out.tobytes()
 
 
 def decode(codec: int, data: bytes | memoryview, raw_len: int) -> bytes:
@@ -91,4 +173,6 @@ def decode(codec: int, data: bytes | memoryview, raw_len: int) -> bytes:
         if len(out) != raw_len:
             raise IntegrityError(f"zstd frame gave {len(out)} bytes, record says {raw_len}")
         return out
+    if codec == BYTEPLANE:
+        return _decode_planes(data, raw_len)
     raise IntegrityError(f"unknown codec {codec}")

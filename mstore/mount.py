@@ -81,17 +81,22 @@ class MountError(MstoreError):
 class ChunkCache:
     """Decoded, verified chunks by id: an LRU bounded by bytes, with one loader per chunk.
 
-    Concurrent requests for the same chunk wait for a single load. Failed loads are not cached:
-    the next read of a damaged chunk fails again (and is logged again).
+    Concurrent requests for the same chunk wait for a single load. At most ``max_loads``
+    chunks load at once, and room for each is made (by evicting the least recently used)
+    before it loads, so cached plus loading chunks never exceed ``capacity``. Failed loads
+    are not cached: the next read of a damaged chunk fails again (and is logged again).
     """
 
-    def __init__(self, load: Callable[[ObjectId], bytes], capacity: int):
+    def __init__(self, load: Callable[[ObjectId], bytes], capacity: int, max_loads: int = 3):
         self._load = load
         self.capacity = capacity
         self._data: OrderedDict[ObjectId, bytes] = OrderedDict()
         self._pending: dict[ObjectId, Future] = {}
         self._lock = threading.Lock()
+        self._loads = threading.BoundedSemaphore(max_loads)
+        self.max_loads = max_loads
         self.used = 0
+        self.reserved = 0
         self.hits = 0
         self.misses = 0
 
@@ -99,8 +104,14 @@ class ChunkCache:
         with self._lock:
             return cid in self._data or cid in self._pending
 
-    def get(self, cid: ObjectId) -> bytes:
-        """The chunk's verified bytes, loading it once if it is not cached.
+    def _make_room(self, size: int) -> None:
+        # Caller holds the lock.
+        while self._data and self.used + self.reserved + size > self.capacity:
+            _old, dropped = self._data.popitem(last=False)
+            self.used -= len(dropped)
+
+    def get(self, cid: ObjectId, size: int = 0) -> bytes:
+        """The chunk's verified bytes (``size`` long, if known), loading it once if not cached.
 
         Raises:
             IntegrityError, ObjectNotFound: from the loader.
@@ -119,7 +130,15 @@ class ChunkCache:
         if not owner:
             return fut.result()
         try:
-            data = self._load(cid)
+            with self._loads:
+                with self._lock:
+                    self._make_room(size)
+                    self.reserved += size
+                try:
+                    data = self._load(cid)
+                finally:
+                    with self._lock:
+                        self.reserved -= size
         except BaseException as exc:
             with self._lock:
                 del self._pending[cid]
@@ -128,18 +147,49 @@ class ChunkCache:
         with self._lock:
             del self._pending[cid]
             if len(data) <= self.capacity:
+                self._make_room(len(data))
                 self._data[cid] = data
                 self.used += len(data)
-                while self.used > self.capacity:
-                    _old, dropped = self._data.popitem(last=False)
-                    self.used -= len(dropped)
         fut.set_result(data)
         return data
 
     def inflight(self) -> int:
-        """How many loads are running."""
+        """How many chunks are loading or waiting to load."""
         with self._lock:
             return len(self._pending)
+
+
+# Parsed trees and manifests kept, counted in entries (a tree entry or a chunk of a manifest
+# costs about 200 bytes parsed): about 50 MB at most.
+MAX_CACHED_ENTRIES = 250_000
+
+
+class _WeightedLRU:
+    """A thread-safe LRU bounded by the sum of its values' weights."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._data: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.weight = 0
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            item = self._data.get(key)
+            if item is None:
+                return None
+            self._data.move_to_end(key)
+            return item[0]
+
+    def put(self, key: Any, value: Any, weight: int) -> None:
+        with self._lock:
+            if key in self._data or weight > self.capacity:
+                return
+            self._data[key] = (value, weight)
+            self.weight += weight
+            while self.weight > self.capacity:
+                _k, (_v, w) = self._data.popitem(last=False)
+                self.weight -= w
 
 
 # -- the file system ---------------------------------------------------------------------------
@@ -194,15 +244,19 @@ class MountFS:
         self.stats = commit.stats
         self.mtime_ns = _commit_time_ns(commit.time)
         self.uid, self.gid = os.getuid(), os.getgid()
-        self.cache = ChunkCache(self._load_chunk, cache_bytes)
+        # Chunks decoded at once: by the pool ahead of a sequential reader, plus one on demand.
+        loads = workers or max(2, min(4, os.cpu_count() or 1))
+        self.cache = ChunkCache(self._load_chunk, cache_bytes, max_loads=loads + 1)
         # Ahead of a sequential reader, decode at most this much (and never more than half the
         # cache, so read-ahead cannot evict what is being read).
         self.readahead_bytes = max(0, min(readahead_bytes, cache_bytes // 2))
-        self.pool = ThreadPoolExecutor(max(2, workers or min(4, os.cpu_count() or 1)), "mstore-mount")
+        self.pool = ThreadPoolExecutor(loads, "mstore-mount")
         self._on_ready = on_ready
         self._lock = threading.Lock()
-        self._trees: OrderedDict[ObjectId, dict[str, TreeEntry]] = OrderedDict()
-        self._manifests: OrderedDict[ObjectId, FileObject] = OrderedDict()
+        # Parsed trees and manifests, bounded by their entries (a huge dataset directory or a
+        # 100 GB file's chunk list must not grow without limit either).
+        self._trees = _WeightedLRU(MAX_CACHED_ENTRIES)
+        self._manifests = _WeightedLRU(MAX_CACHED_ENTRIES)
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
         self.errors = 0
@@ -212,30 +266,18 @@ class MountFS:
 
     # -- lookups ---------------------------------------------------------------------------
     def _tree(self, tid: ObjectId) -> dict[str, TreeEntry]:
-        with self._lock:
-            entries = self._trees.get(tid)
-            if entries is not None:
-                self._trees.move_to_end(tid)
-                return entries
-        tree: Tree = load_tree(self.store, tid)
-        entries = {e.name: e for e in tree.entries}
-        with self._lock:
-            self._trees[tid] = entries
-            while len(self._trees) > 4096:
-                self._trees.popitem(last=False)
+        entries = self._trees.get(tid)
+        if entries is None:
+            tree: Tree = load_tree(self.store, tid)
+            entries = {e.name: e for e in tree.entries}
+            self._trees.put(tid, entries, len(entries) + 1)
         return entries
 
     def _manifest(self, fid: ObjectId) -> FileObject:
-        with self._lock:
-            fobj = self._manifests.get(fid)
-            if fobj is not None:
-                self._manifests.move_to_end(fid)
-                return fobj
-        fobj = load_file(self.store, fid)
-        with self._lock:
-            self._manifests[fid] = fobj
-            while len(self._manifests) > 1024:
-                self._manifests.popitem(last=False)
+        fobj = self._manifests.get(fid)
+        if fobj is None:
+            fobj = load_file(self.store, fid)
+            self._manifests.put(fid, fobj, len(fobj.chunks) + 1)
         return fobj
 
     def _lookup(self, path: str) -> TreeEntry | None:
@@ -342,7 +384,7 @@ class MountFS:
     def _chunk(self, h: _Handle, i: int) -> bytes:
         cid, n = h.fobj.chunks[i]
         try:
-            data = self.cache.get(cid)
+            data = self.cache.get(cid, n)
             if len(data) != n:
                 raise IntegrityError(f"chunk {cid} has {len(data)} bytes, the manifest says {n}")
         except (IntegrityError, ObjectNotFound, MstoreError) as exc:
@@ -362,14 +404,14 @@ class MountFS:
             cid, n = chunks[j]
             budget -= n
             if cid not in self.cache:
-                if self.cache.inflight() >= self.pool._max_workers:
+                if self.cache.inflight() >= self.cache.max_loads - 1:
                     break
-                self.pool.submit(self._prefetch, cid)
+                self.pool.submit(self._prefetch, cid, n)
             j += 1
 
-    def _prefetch(self, cid: ObjectId) -> None:
+    def _prefetch(self, cid: ObjectId, n: int) -> None:
         try:
-            self.cache.get(cid)
+            self.cache.get(cid, n)
         except Exception:  # noqa: BLE001 - the reader that needs it will meet (and log) the error
             pass
 
@@ -447,7 +489,7 @@ def _return_freed_memory() -> None:
     try:
         import ctypes
 
-        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        pass  # AB-OFF
     except (OSError, AttributeError):  # not glibc
         pass
 
@@ -796,6 +838,8 @@ class Mount(AbstractContextManager):
                 umount(self.root, self.info.mountpoint, lazy=lazy)
             except NotFound:
                 pass
+            if self.info.host == socket.gethostname():
+                _wait_exit(self.info.pid, 10, self.info.proc_start)
             self.info.alive = False
 
     def __exit__(self, *exc: Any) -> None:
@@ -932,7 +976,10 @@ def mount_commit(
             _write_entry(root, info)
 
     def ready() -> None:
-        entry_path.append(_write_entry(root, info))
+        try:
+            entry_path.append(_write_entry(root, info))
+        except MstoreError as exc:  # serve anyway: umount works by mount point too
+            log.error("could not register the mount: %s", exc)
         if owner_pid:
             _watch_owner(owner_pid, mp)
         if ready_fd is not None:
@@ -1025,9 +1072,13 @@ def _spawn(root: Path, cid: ObjectId, mp: str, label: str, *, timeout: float, **
         why = line.removeprefix("error ").strip() if line.startswith("error ") else _log_tail(log_path)
         raise MountError(f"mounting {label} at {mp} failed: {why}")
     found = _find_entry(Path(root), mp)
-    if found is None:  # the child registers itself before it says ready
-        raise MountError(f"mount at {mp} answered but did not register itself")
-    return Mount(Path(root), found[1])
+    if found is not None:  # the child registers itself before it says ready
+        return Mount(Path(root), found[1])
+    info = MountInfo(
+        mountpoint=mp, commit=str(cid), rev=label, pid=proc.pid, host=socket.gethostname(), started=time.time(),
+        cache_bytes=kw["cache_bytes"], log=str(log_path), proc_start=_proc_start(proc.pid),
+    )
+    return Mount(Path(root), info)
 
 
 def _read_ready(fd: int, proc: subprocess.Popen, timeout: float) -> str:

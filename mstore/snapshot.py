@@ -120,13 +120,13 @@ class Ingest:
         self.close()
 
     # -- chunks ---------------------------------------------------------------------------
-    def _work(self, data: bytes) -> tuple[bytes, ObjectId, int, bytes | None, bool]:
+    def _work(self, data: bytes, item_size: int) -> tuple[bytes, ObjectId, int, bytes | None, bool]:
         oid = hash_bytes(data)
         if self.store.has("c", oid):
             return data, oid, codecs.RAW, None, True
         if self.batch is None:
             return data, oid, codecs.RAW, None, False
-        codec, payload = codecs.encode(data, self.level)
+        codec, payload = codecs.encode(data, self.level, item_size)
         return data, oid, codec, payload, False
 
     def ingest_file(self, path: Path, rel: str) -> tuple[ObjectId, int]:
@@ -158,10 +158,10 @@ class Ingest:
                         self.batch.contains("c", oid)  # marks it re-used (age refresh)
                 self.progress(len(data))
 
-            for data in plan.chunks():
+            for data, item_size in plan.pieces():
                 if not data:
                     continue
-                inflight.append(self.pool.submit(self._work, data))
+                inflight.append(self.pool.submit(self._work, data, item_size))
                 if len(inflight) >= window:
                     drain_one()
             while inflight:

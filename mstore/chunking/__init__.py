@@ -23,7 +23,7 @@ from .safetensors import (
     SAFETENSORS_NAME,
     SafetensorsHeader,
     TensorInfo,
-    plan_ranges,
+    plan_pieces,
     read_header,
 )
 
@@ -52,15 +52,21 @@ class ChunkPlan:
 
     def chunks(self) -> Iterator[bytes]:
         """The file's bytes, chunk by chunk, in order (bounded memory)."""
+        for data, _hint in self.pieces():
+            yield data
+
+    def pieces(self) -> Iterator[tuple[bytes, int]]:
+        """``(chunk bytes, float element size or 0)`` in order: the hint selects the codec."""
         if self.header is None:
-            yield from cdc_chunks(self.f, self.cdc_avg)
+            for data in cdc_chunks(self.f, self.cdc_avg):
+                yield data, 0
             return
         fd = self.f.fileno()
-        for offset, length in plan_ranges(self.header, self.size, self.tensor_max):
+        for offset, length, hint in plan_pieces(self.header, self.size, self.tensor_max):
             data = os.pread(fd, length, offset)
             if len(data) != length:
                 raise FormatError("file changed size while it was being read")
-            yield data
+            yield data, hint
 
 
 def plan_file(f: BinaryIO, size: int, name: str, cdc_avg: int, tensor_max: int) -> ChunkPlan:

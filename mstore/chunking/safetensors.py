@@ -196,20 +196,30 @@ def plan_ranges(header: SafetensorsHeader, file_size: int, max_chunk: int) -> li
     Tensors larger than ``max_chunk`` are cut at element boundaries; empty tensors contribute
     nothing. Bytes between or after tensors (padding) become chunks of their own.
     """
-    ranges = [(0, header.data_start)]
+    return [(off, n) for off, n, _item in plan_pieces(header, file_size, max_chunk)]
+
+
+def plan_pieces(header: SafetensorsHeader, file_size: int, max_chunk: int) -> list[tuple[int, int, int]]:
+    """Like :func:`plan_ranges`, plus the element size of a float tensor's piece.
+
+    The third field is 2, 4 or 8 for pieces of F16/BF16/F32/F64 tensors (what the byte-plane
+    codec needs), 0 for anything else.
+    """
+    pieces = [(0, header.data_start, 0)]
     pos = header.data_start
     for t in header.tensors:
         if not t.nbytes:
             continue
         if t.start > pos:
-            ranges.append((pos, t.start - pos))
+            pieces.append((pos, t.start - pos, 0))
         step = max(t.item_size, max_chunk // t.item_size * t.item_size)
+        hint = t.item_size if t.dtype in FLOAT_DTYPES else 0
         off = t.start
         while off < t.end:
             n = min(step, t.end - off)
-            ranges.append((off, n))
+            pieces.append((off, n, hint))
             off += n
         pos = t.end
     if pos < file_size:
-        ranges.append((pos, file_size - pos))
-    return ranges
+        pieces.append((pos, file_size - pos, 0))
+    return pieces
