@@ -17,7 +17,7 @@ SPECIALS = [np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-45, -1e-45, 3.4e38, 1e-310]
 @pytest.mark.parametrize("dtype,item", [(np.float16, 2), (np.float32, 4), (np.float64, 8), (np.uint16, 2)])
 def test_byteplane_round_trips_specials_and_random_values(dtype, item):
     rng = np.random.default_rng(item)
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):
         values = np.concatenate([np.array(SPECIALS * 20), rng.standard_normal(5000) * 0.02]).astype(dtype)
     raw = values.tobytes()
     codec, payload = codecs.encode(raw, item_size=item)
