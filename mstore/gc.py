@@ -46,7 +46,7 @@ from .objects import TREE_KIND, canonical_json, load_commit, load_file, load_tre
 from .reachability import walk
 from .refs import short_name
 from .storage.index import KINDS, Entry, Txn
-from .storage.packs import RECORD, SUFFIX, PackWriter, scan_pack
+from .storage.packs import FOOTER, HEADER, RECORD, SUFFIX, PackWriter, scan_pack
 from .storage.store import ObjectStore
 
 PROOF_TYPE = "mstore-gc-proof"
@@ -163,9 +163,18 @@ def collect_roots(txn: Txn, now: float, retention_days: float) -> Roots:
 
 
 def plan(
-    store: ObjectStore, now: float, policy: dict[str, Any], user: str, progress: Callable[[str], None] | None = None
+    store: ObjectStore,
+    now: float,
+    policy: dict[str, Any],
+    user: str,
+    progress: Callable[[str], None] | None = None,
+    verify_data: bool = False,
 ) -> tuple[str, dict[str, Any]]:
     """Compute and store a proof; returns ``(proof id, proof document)``. Deletes nothing.
+
+    With ``verify_data`` every live byte is read and verified first (as fsck would); without,
+    live chunks must be indexed inside existing packs, and live objects in packs that apply
+    would rewrite must verify.
 
     Raises:
         GcRefused: an object reachable from the roots cannot be read or verified (its id and
@@ -192,6 +201,33 @@ def plan(
         live_keys.update((kind, ObjectId(i).digest) for i in ids)
     grace_cut = now - float(policy["grace_days"]) * DAY
     candidates = {k: e for k, e in entries.items() if k not in live_keys and e.stored_at < grace_cut}
+    # Keep on doubt. Every live chunk must be indexed and lie inside an existing pack; the bytes
+    # of live objects sharing a pack with a candidate (apply copies them into a new pack) must
+    # verify; with verify_data, every live byte must. Reading all live data by default would make
+    # plan cost scale with the store instead of its metadata, and gc never touches live bytes
+    # outside the packs it rewrites (apply re-verifies each record it copies).
+    problems = [
+        f"chunk {k[1].hex()}: referenced by a live file but not in the store"
+        for k in live_keys
+        if k[0] == "c" and k not in entries
+    ]
+    pack_sizes = {num: _size(store.packs_dir / rec["name"]) for _name, (num, rec) in registered.items()}
+    cand_packs = {e.pack for e in candidates.values()}
+    for key in sorted(live_keys):
+        e = entries.get(key)
+        if e is None:
+            continue
+        if e.offset + RECORD.size + e.enc_len > pack_sizes.get(e.pack, 0):
+            problems.append(f"{KINDS[key[0]]} {key[1].hex()}: its pack is missing or truncated")
+        elif verify_data or e.pack in cand_packs:
+            try:
+                store.get(key[0], ObjectId.from_digest(key[1]), e)
+            except MstoreError as exc:
+                problems.append(f"{KINDS[key[0]]} {key[1].hex()}: {exc}")
+    if problems:
+        raise GcRefused(
+            "gc plan refused: some live objects cannot be read, so nothing is safe to delete", sorted(problems)
+        )
     young = sum(1 for k, e in entries.items() if k not in live_keys and e.stored_at >= grace_cut)
     live_present = sorted(k for k in live_keys if k in entries)
     lh = blake3.blake3()
@@ -435,7 +471,7 @@ def verify(store: ObjectStore, pid: str, doc: dict[str, Any], now: float) -> Ver
     with store.index.read() as txn:
         digest = state_digest(txn)
         roots = collect_roots(txn, float(doc["created"]), float(policy["retention_days"]))
-        current = {k: txn.get_entry(k, d) for (k, d) in proof_candidates(doc)}
+        current = {(k, d): txn.get_entry(k, d) for (k, d) in proof_candidates(doc)}
     if digest != doc["state_digest"]:
         reasons.extend(_state_changes(doc["roots"], roots) or ["refs, reflog, pins or leases changed since the plan"])
     cands = proof_candidates(doc)
@@ -567,7 +603,7 @@ def apply(
         if key in cands:
             cand_packs.add(e.pack)
         else:
-            live_per_pack[e.pack] = live_per_pack.get(e.pack, 0) + e.enc_len
+            live_per_pack[e.pack] = live_per_pack.get(e.pack, 0) + RECORD.size + e.enc_len
     grace_cut = now - float(policy["grace_days"]) * DAY
 
     def in_use(rec: dict) -> bool:
@@ -587,7 +623,8 @@ def apply(
         if rec.get("dir") or rec.get("retired") or num in rewrite:
             continue
         size = _size(store.packs_dir / rec["name"])
-        if size and live_per_pack.get(num, 0) / size < float(policy["compact_below"]) and not in_use(rec):
+        live = live_per_pack.get(num, 0) + HEADER.size + FOOTER.size
+        if size and live / size < float(policy["compact_below"]) and not in_use(rec):
             rewrite.add(num)
     tdir = trash_dir(store.root) / pid
     tdir.mkdir(parents=True, exist_ok=True)
@@ -609,6 +646,14 @@ def apply(
                         continue  # dead bytes: not what the index points at
                     f.seek(r.offset + RECORD.size)
                     payload = f.read(r.enc_len)
+                    if key not in cands:
+                        try:  # never carry a damaged live object into a new pack silently
+                            store.reader.decode(r, payload)
+                        except IntegrityError as exc:
+                            raise GcRefused(
+                                f"gc proof {pid[:7]} cannot be applied",
+                                [f"live {KINDS[r.kind]} {r.id.hex()} is damaged: {exc} (run mstore fsck)"],
+                            ) from None
                     if key in cands:
                         if trash_writer is None or trash_writer.full:
                             if trash_writer is not None:
@@ -632,7 +677,7 @@ def apply(
                     f"{KINDS[missing[0][0]]} {missing[0][1].hex()}"
                 ],
             )
-        for w in {id(w): w for w, _o, _e in moves.values()}.values():
+        for w in {w.name: w for w, _o, _e in moves.values()}.values():
             w.seal()
         for w in (live_writer, trash_writer):
             if w is not None and not w.sealed:
@@ -641,7 +686,7 @@ def apply(
         with store.index.write() as txn:
             if state_digest(txn) != doc["state_digest"]:
                 raise GcRefused(f"gc proof {pid[:7]} cannot be applied", ["refs or reflog changed during apply"])
-            numbers: dict[int, int] = {}
+            numbers: dict[str, int] = {}
             for key, (w, off, old) in moves.items():
                 cur = txn.get_entry(*key)
                 if cur is None or cur.pack != old.pack or cur.offset != old.offset:
@@ -651,9 +696,9 @@ def apply(
                         f"gc proof {pid[:7]} cannot be applied",
                         [f"{KINDS[key[0]]} {key[1].hex()} was stored again during apply"],
                     )
-                n = numbers.get(id(w))
+                n = numbers.get(w.name)
                 if n is None:
-                    n = numbers[id(w)] = txn.register_pack(w.name, now)
+                    n = numbers[w.name] = txn.register_pack(w.name, now)
                     if w.path.parent == tdir:
                         txn.put_pack(n, {"name": w.name, "created": now, "dir": f"trash/{pid}"})
                 new = Entry(n, off, cur.enc_len, cur.raw_len, cur.codec, cur.flags, cur.stored_at)

@@ -909,6 +909,7 @@ class Repo:
         *,
         retention_days: float | None = None,
         grace_days: float | None = None,
+        verify_data: bool = False,
         progress: Callable[[str], None] | None = None,
     ) -> tuple[str, dict[str, Any]]:
         """Write a reachability proof of what gc would delete; deletes nothing.
@@ -922,7 +923,7 @@ class Repo:
         from .gc import plan
 
         policy = self.gc_policy(retention_days=retention_days, grace_days=grace_days)
-        return plan(self.store, self.clock(), policy, self.user, progress)
+        return plan(self.store, self.clock(), policy, self.user, progress, verify_data)
 
     def gc_show(self, proof: str) -> tuple[str, dict[str, Any]]:
         """Load a proof by id or prefix, checking it was not edited."""

@@ -120,7 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     from ._output import echo
 
     try:
-        cli.main(args=argv, prog_name="mstore", standalone_mode=False)
+        rc = cli.main(args=argv, prog_name="mstore", standalone_mode=False)
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)  # ctx.exit(N) returns N in non-standalone mode
     except MstoreError as exc:
         echo(f"error: {exc}", err=True)
         if exc.show_traceback:

@@ -93,6 +93,7 @@ class PackWriter:
             raise StorageError(f"cannot create pack {self.path}: {exc.strerror}") from exc
         self._buf = bytearray()
         self._hash = blake3.blake3()
+        self.number: int | None = None  # set once the index has registered this pack
         self.size = 0
         self.records = 0
         self.sealed = False

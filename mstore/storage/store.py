@@ -169,7 +169,6 @@ class WriteBatch:
         # (kind, digest) -> (writer, offset, enc_len, raw_len, codec)
         self.pending: dict[tuple[str, bytes], tuple[PackWriter, int, int, int, int]] = {}
         self.reused: set[tuple[str, bytes]] = set()
-        self._numbers: dict[int, int] = {}  # id(writer) -> pack number once registered
         self._unflushed = 0
         self.new_bytes = 0  # raw bytes of new objects
         self.stored_bytes = 0  # encoded bytes written to packs
@@ -184,7 +183,7 @@ class WriteBatch:
                 self.writer.seal()
             else:
                 self.writer.abandon()
-                if id(self.writer) not in self._numbers:
+                if self.writer.number is None:
                     # Never indexed, so nothing can refer to it: an aborted operation leaves
                     # no trace. (A pack that was partly indexed stays for gc to reclaim.)
                     try:
@@ -249,11 +248,29 @@ class WriteBatch:
             self.writer.sync()
         now = self.store.clock()
         result = None
+        registered: list[PackWriter] = []
+        try:
+            result = self._flush_txn(now, on_commit, registered)
+        except BaseException:
+            for w in registered:  # the transaction was aborted: those numbers do not exist
+                w.number = None
+            raise
+        self.pending.clear()
+        self.reused.clear()
+        self._unflushed = 0
+        return result
+
+    def _flush_txn(self, now: float, on_commit: Callable[[Txn], Any] | None, registered: list[PackWriter]) -> Any:
+        result = None
         with self.store.index.write() as txn:
             for (kind, digest), (writer, offset, enc_len, raw_len, codec) in self.pending.items():
-                number = self._numbers.get(id(writer))
+                # The number lives on the writer itself: keying by id(writer) once let a new
+                # writer inherit a sealed one's number after the old object was freed.
+                number = writer.number
                 if number is None:
-                    number = self._numbers[id(writer)] = txn.register_pack(writer.name, now)
+                    number = txn.register_pack(writer.name, now)
+                    registered.append(writer)
+                    writer.number = number
                 txn.put_entry(kind, digest, Entry(number, offset, enc_len, raw_len, codec, 0, now))
             for kind, digest in self.reused:
                 entry = txn.get_entry(kind, digest)
@@ -271,9 +288,6 @@ class WriteBatch:
                     )
             if on_commit is not None:
                 result = on_commit(txn)
-        self.pending.clear()
-        self.reused.clear()
-        self._unflushed = 0
         return result
 
     def commit(self, on_commit: Callable[[Txn], Any] | None = None) -> Any:
