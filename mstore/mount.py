@@ -60,7 +60,7 @@ DEFAULT_CACHE_BYTES = 256 << 20
 # Safetensors tensors are stored in chunks of up to 16 MiB (config chunking.tensor_max_chunk):
 # the cache must hold the chunk being read and the one decoded ahead.
 MIN_CACHE_BYTES = 32 << 20
-DEFAULT_READAHEAD_BYTES = 64 << 20
+DEFAULT_READAHEAD_BYTES = 32 << 20
 
 # How long a background mount may take to answer before the parent gives up.
 READY_TIMEOUT = 30.0
@@ -71,20 +71,29 @@ LEASE_TTL = 86400.0
 FUSE_FSTYPE = "fuse.mstore"
 
 
+def decode_workers() -> int:
+    """Threads that decode chunks ahead of a sequential reader (a mount also decodes one on demand)."""
+    return max(2, min(4, os.cpu_count() or 1))
+
+
 class MountError(MstoreError):
     """FUSE is unavailable, or a mount could not be made or removed."""
 
 
 # -- the chunk cache ---------------------------------------------------------------------------
 
+# Copies of a chunk a load holds at its peak (pack read, decoder's working buffer, result).
+LOAD_COPIES = 3
+
 
 class ChunkCache:
     """Decoded, verified chunks by id: an LRU bounded by bytes, with one loader per chunk.
 
     Concurrent requests for the same chunk wait for a single load. At most ``max_loads``
-    chunks load at once, and room for each is made (by evicting the least recently used)
-    before it loads, so cached plus loading chunks never exceed ``capacity``. Failed loads
-    are not cached: the next read of a damaged chunk fails again (and is logged again).
+    chunks load at once, and room for each (``LOAD_COPIES`` times its size, for the copies a
+    load holds) is made by evicting the least recently used before it loads, so cached plus
+    loading chunks stay within ``capacity``. Failed loads are not cached: the next read of a damaged chunk
+    fails again (and is logged again).
     """
 
     def __init__(self, load: Callable[[ObjectId], bytes], capacity: int, max_loads: int = 3):
@@ -93,8 +102,9 @@ class ChunkCache:
         self._data: OrderedDict[ObjectId, bytes] = OrderedDict()
         self._pending: dict[ObjectId, Future] = {}
         self._lock = threading.Lock()
-        self._loads = threading.BoundedSemaphore(max_loads)
+        self._room = threading.Condition(self._lock)
         self.max_loads = max_loads
+        self.loading = 0
         self.used = 0
         self.reserved = 0
         self.hits = 0
@@ -127,23 +137,57 @@ class ChunkCache:
             if owner:
                 fut = self._pending[cid] = Future()
                 self.misses += 1
-        if not owner:
-            return fut.result()
+        if owner:
+            self._fill(cid, size, fut)
+        return fut.result()
+
+    def schedule(self, cid: ObjectId, size: int, submit: Callable[..., Any]) -> bool:
+        """Start loading a chunk that is not cached or loading, through ``submit(fn, *args)``.
+
+        Refused (False) when ``max_loads - 1`` chunks are already loading or queued (one load
+        always stays free for a reader that needs a chunk now), or when loading it would take
+        room from more than half the cache (read-ahead must not evict what is being read).
+        """
+        with self._lock:
+            if (
+                cid in self._data
+                or cid in self._pending
+                or len(self._pending) >= self.max_loads - 1
+                or self.reserved + LOAD_COPIES * size > self.capacity // 2
+            ):
+                return False
+            fut = self._pending[cid] = Future()
+            self.misses += 1
+        submit(self._fill, cid, size, fut)
+        return True
+
+    def _fill(self, cid: ObjectId, size: int, fut: Future) -> None:
+        # While it decodes, a load holds up to three copies of the chunk (what was read from
+        # the pack, the decoder's working buffer, the result): room for them is made first.
+        room = LOAD_COPIES * size
         try:
-            with self._loads:
-                with self._lock:
-                    self._make_room(size)
-                    self.reserved += size
-                try:
-                    data = self._load(cid)
-                finally:
-                    with self._lock:
-                        self.reserved -= size
+            with self._room:
+                # Wait for a free load, and for room unless nothing else is loading (a chunk
+                # larger than the whole cache still loads, alone).
+                while self.loading >= self.max_loads or (
+                    self.loading and self.reserved + room > self.capacity
+                ):
+                    self._room.wait()
+                self._make_room(room)
+                self.reserved += room
+                self.loading += 1
+            try:
+                data = self._load(cid)
+            finally:
+                with self._room:
+                    self.reserved -= room
+                    self.loading -= 1
+                    self._room.notify_all()
         except BaseException as exc:
             with self._lock:
                 del self._pending[cid]
             fut.set_exception(exc)
-            raise
+            return
         with self._lock:
             del self._pending[cid]
             if len(data) <= self.capacity:
@@ -151,7 +195,6 @@ class ChunkCache:
                 self._data[cid] = data
                 self.used += len(data)
         fut.set_result(data)
-        return data
 
     def inflight(self) -> int:
         """How many chunks are loading or waiting to load."""
@@ -245,7 +288,7 @@ class MountFS:
         self.mtime_ns = _commit_time_ns(commit.time)
         self.uid, self.gid = os.getuid(), os.getgid()
         # Chunks decoded at once: by the pool ahead of a sequential reader, plus one on demand.
-        loads = workers or max(2, min(4, os.cpu_count() or 1))
+        loads = workers or decode_workers()
         self.cache = ChunkCache(self._load_chunk, cache_bytes, max_loads=loads + 1)
         # Ahead of a sequential reader, decode at most this much (and never more than half the
         # cache, so read-ahead cannot evict what is being read).
@@ -398,22 +441,12 @@ class MountFS:
 
     def _read_ahead(self, h: _Handle, i: int) -> None:
         budget = self.readahead_bytes
-        chunks = h.fobj.chunks
-        j = i + 1
-        while j < len(chunks) and budget > 0:
-            cid, n = chunks[j]
+        for cid, n in h.fobj.chunks[i + 1 :]:
+            if budget <= 0:
+                break
             budget -= n
-            if cid not in self.cache:
-                if self.cache.inflight() >= self.cache.max_loads - 1:
-                    break
-                self.pool.submit(self._prefetch, cid, n)
-            j += 1
-
-    def _prefetch(self, cid: ObjectId, n: int) -> None:
-        try:
-            self.cache.get(cid, n)
-        except Exception:  # noqa: BLE001 - the reader that needs it will meet (and log) the error
-            pass
+            if cid not in self.cache and not self.cache.schedule(cid, n, self.pool.submit):
+                break
 
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
         h = self._handles.get(fh)
@@ -489,7 +522,7 @@ def _return_freed_memory() -> None:
     try:
         import ctypes
 
-        pass  # AB-OFF
+        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):  # not glibc
         pass
 
@@ -557,8 +590,9 @@ def _unescape(field: str) -> str:
     # /proc/mounts escapes space, tab, newline and backslash as octal.
     out, i = [], 0
     while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) + 0 and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
+        code = field[i + 1 : i + 4]
+        if field[i] == "\\" and len(code) == 3 and code.isdigit():
+            out.append(chr(int(code, 8)))
             i += 4
         else:
             out.append(field[i])
@@ -758,6 +792,9 @@ def _wait_exit(pid: int, timeout: float, start: str | None = None) -> bool:
 def umount(root: str | os.PathLike, mountpoint: str | os.PathLike, *, lazy: bool = False, timeout: float = 10.0):
     """Unmount ``mountpoint`` (a live or dead mount of this store) and wait for its process.
 
+    With ``lazy`` the mount is detached at once even if busy; its process serves the files still
+    open and exits when the last one is closed.
+
     Returns:
         The registry entry that was removed, or None if the mount was not registered.
 
@@ -780,6 +817,10 @@ def umount(root: str | os.PathLike, mountpoint: str | os.PathLike, *, lazy: bool
     if found is None:
         return None
     path, info = found
+    if lazy and mounted:
+        # Detached: files still open there keep working, and the server exits (removing its
+        # entry and releasing its lease) when the last one is closed.
+        return info
     if info.host == socket.gethostname() and not _wait_exit(info.pid, timeout, info.proc_start):
         # Unmounted, but the server did not notice: stop it (it releases its lease on the way out).
         try:
@@ -838,7 +879,7 @@ class Mount(AbstractContextManager):
                 umount(self.root, self.info.mountpoint, lazy=lazy)
             except NotFound:
                 pass
-            if self.info.host == socket.gethostname():
+            if self.info.host == socket.gethostname() and not lazy:
                 _wait_exit(self.info.pid, 10, self.info.proc_start)
             self.info.alive = False
 

@@ -754,7 +754,7 @@ class Repo:
         from . import provenance as _prov
         from .guards import check, numeric_metrics
         from .objects import canonical_json
-        from .snapshot import Ingest, scan, stored_summary
+        from .snapshot import Ingest, scan, stored_summary, walk_files
 
         full = branch_ref(branch)
         if kind not in COMMIT_KINDS:
@@ -774,8 +774,10 @@ class Repo:
             )
         child = scan(path)
         findings = []
+        previous: dict[str, tuple[int, ObjectId]] = {}
         if parent is not None:
             pc = load_commit(self.store, parent)
+            previous = {p: (e.size, e.id) for p, e in walk_files(self.store, pc.tree)}
             before = stored_summary(self.store, pc.tree, pc.stats)
             before.metrics = numeric_metrics(pc.meta, pc.metrics)
             child.metrics = numeric_metrics(meta or {}, metrics or {})
@@ -788,13 +790,13 @@ class Repo:
             prov["guards_overridden"] = [f.to_dict() for f in findings]
         progress = progress or (lambda n: None)
         if dry_run:
-            with Ingest(self.store, None, progress) as ingest:
+            with Ingest(self.store, None, progress, previous=previous) as ingest:
                 ingest.ingest_root(path)
             stats = ingest.stats.to_dict()
             if child.vocab_size is not None:
                 stats["vocab_size"] = child.vocab_size
             return CommitResult(None, None, branch, parent, ingest.new_bytes, 0, findings, stats, True)
-        with self.store.batch() as batch, Ingest(self.store, batch, progress) as ingest:
+        with self.store.batch() as batch, Ingest(self.store, batch, progress, previous=previous) as ingest:
             tree_id = ingest.ingest_root(path)
             stats = ingest.stats.to_dict()
             if child.vocab_size is not None:

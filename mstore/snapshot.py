@@ -22,14 +22,14 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from . import codecs
-from .chunking import SAFETENSORS_NAME, plan_file, read_header
-from .errors import Conflict, FormatError, IntegrityError, InvalidName, PathNotFound, UserError
+from .chunking import SAFETENSORS_NAME, ChunkPlan, plan_file, read_header
+from .errors import Conflict, FormatError, IntegrityError, InvalidName, MstoreError, PathNotFound, UserError
 from .fsutil import unique_name
 from .guards import VOCAB_FILES, VersionSummary, pick_vocab, vocab_size_of
-from .hashing import ObjectId, StreamHasher, hash_bytes
+from .hashing import ObjectId, StreamHasher, hash_bytes, hash_file
 from .objects import (
     FILE_KIND,
     MODE_DIR,
@@ -93,10 +93,14 @@ class Ingest:
         batch: WriteBatch | None,
         progress: Progress = _no_progress,
         workers: int | None = None,
+        previous: dict[str, tuple[int, ObjectId]] | None = None,
     ):
         self.store = store
         self.batch = batch
         self.progress = progress
+        # path -> (size, file id) in the parent version: a file of the same size is hashed
+        # whole first, and if it is unchanged it is neither chunked nor hashed again.
+        self.previous = previous or {}
         self.cdc_avg = int(store.config.get("chunking", "cdc_avg_size", 64 * 1024))
         self.tensor_max = int(store.config.get("chunking", "tensor_max_chunk", 16 << 20))
         self.level = int(store.config.get("codec", "zstd_level", codecs.DEFAULT_LEVEL))
@@ -129,11 +133,31 @@ class Ingest:
         codec, payload = codecs.encode(data, self.level, item_size)
         return data, oid, codec, payload, False
 
+    def _unchanged(self, f: BinaryIO, size: int, rel: str) -> tuple[ObjectId, FileObject] | None:
+        prev = self.previous.get(rel)
+        if prev is None or prev[0] != size or size == 0:
+            return None
+        fid = hash_file(f, size)
+        if fid != prev[1] or not self.store.has("f", fid):
+            return None
+        try:
+            fobj = load_file(self.store, fid)
+        except MstoreError:
+            return None  # damaged manifest: store the file afresh
+        if self.batch is not None:
+            self.batch.contains("f", fid)  # re-used: refresh its age, re-check it at commit time
+        return fid, fobj
+
     def ingest_file(self, path: Path, rel: str) -> tuple[ObjectId, int]:
         """Store one regular file; returns (file id, size)."""
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             plan = plan_file(f, size, path.name, self.cdc_avg, self.tensor_max)
+            same = self._unchanged(f, size, rel)
+            if same is not None:
+                self.progress(size)
+                self._account(rel, size, same[0], same[1], plan)
+                return same[0], size
             hasher = StreamHasher()
             chunks: list[tuple[ObjectId, int]] = []
             inflight: deque[Future] = deque()
@@ -172,6 +196,10 @@ class Ingest:
         fobj = FileObject(size, plan.chunker, tuple(chunks))
         if self.batch is not None:
             self.batch.add("f", fid, fobj.to_bytes())
+        self._account(rel, size, fid, fobj, plan)
+        return fid, size
+
+    def _account(self, rel: str, size: int, fid: ObjectId, fobj: FileObject, plan: ChunkPlan) -> None:
         self.files[rel] = (fid, fobj)
         st = self.stats
         st.files += 1
@@ -184,7 +212,6 @@ class Ingest:
                 st.dtypes[t.dtype] = st.dtypes.get(t.dtype, 0) + 1
         elif plan.header_error is not None:
             st.invalid_safetensors.append(f"{rel}: {plan.header_error}")
-        return fid, size
 
     # -- trees ----------------------------------------------------------------------------
     def _entry_for(self, path: Path, name: str, rel: str, st: os.stat_result) -> TreeEntry:

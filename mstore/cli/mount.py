@@ -57,7 +57,7 @@ _cache_option = click.option(
 )
 _readahead_option = click.option(
     "--readahead",
-    default="64M",
+    default="32M",
     show_default=True,
     metavar="SIZE",
     help="How far ahead of a sequential reader chunks are decoded (at most half the cache).",
@@ -149,7 +149,7 @@ def mounts(ctx, as_json) -> None:
         rows = []
         for i in infos:
             if i.alive:
-                status = "mounted"
+                status = "mounted" if i.mounted else "detached: ends when its last open file is closed"
             elif i.mounted:
                 status = f"DEAD: run mstore umount {i.mountpoint}"
             else:
