@@ -9,6 +9,7 @@ STAMP := $(VENV)/.installed
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
+	command -v fusermount3 >/dev/null || (apt-get update -qq && apt-get install -y -qq fuse3) || echo "fuse3 missing: mount tests will skip"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]' --config-settings editable_mode=compat
 	$(BIN)/python -m compileall -q mstore

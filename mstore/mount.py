@@ -31,6 +31,7 @@ import logging
 import os
 import select
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -47,7 +48,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import Conflict, IntegrityError, MstoreError, NotFound, ObjectNotFound, UserError
+from .errors import Conflict, IntegrityError, MstoreError, NotFound, UserError
 from .fsutil import atomic_write
 from .hashing import ObjectId, hash_bytes
 from .objects import MODE_EXEC, TREE_KIND, FileObject, Tree, TreeEntry, load_commit, load_file, load_tree
@@ -57,10 +58,16 @@ log = logging.getLogger("mstore.mount")
 MOUNTS_DIR = "mounts"
 
 DEFAULT_CACHE_BYTES = 256 << 20
-# Safetensors tensors are stored in chunks of up to 16 MiB (config chunking.tensor_max_chunk):
-# the cache must hold the chunk being read and the one decoded ahead.
+# Safetensors tensors are stored in chunks of up to 16 MiB (config chunking.tensor_max_chunk).
+# A cache smaller than the copies two such loads hold decodes them one at a time.
 MIN_CACHE_BYTES = 32 << 20
 DEFAULT_READAHEAD_BYTES = 32 << 20
+# A streaming reader re-tries read-ahead that found no free load every this many bytes.
+READ_AHEAD_RETRY = 2 << 20
+# Copies of a chunk a load holds at its peak (pack read, decoder's working buffer, result).
+LOAD_COPIES = 3
+# Beyond its cache, a serving process may use this much (threads, FUSE buffers, allocator).
+MEMORY_SLACK = 32 << 20
 
 # How long a background mount may take to answer before the parent gives up.
 READY_TIMEOUT = 30.0
@@ -82,9 +89,6 @@ class MountError(MstoreError):
 
 # -- the chunk cache ---------------------------------------------------------------------------
 
-# Copies of a chunk a load holds at its peak (pack read, decoder's working buffer, result).
-LOAD_COPIES = 3
-
 
 class ChunkCache:
     """Decoded, verified chunks by id: an LRU bounded by bytes, with one loader per chunk.
@@ -92,8 +96,8 @@ class ChunkCache:
     Concurrent requests for the same chunk wait for a single load. At most ``max_loads``
     chunks load at once, and room for each (``LOAD_COPIES`` times its size, for the copies a
     load holds) is made by evicting the least recently used before it loads, so cached plus
-    loading chunks stay within ``capacity``. Failed loads are not cached: the next read of a damaged chunk
-    fails again (and is logged again).
+    loading chunks stay within ``capacity``. Failed loads are not cached: the next read of a
+    damaged chunk fails again (and is logged again).
     """
 
     def __init__(self, load: Callable[[ObjectId], bytes], capacity: int, max_loads: int = 3):
@@ -169,9 +173,7 @@ class ChunkCache:
             with self._room:
                 # Wait for a free load, and for room unless nothing else is loading (a chunk
                 # larger than the whole cache still loads, alone).
-                while self.loading >= self.max_loads or (
-                    self.loading and self.reserved + room > self.capacity
-                ):
+                while self.loading >= self.max_loads or (self.loading and self.reserved + room > self.capacity):
                     self._room.wait()
                 self._make_room(room)
                 self.reserved += room
@@ -195,11 +197,6 @@ class ChunkCache:
                 self._data[cid] = data
                 self.used += len(data)
         fut.set_result(data)
-
-    def inflight(self) -> int:
-        """How many chunks are loading or waiting to load."""
-        with self._lock:
-            return len(self._pending)
 
 
 # Parsed trees and manifests kept, counted in entries (a tree entry or a chunk of a manifest
@@ -245,6 +242,8 @@ class _Handle:
     fobj: FileObject
     starts: list[int]
     last_chunk: int = -2
+    ahead_chunk: int = -1
+    ahead_at: int = 0
 
 
 def _commit_time_ns(iso: str) -> int:
@@ -304,6 +303,8 @@ class MountFS:
         self._next_fh = 1
         self.errors = 0
         self.ready = False
+        self.memory: _MemoryGuard | None = None
+        self._largest_chunk = 0
         # Fail early (before mounting) if the root tree itself is unreadable.
         self._tree(self.root_tree)
 
@@ -342,7 +343,7 @@ class MountFS:
         """Run a store read for ``path``; damage becomes a logged EIO."""
         try:
             return fn()
-        except (IntegrityError, ObjectNotFound, MstoreError) as exc:
+        except MstoreError as exc:
             self.errors += 1
             log.error("cannot read metadata of %s: %s; returning EIO", path or "/", exc)
             raise _error(errno.EIO) from None
@@ -410,6 +411,7 @@ class MountFS:
         for _cid, n in fobj.chunks:
             starts.append(pos)
             pos += n
+            self._largest_chunk = max(self._largest_chunk, n)
         with self._lock:
             fh = self._next_fh
             self._next_fh += 1
@@ -422,7 +424,12 @@ class MountFS:
         return 0
 
     def _load_chunk(self, cid: ObjectId) -> bytes:
-        return self.store.get("c", cid)
+        if self.memory is not None:
+            self.memory.check(LOAD_COPIES * self._largest_chunk)
+        data = self.store.get("c", cid)
+        if self.memory is not None:
+            self.memory.check()
+        return data
 
     def _chunk(self, h: _Handle, i: int) -> bytes:
         cid, n = h.fobj.chunks[i]
@@ -430,20 +437,29 @@ class MountFS:
             data = self.cache.get(cid, n)
             if len(data) != n:
                 raise IntegrityError(f"chunk {cid} has {len(data)} bytes, the manifest says {n}")
-        except (IntegrityError, ObjectNotFound, MstoreError) as exc:
+        except MstoreError as exc:
             self.errors += 1
             log.error(
                 "damaged data in %s at offset %d-%d (chunk %d, %s): %s; returning EIO",
-                h.path, h.starts[i], h.starts[i] + n, i, cid, exc,
+                h.path,
+                h.starts[i],
+                h.starts[i] + n,
+                i,
+                cid,
+                exc,
             )
             raise _error(errno.EIO) from None
         return data
 
-    def _read_ahead(self, h: _Handle, i: int) -> None:
+    def _read_ahead(self, h: _Handle, i: int, offset: int) -> None:
+        """Start decoding the chunks after chunk ``i``, within the read-ahead budget."""
+        h.ahead_chunk, h.ahead_at = i, offset
         budget = self.readahead_bytes
-        for cid, n in h.fobj.chunks[i + 1 :]:
+        chunks = h.fobj.chunks
+        for j in range(i + 1, len(chunks)):
             if budget <= 0:
                 break
+            cid, n = chunks[j]
             budget -= n
             if cid not in self.cache and not self.cache.schedule(cid, n, self.pool.submit):
                 break
@@ -457,7 +473,15 @@ class MountFS:
             return b""
         end = min(total, offset + size)
         i = bisect_right(h.starts, offset) - 1
-        first = i
+        # A reader in the same or the next chunk as last time streams: decode ahead of it, before
+        # waiting for this chunk, so the two decode at once. (Again on each new chunk, and every
+        # few MiB in case the budget was full.)
+        if (
+            self.readahead_bytes
+            and h.last_chunk in (i, i - 1)
+            and (i != h.ahead_chunk or offset - h.ahead_at >= READ_AHEAD_RETRY)
+        ):
+            self._read_ahead(h, i, offset)
         parts = []
         pos = offset
         while pos < end:
@@ -466,11 +490,7 @@ class MountFS:
             parts.append(data[pos - start : min(end - start, len(data))])
             pos = start + len(data)
             i += 1
-        last = i - 1
-        # A reader in the same or the next chunk as last time streams: decode ahead of it.
-        if self.readahead_bytes and h.last_chunk in (first, first - 1) and last + 1 < len(h.fobj.chunks):
-            self._read_ahead(h, last)
-        h.last_chunk = last
+        h.last_chunk = i - 1
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -513,18 +533,44 @@ def check_fuse() -> None:
         raise MountError("/dev/fuse is missing: FUSE is not available here (in a container, pass --device /dev/fuse)")
 
 
-def _return_freed_memory() -> None:
-    """Make glibc map every buffer of 1 MiB or more on its own, so freeing one returns it.
+class _MemoryGuard:
+    """Keeps the serving process's RSS near its budget without paying for it on every chunk.
 
-    Otherwise glibc's adaptive threshold moves decoded chunks into per-thread heaps that keep
-    their peak: a mount's RSS would track its busiest moment instead of its cache.
+    Decoded chunks are big (up to 16 MiB) and come and go all the time. glibc serves them from
+    per-thread heaps that keep freed memory, so RSS drifts well above what is live. Mapping
+    each one separately (``M_MMAP_THRESHOLD``) returns memory at once but makes every chunk
+    fault in fresh pages, which doubled the system time of a cold read. Instead: at most two
+    heaps, big blocks from the heap (reused warm), and when RSS goes over the budget after a
+    load, ``malloc_trim`` hands the free pages back.
     """
-    try:
-        import ctypes
 
-        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc
-        pass
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.trims = 0
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None)
+            libc.mallopt(-8, 2)  # M_ARENA_MAX
+            libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: chunks stay on the heap
+            self._trim = libc.malloc_trim
+        except (OSError, AttributeError):  # not glibc: nothing to tune
+            self._trim = None
+        self.limit = self.rss() + budget if self._trim is not None else 0
+
+    def rss(self) -> int:
+        try:
+            with open("/proc/self/statm", "rb") as f:
+                return int(f.read().split()[1]) * self._page
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    def check(self, headroom: int = 0) -> None:
+        """Trim if RSS (plus ``headroom`` about to be allocated) is over the budget."""
+        if self.limit and self.rss() + headroom > self.limit:
+            self._trim(0)
+            self.trims += 1
 
 
 def serve(
@@ -551,8 +597,8 @@ def serve(
     """
     check_fuse()
     mfusepy = _binding()
-    _return_freed_memory()
     fs = MountFS(store, commit_id, cache_bytes=cache_bytes, readahead_bytes=readahead_bytes, on_ready=on_ready)
+    fs.memory = _MemoryGuard(cache_bytes + MEMORY_SLACK)
     options: dict[str, Any] = {
         "foreground": True,
         "ro": True,
@@ -564,9 +610,12 @@ def serve(
         "entry_timeout": 86400,
         "attr_timeout": 86400,
         "negative_timeout": 86400,
-        "max_threads": 16,
-        "max_idle_threads": 8,
     }
+    version = (getattr(mfusepy, "fuse_version_major", 2), getattr(mfusepy, "fuse_version_minor", 0))
+    if version >= (3, 0):
+        options["max_idle_threads"] = 8
+    if version >= (3, 12):
+        options["max_threads"] = 16
     if allow_other:
         options["allow_other"] = True
     log.info("mounting %s at %s (cache %d MiB)", commit_id.short, mountpoint, cache_bytes >> 20)
@@ -579,7 +628,13 @@ def serve(
             raise MountError(f"FUSE failed to mount or serve {mountpoint}: error {exc}") from None
     finally:
         fs.pool.shutdown(wait=False, cancel_futures=True)
-    log.info("unmounted %s (%d reads failed)", mountpoint, fs.errors)
+    log.info(
+        "unmounted %s (%d chunks decoded, %d reads from cache, %d reads failed)",
+        mountpoint,
+        fs.cache.misses,
+        fs.cache.hits,
+        fs.errors,
+    )
     return fs
 
 
@@ -824,7 +879,7 @@ def umount(root: str | os.PathLike, mountpoint: str | os.PathLike, *, lazy: bool
     if info.host == socket.gethostname() and not _wait_exit(info.pid, timeout, info.proc_start):
         # Unmounted, but the server did not notice: stop it (it releases its lease on the way out).
         try:
-            os.kill(info.pid, 15)
+            os.kill(info.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
         _wait_exit(info.pid, timeout, info.proc_start)
@@ -850,7 +905,9 @@ def _check_mountpoint(mountpoint: str) -> None:
 class Mount(AbstractContextManager):
     """A mount made by :func:`mount_commit`: its registry entry, and ``umount()``.
 
-    As a context manager it unmounts on exit (also on an exception)::
+    As a context manager it unmounts on exit (also on an exception); if files there are still
+    open (a model loaded with ``mmap``), it detaches the mount and they keep working until
+    closed::
 
         with mount_commit(repo, "models/base", "/mnt/base") as m:
             train(m.mountpoint)
@@ -884,11 +941,11 @@ class Mount(AbstractContextManager):
             self.info.alive = False
 
     def __exit__(self, *exc: Any) -> None:
+        # Files may still be open there (a model loaded with mmap keeps its file): then the mount
+        # is detached, they keep reading, and the server exits when the last one is closed.
         try:
             self.umount()
         except MountError:
-            if exc[0] is None:
-                raise
             self.umount(lazy=True)
 
     def __repr__(self) -> str:
@@ -997,16 +1054,28 @@ def mount_commit(
     check_fuse()
     if not foreground:
         return _spawn(
-            repo.root, cid, mp, label,
-            cache_bytes=cache_bytes, readahead_bytes=readahead_bytes, allow_other=allow_other,
-            owner_pid=None if detach else (owner_pid or os.getpid()), timeout=timeout,
+            repo.root,
+            cid,
+            mp,
+            label,
+            cache_bytes=cache_bytes,
+            readahead_bytes=readahead_bytes,
+            allow_other=allow_other,
+            owner_pid=None if detach else (owner_pid or os.getpid()),
+            timeout=timeout,
         )
     _check_mountpoint(mp)
     root = Path(repo.root)
     _mounts_dir(root).mkdir(exist_ok=True)
     info = MountInfo(
-        mountpoint=mp, commit=str(cid), rev=label, pid=os.getpid(), host=socket.gethostname(),
-        started=time.time(), cache_bytes=cache_bytes, log=str(_mounts_dir(root) / f"{_key(mp)}.log"),
+        mountpoint=mp,
+        commit=str(cid),
+        rev=label,
+        pid=os.getpid(),
+        host=socket.gethostname(),
+        started=time.time(),
+        cache_bytes=cache_bytes,
+        log=str(_mounts_dir(root) / f"{_key(mp)}.log"),
         proc_start=_proc_start(os.getpid()),
     )
     entry_path: list[Path] = []
@@ -1040,8 +1109,14 @@ def mount_commit(
         info.lease = keeper.lease
         try:
             serve(
-                repo.store, cid, mp, cache_bytes=cache_bytes, readahead_bytes=readahead_bytes,
-                allow_other=allow_other, on_ready=ready, label=label,
+                repo.store,
+                cid,
+                mp,
+                cache_bytes=cache_bytes,
+                readahead_bytes=readahead_bytes,
+                allow_other=allow_other,
+                on_ready=ready,
+                label=label,
             )
         except MstoreError as exc:
             if ready_fd is not None and not entry_path:
@@ -1065,9 +1140,19 @@ CHILD_COMMAND: list[str] | None = None
 
 def _child_argv(root: Path, cid: ObjectId, mp: str, label: str, ready_fd: int, **kw: Any) -> list[str]:
     argv = [
-        *(CHILD_COMMAND or [sys.executable, "-m", "mstore"]), "--store", str(root), "mount", "--foreground",
-        "--ready-fd", str(ready_fd), "--label", label,
-        "--cache-size", str(kw["cache_bytes"]), "--readahead", str(kw["readahead_bytes"]),
+        *(CHILD_COMMAND or [sys.executable, "-m", "mstore"]),
+        "--store",
+        str(root),
+        "mount",
+        "--foreground",
+        "--ready-fd",
+        str(ready_fd),
+        "--label",
+        label,
+        "--cache-size",
+        str(kw["cache_bytes"]),
+        "--readahead",
+        str(kw["readahead_bytes"]),
     ]
     if kw["allow_other"]:
         argv.append("--allow-other")
@@ -1086,8 +1171,12 @@ def _spawn(root: Path, cid: ObjectId, mp: str, label: str, *, timeout: float, **
         with open(log_path, "wb") as logf:
             proc = subprocess.Popen(
                 _child_argv(Path(root), cid, mp, label, w, **kw),
-                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,),
-                start_new_session=True, cwd="/",
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=logf,
+                pass_fds=(w,),
+                start_new_session=True,
+                cwd="/",
             )
     finally:
         os.close(w)
@@ -1116,8 +1205,15 @@ def _spawn(root: Path, cid: ObjectId, mp: str, label: str, *, timeout: float, **
     if found is not None:  # the child registers itself before it says ready
         return Mount(Path(root), found[1])
     info = MountInfo(
-        mountpoint=mp, commit=str(cid), rev=label, pid=proc.pid, host=socket.gethostname(), started=time.time(),
-        cache_bytes=kw["cache_bytes"], log=str(log_path), proc_start=_proc_start(proc.pid),
+        mountpoint=mp,
+        commit=str(cid),
+        rev=label,
+        pid=proc.pid,
+        host=socket.gethostname(),
+        started=time.time(),
+        cache_bytes=kw["cache_bytes"],
+        log=str(log_path),
+        proc_start=_proc_start(proc.pid),
     )
     return Mount(Path(root), info)
 
@@ -1149,6 +1245,16 @@ def _log_tail(path: Path, lines: int = 5) -> str:
 
 
 __all__ = [
-    "ChunkCache", "DEFAULT_CACHE_BYTES", "Mount", "MountError", "MountFS", "MountInfo", "check_fuse",
-    "is_mounted", "list_mounts", "mount_commit", "serve", "umount",
+    "ChunkCache",
+    "DEFAULT_CACHE_BYTES",
+    "Mount",
+    "MountError",
+    "MountFS",
+    "MountInfo",
+    "check_fuse",
+    "is_mounted",
+    "list_mounts",
+    "mount_commit",
+    "serve",
+    "umount",
 ]

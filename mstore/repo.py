@@ -68,6 +68,8 @@ from .storage.store import ObjectStore
 if TYPE_CHECKING:
     from .diff import FileChange, FileSide
     from .fsck import FsckReport
+    from .mount import Mount, MountInfo
+    from .run import RunResult
     from .snapshot import Checkout, FileReader
 
 # snapshot (thread pools, FastCDC), diff (NumPy), fsck and provenance (subprocess, package
@@ -1002,6 +1004,37 @@ class Repo:
             yield lease
         finally:
             release_lease(self.store, lease)
+
+    # -- mount and run (mount.py, run.py; docs/mount.md) -------------------------------------
+    def mount(self, rev: str, mountpoint: str | os.PathLike, **options: Any) -> Mount:
+        """Mount a version read-only through FUSE: ``with repo.mount("models/base", "/mnt/base") as m:``.
+
+        Served by a child process; returns once the mount answers. The mount ends at the end of
+        the ``with`` block, on ``m.umount()``, or when this process exits (unless ``detach=True``);
+        with ``foreground=True`` this process serves it until it is unmounted. Options: see
+        :func:`mstore.mount.mount_commit`.
+        """
+        from .mount import mount_commit
+
+        return mount_commit(self, rev, mountpoint, **options)
+
+    def umount(self, mountpoint: str | os.PathLike, *, lazy: bool = False) -> MountInfo | None:
+        """Unmount a mount of this store (also a dead one) and wait for its process to exit."""
+        from .mount import umount
+
+        return umount(self.root, mountpoint, lazy=lazy)
+
+    def mounts(self) -> list[MountInfo]:
+        """The mounts of this store; entries of dead mount processes are cleaned."""
+        from .mount import list_mounts
+
+        return list_mounts(self.root)
+
+    def run(self, argv: list[str], **options: Any) -> RunResult:
+        """Mount inputs, run a command, commit its output with lineage: :func:`mstore.run.run_job`."""
+        from .run import run_job
+
+        return run_job(self, argv, **options)
 
     def object_bytes(self) -> int:
         """Raw (uncompressed) bytes of every indexed object."""

@@ -169,8 +169,8 @@ def execute(
         output: the path the job writes (relative to ``cwd``).
         mount: ``mount(rev, mountpoint)`` returning a context manager whose value has ``commit``
             (the commit id) and ``mountpoint``; it unmounts on exit.
-        commit: ``commit(path, inputs=..., provenance=..., argv=..., cwd=...)`` returning the
-            commit's result.
+        commit: ``commit(path, inputs=..., provenance=..., cwd=...)`` returning the commit's
+            result.
         env: the job's environment (``MSTORE_INPUT_<NAME>`` are added).
         cwd: the job's working directory; also where the code revision is read.
         mount_root: where the mount points are created (default: a new temporary directory).
@@ -192,8 +192,6 @@ def execute(
     root = Path(tempfile.mkdtemp(prefix="mstore-run-")) if made_root else Path(mount_root)
     root.mkdir(parents=True, exist_ok=True)
     mounted: dict[str, RunInput] = {}
-    started = clock()
-    t0 = time.monotonic()
     try:
         with ExitStack() as stack:
             for name, rev in pairs:
@@ -205,7 +203,7 @@ def execute(
             paths = {n: i.mountpoint for n, i in mounted.items()}
             command = substitute(argv, paths)
             job_env = {**env, **input_env(paths)}
-            t0 = time.monotonic()
+            started, t0 = clock(), time.monotonic()
             try:
                 proc = subprocess.Popen(command, env=job_env, cwd=cwd)
             except OSError as exc:
@@ -283,8 +281,14 @@ def run_job(
 
     def commit(path: Path, **kw: Any) -> Any:
         return repo.commit(
-            path, branch, message, kind=kind, meta=meta, allow_regression=allow_regression,
-            argv=mstore_argv or list(argv), **kw,
+            path,
+            branch,
+            message,
+            kind=kind,
+            meta=meta,
+            allow_regression=allow_regression,
+            argv=mstore_argv or list(argv),
+            **kw,
         )
 
     # Resolve every input before anything is mounted or run: a typo fails fast.
@@ -292,8 +296,16 @@ def run_job(
     for _name, rev in pairs:
         repo.resolve(rev)
     return execute(
-        argv, inputs=pairs, output=output, mount=mount, commit=commit, env=env, cwd=cwd,
-        commit_on_failure=commit_on_failure, on_mounted=on_mounted, clock=repo.clock,
+        argv,
+        inputs=pairs,
+        output=output,
+        mount=mount,
+        commit=commit,
+        env=env,
+        cwd=cwd,
+        commit_on_failure=commit_on_failure,
+        on_mounted=on_mounted,
+        clock=repo.clock,
     )
 
 

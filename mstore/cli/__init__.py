@@ -33,6 +33,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "fsck": ("mstore.cli.store", "fsck", "Verify every object, ref and reflog entry."),
     "gc": ("mstore.cli.gc", "gc", "Delete unreachable data, only through a reviewable proof."),
     "pin": ("mstore.cli.gc", "pin", "Keep a commit whatever happens to refs; list pins."),
+    "mount": ("mstore.cli.mount", "mount", "Mount a version read-only (FUSE, lazy, every chunk verified)."),
+    "umount": ("mstore.cli.mount", "umount", "Unmount an mstore mount (also a dead one)."),
+    "mounts": ("mstore.cli.mount", "mounts", "What is mounted where, from which commit."),
+    "run": ("mstore.cli.mount", "run", "Run a job with its inputs mounted; commit its output with lineage."),
 }
 
 

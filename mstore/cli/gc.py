@@ -10,7 +10,7 @@ from ._common import json_option, state
 
 @click.group()
 def gc() -> None:
-    r"""Delete unreachable data, only through a reviewable reachability proof.
+    """Delete unreachable data, only through a reviewable reachability proof.
 
     \b
     mstore gc plan            write a proof of what would be deleted (deletes nothing)

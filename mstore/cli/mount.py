@@ -53,7 +53,7 @@ _cache_option = click.option(
     default="256M",
     show_default=True,
     metavar="SIZE",
-    help="Decoded chunks kept in memory; the mount process stays within about this much plus a few chunks.",
+    help="Memory for decoded chunks; a mount process stays within its idle size plus this plus about 80 MiB.",
 )
 _readahead_option = click.option(
     "--readahead",
@@ -113,8 +113,14 @@ def mount(ctx, rev, directory, foreground, cache_size, readahead, allow_other, r
                 out.echo(f"mounted {info.rev} ({info.commit[:7]}) at {info.mountpoint}; Ctrl-C to unmount")
 
         m = repo.mount(
-            rev, directory, foreground=True, ready_fd=ready_fd, owner_pid=exit_with, label=label,
-            on_ready=ready, **options,
+            rev,
+            directory,
+            foreground=True,
+            ready_fd=ready_fd,
+            owner_pid=exit_with,
+            label=label,
+            on_ready=ready,
+            **options,
         )
         if ready_fd is None:
             out.echo(f"unmounted {m.mountpoint}")
@@ -163,14 +169,20 @@ def mounts(ctx, as_json) -> None:
 
 @click.command(context_settings={"ignore_unknown_options": True})
 @click.option(
-    "-i", "--input", "inputs", multiple=True, metavar="NAME=REV",
+    "-i",
+    "--input",
+    "inputs",
+    multiple=True,
+    metavar="NAME=REV",
     help="Mount REV for the job (repeatable); {NAME} in the command and $MSTORE_INPUT_<NAME> give its path.",
 )
 @click.option("-o", "--output", required=True, type=click.Path(), help="What the job writes; committed if it succeeds.")
 @click.option("-b", "--branch", required=True, help="Branch to commit the output to.")
 @click.option("-m", "--message", required=True, help="What this run is.")
 @click.option(
-    "--kind", default="other", show_default=True,
+    "--kind",
+    default="other",
+    show_default=True,
     type=click.Choice(["model", "dataset", "checkpoint", "adapter", "eval", "other"]),
     help="What kind of artifact the output is.",
 )
@@ -181,20 +193,21 @@ def mounts(ctx, as_json) -> None:
 @json_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_context
-def run(ctx, inputs, output, branch, message, kind, meta, commit_on_failure, allow_regression, cache_size, as_json,
-        command) -> None:
-    r"""Run COMMAND with its inputs mounted, and commit its output with lineage.
+def run(
+    ctx, inputs, output, branch, message, kind, meta, commit_on_failure, allow_regression, cache_size, as_json, command
+) -> None:
+    """Run COMMAND with its inputs mounted, and commit its output with lineage.
 
     \b
-    mstore run --input base=models/base --input data=data/syllo --output out/ \
-        -b runs/job7 -m "sweep lr=3e-4" -- python train.py --model '{base}' --data '{data}' --out out/
+    mstore run --input base=models/base --input data=data/syllo --output out/
+        -b runs/job7 -m "sweep lr=3e-4" -- python train.py --model '{base}' --data '{data}'
 
     Each --input is mounted read-only (lazy and verified, like `mstore mount`) for the job's
     lifetime. If COMMAND exits 0, --output is committed to BRANCH with provenance: the inputs
     by commit id, the command line, exit code, wall time, code revision and environment. A
     failed job commits nothing (unless --commit-on-failure) and exits with the job's status;
     the mounts are always released.
-    """
+    """  # noqa: D301 - \b keeps click from rewrapping the example
     parsed = []
     for item in inputs:
         name, sep, rev = item.partition("=")
