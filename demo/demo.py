@@ -3,7 +3,8 @@
 It trains a tiny two-layer network with NumPy on the CPU (a real training loop on generated
 data), commits every checkpoint with its inputs and metrics, shows the log, a tensor-level diff
 and a guard stopping a bad overwrite, deletes a branch in a "clean-up" and restores it from the
-reflog, and checks the store. Every step is the real `mstore` command, printed before it runs.
+reflog, plans a gc and walks its lifecycle (show, apply to trash, undo), and checks the store.
+Every step is the real `mstore` command, printed before it runs.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ WORK = ROOT / "demo-work"
 MSTORE = [sys.executable, "-m", "mstore"]
 
 
-def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+def run(*args: str, check: bool = True, quiet: bool = False) -> subprocess.CompletedProcess:
     """Show and run one mstore command against the demo store."""
     print(f"\n$ mstore {' '.join(args)}", flush=True)
     env = {**os.environ, "MSTORE_DIR": str(WORK / ".mstore")}
     proc = subprocess.run([*MSTORE, *args], cwd=WORK, env=env, text=True, capture_output=True)
-    sys.stdout.write(proc.stdout)
+    if not quiet:
+        sys.stdout.write(proc.stdout)
     sys.stdout.write(proc.stderr)
     if check and proc.returncode != 0:
         raise SystemExit(f"demo step failed with exit status {proc.returncode}")
@@ -150,6 +152,18 @@ def main() -> None:
     ).read_bytes()
     print(f"restored checkpoint is bit-identical to the one trained: {same}")
     assert same
+    print("\nA throw-away experiment, deleted; gc shows exactly what it would reclaim before deleting anything.")
+    scratch = {k: v + rng.standard_normal(v.shape) * 0.01 for k, v in params.items()}
+    save_model(WORK / "scratch", scratch, vocab)
+    run("commit", "scratch", "-b", "runs/scratch", "-m", "lr sweep 1e-2 (diverged)", "--kind", "checkpoint")
+    run("branch", "-d", "runs/scratch")
+    # The defaults keep a deleted branch's data for 30 days; for the demo, a window of 0 days.
+    proc = run("gc", "plan", "--retention-days", "0", "--grace-days", "0", "--json", quiet=True)
+    proof = json.loads(proc.stdout)["proof"]
+    run("gc", "show", proof[:12])
+    run("gc", "apply", proof[:12], "--yes")
+    run("gc", "undo", proof[:12])
+    run("restore", "runs/scratch")
     run("fsck")
     print("\nThe store is in demo-work/.mstore; try: MSTORE_DIR=demo-work/.mstore .venv/bin/mstore log runs/demo")
 

@@ -43,6 +43,11 @@ def warn(message: str) -> None:
     click.echo(f"warning: {message}", err=True)
 
 
+def plural(n: int, word: str) -> str:
+    """``plural(1, "file")`` → ``1 file``; ``plural(3, "file")`` → ``3 files``."""
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
 def human_bytes(n: int | float | None) -> str:
     """``13107200`` → ``13.1 MB`` (decimal units, like the incident reports)."""
     if n is None:

@@ -29,7 +29,8 @@ def _summary(pid: str, doc: dict, total_stored: int | None = None) -> None:
     files = sum(1 for g in doc["groups"] for o in g["objects"] if o[0] == "f")
     of = f" (of {out.human_bytes(total_stored)} stored)" if total_stored else ""
     out.echo(
-        f"gc proof {pid[:7]}: {commits} commits, {files} files, {c['objects']} objects, "
+        f"gc proof {pid[:7]}: {out.plural(commits, 'commit')}, {out.plural(files, 'file')}, "
+        f"{out.plural(c['objects'], 'object')}, "
         f"{out.human_bytes(c['stored_bytes'])} reclaimable{of}"
     )
     for g in doc["groups"]:
@@ -158,8 +159,8 @@ def gc_apply(ctx, proof, yes, as_json) -> None:
             out.emit_json(res.to_dict())
             return
         out.echo(
-            f"applied {pid[:7]}: {res.objects} objects ({out.human_bytes(res.trashed_bytes)}) moved to trash; "
-            f"{res.packs_rewritten} packs rewritten; packs/ {out.human_bytes(res.bytes_before)} -> "
+            f"applied {pid[:7]}: {out.plural(res.objects, 'object')} ({out.human_bytes(res.trashed_bytes)}) moved to "
+            f"trash; {out.plural(res.packs_rewritten, 'pack')} rewritten; packs/ {out.human_bytes(res.bytes_before)} -> "
             f"{out.human_bytes(res.bytes_after)}"
         )
         out.echo(f"undo with: mstore gc undo {pid[:7]}  (until mstore gc purge)")

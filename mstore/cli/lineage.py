@@ -45,16 +45,31 @@ def import_model(ctx, path, branch, message, allow_regression, dry_run, as_json)
             out.warn(w)
         if as_json:
             c = res.commit
-            out.emit_json({"id": c.id, "branch": branch, "dry_run": c.dry_run, "stats": c.stats,
-                           "new_bytes": c.new_bytes, **res.summary, "warnings": res.warnings})
+            out.emit_json(
+                {
+                    "id": c.id,
+                    "branch": branch,
+                    "dry_run": c.dry_run,
+                    "stats": c.stats,
+                    "new_bytes": c.new_bytes,
+                    **res.summary,
+                    "warnings": res.warnings,
+                }
+            )
             return
         m = res.summary["model"]
-        facts = ", ".join(str(x) for x in (m.get("model_type"), f"{m['num_hidden_layers']} layers"
-                          if "num_hidden_layers" in m else None) if x)
+        facts = ", ".join(
+            str(x)
+            for x in (m.get("model_type"), f"{m['num_hidden_layers']} layers" if "num_hidden_layers" in m else None)
+            if x
+        )
         params = res.commit.stats.get("parameters")
-        out.echo(_commit_line("imported", res, branch)
-                 + f"; {facts}" + (f", {params:,} parameters" if params else "")
-                 + f" in {res.summary['shards']} safetensors file{'s' if res.summary['shards'] != 1 else ''}")
+        out.echo(
+            _commit_line("imported", res, branch)
+            + f"; {facts}"
+            + (f", {params:,} parameters" if params else "")
+            + f" in {res.summary['shards']} safetensors file{'s' if res.summary['shards'] != 1 else ''}"
+        )
 
 
 @click.command("import-data")
@@ -80,20 +95,38 @@ def import_data(ctx, path, branch, message, tokenizer, text_field, allow_regress
     """
     with state(ctx).repo() as repo:
         res = lin.import_data(
-            repo, path, branch, message, tokenizer=tokenizer, text_field=text_field,
-            allow_regression=allow_regression, dry_run=dry_run,
+            repo,
+            path,
+            branch,
+            message,
+            tokenizer=tokenizer,
+            text_field=text_field,
+            allow_regression=allow_regression,
+            dry_run=dry_run,
         )
         for w in res.warnings:
             out.warn(w)
         if as_json:
             c = res.commit
-            out.emit_json({"id": c.id, "branch": branch, "dry_run": c.dry_run, "stats": c.stats,
-                           "new_bytes": c.new_bytes, "data": res.summary, "warnings": res.warnings})
+            out.emit_json(
+                {
+                    "id": c.id,
+                    "branch": branch,
+                    "dry_run": c.dry_run,
+                    "stats": c.stats,
+                    "new_bytes": c.new_bytes,
+                    "data": res.summary,
+                    "warnings": res.warnings,
+                }
+            )
             return
         s = res.summary
         tokens = f", {s['tokens']:,} tokens" if "tokens" in s else ""
-        out.echo(_commit_line("imported", res, branch) + f"; {len(s['files'])} JSONL files, {s['records']:,} records"
-                 + tokens)
+        out.echo(
+            _commit_line("imported", res, branch)
+            + f"; {len(s['files'])} JSONL files, {s['records']:,} records"
+            + tokens
+        )
 
 
 def _fmt_metric(name: str, m: dict) -> str:
@@ -117,8 +150,10 @@ def _describe(n: dict) -> str:
         parts.append(f"run {run['status']}")
     d = n.get("data")
     if d:
-        parts.append(f"{d.get('files', 0)} files, {d.get('records', 0):,} records"
-                     + (f", {d['tokens']:,} tokens" if "tokens" in d else ""))
+        parts.append(
+            f"{d.get('files', 0)} files, {d.get('records', 0):,} records"
+            + (f", {d['tokens']:,} tokens" if "tokens" in d else "")
+        )
     if n.get("model"):
         parts.append(str(n["model"]))
     if n.get("parameters"):
@@ -133,8 +168,11 @@ def _tree_lines(n: dict, prefix: str = "") -> list[str]:
     inputs = n.get("inputs", [])
     for i, inp in enumerate(inputs):
         last = i == len(inputs) - 1
-        was = f" (given as {inp['rev']})" if inp.get("rev") and inp["rev"] not in (inp["node"].get("refs") or []) \
-            and inp["rev"] != inp["node"]["id"] else ""
+        was = (
+            f" (given as {inp['rev']})"
+            if inp.get("rev") and inp["rev"] not in (inp["node"].get("refs") or []) and inp["rev"] != inp["node"]["id"]
+            else ""
+        )
         lines.append(f"{prefix}{'└── ' if last else '├── '}{inp['name']}: {_describe(inp['node'])}{was}")
         lines.extend(_tree_lines(inp["node"], prefix + ("    " if last else "│   ")))
     return lines

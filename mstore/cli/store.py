@@ -161,7 +161,9 @@ def checkout(ctx: click.Context, rev: str, dest: str, force: bool, as_json: bool
                 }
             )
         else:
-            out.echo(f"checked out {rev} into {dest}: {co.files} files, {out.human_bytes(co.bytes)}, all verified")
+            out.echo(
+                f"checked out {rev} into {dest}: {out.plural(co.files, 'file')}, {out.human_bytes(co.bytes)}, all verified"
+            )
 
 
 @click.command()
