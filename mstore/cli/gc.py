@@ -159,9 +159,9 @@ def gc_apply(ctx, proof, yes, as_json) -> None:
             out.emit_json(res.to_dict())
             return
         out.echo(
-            f"applied {pid[:7]}: {out.plural(res.objects, 'object')} ({out.human_bytes(res.trashed_bytes)}) moved to "
-            f"trash; {out.plural(res.packs_rewritten, 'pack')} rewritten; packs/ {out.human_bytes(res.bytes_before)} -> "
-            f"{out.human_bytes(res.bytes_after)}"
+            f"applied {pid[:7]}: {out.plural(res.objects, 'object')} ({out.human_bytes(res.trashed_bytes)}) "
+            f"moved to trash; {out.plural(res.packs_rewritten, 'pack')} rewritten; "
+            f"packs/ {out.human_bytes(res.bytes_before)} -> {out.human_bytes(res.bytes_after)}"
         )
         out.echo(f"undo with: mstore gc undo {pid[:7]}  (until mstore gc purge)")
 

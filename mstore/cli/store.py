@@ -162,7 +162,8 @@ def checkout(ctx: click.Context, rev: str, dest: str, force: bool, as_json: bool
             )
         else:
             out.echo(
-                f"checked out {rev} into {dest}: {out.plural(co.files, 'file')}, {out.human_bytes(co.bytes)}, all verified"
+                f"checked out {rev} into {dest}: {out.plural(co.files, 'file')}, "
+                f"{out.human_bytes(co.bytes)}, all verified"
             )
 
 
