@@ -11,15 +11,16 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	command -v fusermount3 >/dev/null || (apt-get update -qq && apt-get install -y -qq fuse3) || echo "fuse3 missing: mount tests will skip"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]' --config-settings editable_mode=compat
-	$(BIN)/python -m compileall -q mstore
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,train]' --config-settings editable_mode=compat
+	$(BIN)/python -m compileall -q mstore trainer
 	touch $(STAMP)
 
 demo: install
+	$(BIN)/python -m trainer.demo demo-work/trainer
 	$(BIN)/python demo/demo.py
 
 test: install
-	$(BIN)/ruff check mstore tests bench demo docs
+	$(BIN)/ruff check mstore trainer tests bench demo docs
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -n 2 --dist loadfile -q
 
@@ -27,7 +28,7 @@ docs: install
 	$(BIN)/python docs/gen_cli.py
 
 lint: install
-	$(BIN)/ruff check mstore tests bench demo docs
+	$(BIN)/ruff check mstore trainer tests bench demo docs
 	$(BIN)/lint-imports
 
 bench: install

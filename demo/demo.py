@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-WORK = ROOT / "demo-work"
+WORK = ROOT / "demo-work" / "undo"
 MSTORE = [sys.executable, "-m", "mstore"]
 
 
@@ -165,7 +165,8 @@ def main() -> None:
     run("gc", "undo", proof[:12])
     run("restore", "runs/scratch")
     run("fsck")
-    print("\nThe store is in demo-work/.mstore; try: MSTORE_DIR=demo-work/.mstore .venv/bin/mstore log runs/demo")
+    print("\nThe store is in demo-work/undo/.mstore; try:")
+    print("  MSTORE_DIR=demo-work/undo/.mstore .venv/bin/mstore log runs/demo")
 
 
 if __name__ == "__main__":

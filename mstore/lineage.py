@@ -8,8 +8,8 @@ Four operations, none of which needs torch (the trainer writes what they read):
   record counts per file, and optionally token counts with a given tokenizer;
 * :func:`lineage` follows the ``inputs`` recorded in commits (a checkpoint names its base model
   and its data) back to commits that have none: "what was this model trained from?";
-* :func:`seen` reads the data ledger that trainer checkpoints carry (``meta.ledger``, by file
-  id and record ranges) and answers "which records of this dataset has this lineage, or any
+* :func:`seen` reads the data ledger that trainer checkpoints carry (a file named by
+  ``meta.ledger.file``: record ranges by file id) and answers "which records of this dataset has this lineage, or any
   branch, trained on?" (incident 4).
 
 A record is a non-empty line of a ``.jsonl`` file, numbered from 0 in file order; the trainer
@@ -27,7 +27,7 @@ from typing import Any
 
 import blake3
 
-from .errors import PathNotFound, UserError
+from .errors import FormatError, PathNotFound, UserError
 from .hashing import is_full_id
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
@@ -145,13 +145,17 @@ def _jsonl_files(root: Path) -> tuple[list[tuple[str, Path]], list[str]]:
         if not root.name.endswith(".jsonl"):
             raise UserError(f"{root} is not a .jsonl file")
         return [(root.name, root)], []
-    files, others = [], []
+    files: list[tuple[str, Path]] = []
+    others: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in sorted(filenames):
             p = Path(dirpath) / name
             rel = p.relative_to(root).as_posix()
-            (files if name.endswith(".jsonl") else others).append((rel, p) if name.endswith(".jsonl") else rel)
+            if name.endswith(".jsonl"):
+                files.append((rel, p))
+            else:
+                others.append(rel)
     if not files:
         raise UserError(f"{root} holds no .jsonl files")
     return files, others
@@ -179,7 +183,7 @@ def load_tokenizer(repo: Any, spec: str) -> tuple[Any, dict[str, Any]]:
             with repo.open_file(f"{oid}:tokenizer.json") as f:
                 raw = f.read()
         except Exception as exc:  # noqa: BLE001 - any failure means: no tokenizer there
-            raise UserError(f"--tokenizer {spec}: no tokenizer.json there (a path, folder or revision): {exc}") from None
+            raise UserError(f"--tokenizer {spec}: no tokenizer.json there (path, folder or revision): {exc}") from None
         source = {"rev": spec, "id": oid, "file": blake3.blake3(raw).hexdigest()}
     try:
         return Tokenizer.from_str(raw.decode("utf-8")), source
@@ -330,8 +334,12 @@ def _summary(commit: Any) -> dict[str, Any]:
     receipts = commit.metrics.get("receipts")
     if isinstance(receipts, dict):
         s["metrics"] = {
-            name: {"value": r.get("value") if r.get("verified") else r.get("in_loop"), "verified": bool(r.get("verified"))}
-            for name, r in receipts.items() if isinstance(r, dict)
+            name: {
+                "value": r.get("value") if r.get("verified") else r.get("in_loop"),
+                "verified": bool(r.get("verified")),
+            }
+            for name, r in receipts.items()
+            if isinstance(r, dict)
         }
     return s
 
@@ -458,11 +466,31 @@ def _data_files(repo: Any, spec: str) -> tuple[str, str, list[dict[str, Any]]]:
     return rev, oid, sorted(files, key=lambda f: f["path"])
 
 
+def read_ledger(repo: Any, oid: str, commit: Any) -> dict[str, Any] | None:
+    """The data ledger a commit carries: the file ``meta.ledger.file`` names, or an inline one; None if none.
+
+    Raises:
+        IntegrityError: the ledger file is damaged in the store.
+        FormatError: it is not valid JSON.
+    """
+    led = commit.meta.get("ledger")
+    if not isinstance(led, dict):
+        return None
+    if isinstance(led.get("file"), str):
+        with repo.open_file(f"{oid}:{led['file']}") as f:
+            raw = f.read()
+        try:
+            led = json.loads(raw)
+        except ValueError as exc:
+            raise FormatError(f"{oid[:7]}:{led['file']} is not valid JSON: {exc}") from None
+    return led if isinstance(led, dict) and isinstance(led.get("files"), dict) else None
+
+
 def seen(repo: Any, data: str, by: str | None = None) -> dict[str, Any]:
     """Which records of ``data`` (``REV`` or ``REV:PATH``) were trained on, by ``by`` or by any branch.
 
-    Reads the ledger in ``meta.ledger`` of the checkpoint ``by`` names (its whole lineage), or
-    of every branch head when ``by`` is None. Files are matched by content id, so a shard is
+    Reads the data ledger of the checkpoint ``by`` names (its whole lineage), or of every
+    branch head when ``by`` is None (see :func:`read_ledger`). Files are matched by content id, so a shard is
     recognised in any dataset version that contains it.
 
     Raises:
@@ -477,9 +505,9 @@ def seen(repo: Any, data: str, by: str | None = None) -> dict[str, Any]:
     consumers = []
     for name, cid in targets:
         c = repo.get_commit(cid)
-        led = c.meta.get("ledger")
-        entries = led.get("files") if isinstance(led, dict) else None
-        if not isinstance(entries, dict):
+        led = read_ledger(repo, cid, c)
+        entries = led["files"] if led is not None else None
+        if entries is None:
             if by is not None:
                 consumers.append({"ref": name, "id": cid, "ledger": False, "records_seen": 0, "files": []})
             continue

@@ -676,7 +676,10 @@ class Repo:
             c = load_commit(self.store, oid)
             created, moved = times[name]
             base = c.inputs.get("base") or c.meta.get("base")
-            metrics = {**{k: v for k, v in c.meta.items() if _is_metric(k, v)}, **c.metrics}
+            metrics = {
+                **{k: v for k, v in c.meta.items() if _is_metric(k, v)},
+                **{k: v for k, v in c.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+            }
             out.append(
                 {
                     "name": short_name(name),

@@ -635,7 +635,7 @@ def test_cli_gc_plan_prints_the_summary_and_the_proof_id(cli_history: Repo, cli)
     out = proc.stdout.decode()
     (proof,) = proofs_dir(cli.store).glob("*.json")
     pid = proof.stem
-    assert f"gc proof {pid[:7]}: 1 commits" in out
+    assert f"gc proof {pid[:7]}: 1 commit," in out
     assert "old deleted 0 days ago" in out
     assert "roots: 1 branches" in out
     assert f"mstore gc apply {pid[:7]}" in out

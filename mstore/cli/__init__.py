@@ -37,6 +37,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "umount": ("mstore.cli.mount", "umount", "Unmount an mstore mount (also a dead one)."),
     "mounts": ("mstore.cli.mount", "mounts", "What is mounted where, from which commit."),
     "run": ("mstore.cli.mount", "run", "Run a job with its inputs mounted; commit its output with lineage."),
+    "import-model": ("mstore.cli.lineage", "import_model", "Commit a local Hugging Face model folder as a model."),
+    "import-data": ("mstore.cli.lineage", "import_data", "Commit JSONL files as a dataset, with record counts."),
+    "lineage": ("mstore.cli.lineage", "lineage", "What a version was made from: its inputs, back to the roots."),
+    "seen": ("mstore.cli.lineage", "seen", "Which records of a dataset were trained on, and by what."),
 }
 
 

@@ -105,7 +105,7 @@ def gc_show(ctx, proof, as_json) -> None:
             names = {"m": "commits", "t": "trees", "f": "files", "c": "chunks"}
             out.echo(
                 "  "
-                + ", ".join(f"{n} {names[k]}" for k, n in sorted(kinds.items()))
+                + ", ".join(out.plural(n, names[k][:-1]) for k, n in sorted(kinds.items()))
                 + f"; {out.human_bytes(g['bytes'])} raw, {out.human_bytes(g['stored_bytes'])} stored"
             )
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import click
 
 from . import _output as out
@@ -46,13 +48,41 @@ def log(ctx: click.Context, rev: str | None, oneline: bool, limit: int | None, a
             if c.stats.get("tensors"):
                 line += f", {c.stats['tensors']} tensors, {c.stats['parameters']:,} parameters"
             out.echo(line)
-            if c.meta:
-                out.echo("Meta:   " + ", ".join(f"{k}={v}" for k, v in sorted(c.meta.items())))
-            if c.metrics:
-                out.echo("Metrics: " + ", ".join(f"{k}={v}" for k, v in sorted(c.metrics.items())))
+            meta = _scalars(c.meta)
+            if meta:
+                out.echo("Meta:   " + ", ".join(f"{k}={v}" for k, v in meta))
+            metrics = _scalars(c.metrics)
+            receipts = c.metrics.get("receipts") if isinstance(c.metrics.get("receipts"), dict) else {}
+            if metrics or receipts:
+                shown = [f"{k}={v}{_verified_mark(receipts.get(k))}" for k, v in metrics]
+                out.echo("Metrics: " + ", ".join(shown))
             out.echo("")
             out.echo(f"    {c.message}")
             out.echo("")
+
+
+def _scalars(d: dict) -> list[tuple[str, object]]:
+    """Only the scalar entries of a metadata dict (nested records are for --json and show)."""
+    return [(k, v) for k, v in sorted(d.items()) if isinstance(v, (str, int, float, bool)) or v is None]
+
+
+def _verified_mark(receipt) -> str:
+    if not isinstance(receipt, dict):
+        return ""
+    return " (verified)" if receipt.get("verified") else " (VERIFICATION FAILED)"
+
+
+def _receipt_line(name: str, r: dict) -> str:
+    """One line per metric receipt: is it verified, and against what."""
+    ck = r.get("checkpoint") or {}
+    data = r.get("eval_data") or {}
+    against = f"tree {str(ck.get('tree', ''))[:7]}, eval split {str(data.get('split', ''))[:7]}"
+    if r.get("verified"):
+        return f"{name} = {r.get('value')}  verified: recomputed from the committed bytes ({against})"
+    return (
+        f"{name}  VERIFICATION FAILED ({r.get('status', 'failed')}): in-loop {r.get('in_loop')}, "
+        f"recomputed {r.get('recomputed')} ({against})"
+    )
 
 
 def _brief(c) -> dict:
@@ -98,7 +128,13 @@ def show(ctx: click.Context, rev: str | None, as_json: bool) -> None:
             if d[section]:
                 out.echo(f"{section}")
                 for k, v in sorted(d[section].items()):
-                    out.echo(f"  {k:<20} {v}")
+                    if section == "metrics" and k == "receipts" and isinstance(v, dict):
+                        for name, r in sorted(v.items()):
+                            out.echo(f"  {_receipt_line(name, r) if isinstance(r, dict) else f'{name} {r}'}")
+                    elif isinstance(v, dict):
+                        out.echo(f"  {k:<20} {json.dumps(v, sort_keys=True)[:200]}")
+                    else:
+                        out.echo(f"  {k:<20} {v}")
         p = d["provenance"]
         out.echo("provenance")
         code = p.get("code")
