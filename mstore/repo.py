@@ -666,14 +666,13 @@ class Repo:
             refs = [(n, ObjectId.from_digest(d)) for n, d in txn.iter_refs(HEADS)]
             times = {}
             for name, _oid in refs:
-                first = last = None
-                for _seq, e in txn.iter_ref_reflog(name, newest_first=False):
-                    if first is None:
-                        first = e["time"]
-                    last = e["time"]
-                times[name] = (first, last)
+                first, last = txn.ref_reflog_bounds(name)
+                times[name] = (first["time"] if first else None, last["time"] if last else None)
+        commits: dict[ObjectId, Commit] = {}
         for name, oid in refs:
-            c = load_commit(self.store, oid)
+            c = commits.get(oid)
+            if c is None:
+                c = commits[oid] = load_commit(self.store, oid)
             created, moved = times[name]
             base = c.inputs.get("base") or c.meta.get("base")
             metrics = {

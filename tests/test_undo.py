@@ -192,3 +192,19 @@ def test_cli_reflog_lists_deleted_branches_with_positions(cli, work):
     cli("branch", "-d", "exp1")
     text = cli("reflog", "--all").stdout.decode()
     assert "exp1@{0}" in text and "branch -d" in text and "exp1@{1}" in text and "commit: first" in text
+
+
+def test_branches_info_created_and_moved_are_the_first_and_latest_reflog_times(tmp_path, work):
+    from mstore import Repo
+
+    now = [1_000_000.0]
+    repo = Repo.init(tmp_path / "s", clock=lambda: now[0])
+    repo.commit(_version(work / "a", 1), "exp1", "a")
+    now[0] += 100
+    repo.commit(_version(work / "b", 2), "exp1", "b")
+    now[0] += 100
+    repo.commit(_version(work / "c", 3), "exp2", "c")  # another ref's entries must not leak in
+    info = {b["name"]: b for b in repo.branches_info()}
+    assert (info["exp1"]["created"], info["exp1"]["moved"]) == (1_000_000.0, 1_000_100.0)
+    assert (info["exp2"]["created"], info["exp2"]["moved"]) == (1_000_200.0, 1_000_200.0)
+    repo.close()

@@ -293,6 +293,24 @@ class Txn:
             if raw is not None:
                 yield seq, json.loads(raw)
 
+    def ref_reflog_bounds(self, ref: str) -> tuple[dict | None, dict | None]:
+        """The first and the latest reflog entry of a ref (None, None without any), in O(log n)."""
+        prefix = ref.encode("utf-8") + b"\0"
+        first = last = None
+        with self.txn.cursor(db=self.dbs["reflog_by_ref"]) as cur:
+            if cur.set_range(prefix) and cur.key().startswith(prefix):
+                first = cur.key()[len(prefix):]
+                # The last key with this prefix: step back from the first key after it.
+                after = ref.encode("utf-8") + b"\x01"
+                if cur.set_range(after):
+                    cur.prev()
+                else:
+                    cur.last()
+                last = cur.key()[len(prefix):]
+        db = self.dbs["reflog"]
+        load = lambda k: json.loads(self.txn.get(bytes(k), db=db)) if k is not None else None  # noqa: E731
+        return load(first), load(last)
+
     def reflog_refs(self) -> list[str]:
         """Every ref name that has reflog entries (existing or deleted)."""
         names: list[str] = []
