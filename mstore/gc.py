@@ -213,7 +213,7 @@ def plan(
     ]
     pack_sizes = {num: _size(store.packs_dir / rec["name"]) for _name, (num, rec) in registered.items()}
     cand_packs = {e.pack for e in candidates.values()}
-    for key in sorted(live_keys):
+    for key in live_keys:
         e = entries.get(key)
         if e is None:
             continue
@@ -229,12 +229,15 @@ def plan(
             "gc plan refused: some live objects cannot be read, so nothing is safe to delete", sorted(problems)
         )
     young = sum(1 for k, e in entries.items() if k not in live_keys and e.stored_at >= grace_cut)
-    live_present = sorted(k for k in live_keys if k in entries)
+    # In index key order (kind byte, digest): the dict keeps LMDB's order, so no sort is needed.
     lh = blake3.blake3()
     live_bytes = 0
-    for k in live_present:
-        lh.update(k[0].encode() + k[1])
-        live_bytes += entries[k].enc_len
+    live_count = 0
+    for k, e in entries.items():
+        if k in live_keys:
+            lh.update(k[0].encode() + k[1])
+            live_bytes += e.enc_len
+            live_count += 1
     groups = _attribute(store, candidates, reflog_all, roots, now)
     dead_packs = []
     for path in sorted(store.packs_dir.glob("*" + SUFFIX)):
@@ -256,7 +259,7 @@ def plan(
         "policy": policy,
         "state_digest": digest,
         "roots": roots.to_dict(),
-        "live": {"objects": len(live_present), "stored_bytes": live_bytes, "digest": lh.hexdigest()},
+        "live": {"objects": live_count, "stored_bytes": live_bytes, "digest": lh.hexdigest()},
         "candidates": {
             "objects": len(candidates),
             "bytes": sum(e.raw_len for e in candidates.values()),
@@ -340,11 +343,15 @@ def _attribute(
 
 
 def _claim_tree(store: ObjectStore, tid: ObjectId, cid: ObjectId, candidates: dict, owner: dict) -> None:
+    """Attribute a candidate commit's candidate trees, files and chunks to it.
+
+    Only candidates are opened: everything below a live tree or a live file is live, so a
+    store of a million chunks reads just the manifests of what would be deleted.
+    """
     key = ("t", tid.digest)
-    if key in candidates:
-        if key in owner:
-            return
-        owner[key] = cid
+    if key not in candidates or key in owner:
+        return
+    owner[key] = cid
     try:
         tree = load_tree(store, tid)
     except MstoreError:
@@ -354,8 +361,9 @@ def _claim_tree(store: ObjectStore, tid: ObjectId, cid: ObjectId, candidates: di
             _claim_tree(store, e.id, cid, candidates, owner)
             continue
         fkey = ("f", e.id.digest)
-        if fkey in candidates and fkey not in owner:
-            owner[fkey] = cid
+        if fkey not in candidates or fkey in owner:
+            continue
+        owner[fkey] = cid
         try:
             fobj = load_file(store, e.id)
         except MstoreError:
