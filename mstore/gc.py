@@ -200,6 +200,24 @@ def plan(
     for kind, ids in (("m", live.commits), ("t", live.trees), ("f", live.files), ("c", live.chunks)):
         live_keys.update((kind, ObjectId(i).digest) for i in ids)
     grace_cut = now - float(policy["grace_days"]) * DAY
+    # Unreachable but younger than the grace period: kept, and so is everything they reach (a
+    # young manifest over old chunks, a young commit over an old parent). Without this closure
+    # gc could take the chunks of a manifest it keeps, and a later commit re-using the manifest
+    # would point at nothing.
+    young_keys = [k for k, e in entries.items() if k not in live_keys and e.stored_at >= grace_cut]
+    if young_keys:
+        kept = walk(
+            store,
+            [ObjectId.from_digest(d) for k, d in young_keys if k == "m"],
+            tree_roots=[ObjectId.from_digest(d) for k, d in young_keys if k == "t"],
+            file_roots=[ObjectId.from_digest(d) for k, d in young_keys if k == "f"],
+        )
+        doubt = {k: v for k, v in kept.unreadable.items() if (k[0], k[1].digest) in entries}
+        if doubt:
+            reasons = [f"{KINDS[k]} {oid}: {err}" for (k, oid), err in sorted(doubt.items())]
+            raise GcRefused("gc plan refused: objects kept by the grace period cannot be read", reasons)
+        for kind, ids in (("m", kept.commits), ("t", kept.trees), ("f", kept.files), ("c", kept.chunks)):
+            live_keys.update((kind, ObjectId(i).digest) for i in ids)
     candidates = {k: e for k, e in entries.items() if k not in live_keys and e.stored_at < grace_cut}
     # Keep on doubt. Every live chunk must be indexed and lie inside an existing pack; the bytes
     # of live objects sharing a pack with a candidate (apply copies them into a new pack) must
@@ -228,7 +246,7 @@ def plan(
         raise GcRefused(
             "gc plan refused: some live objects cannot be read, so nothing is safe to delete", sorted(problems)
         )
-    young = sum(1 for k, e in entries.items() if k not in live_keys and e.stored_at >= grace_cut)
+    young = len(young_keys)
     # In index key order (kind byte, digest): the dict keeps LMDB's order, so no sort is needed.
     lh = blake3.blake3()
     live_bytes = 0

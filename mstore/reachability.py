@@ -40,11 +40,25 @@ def walk(
     roots: Iterable[ObjectId],
     follow_parents: bool = True,
     on_object: Callable[[str, ObjectId], None] | None = None,
+    tree_roots: Iterable[ObjectId] = (),
+    file_roots: Iterable[ObjectId] = (),
 ) -> LiveSet:
-    """Mark everything reachable from the commit ids ``roots``."""
+    """Mark everything reachable from the commit ids ``roots`` (and from extra trees and files)."""
     live = LiveSet()
     stack = [ObjectId(r) for r in roots]
-    trees: list[ObjectId] = []
+    trees: list[ObjectId] = [ObjectId(t) for t in tree_roots]
+    for fid in file_roots:
+        fid = ObjectId(fid)
+        if fid in live.files:
+            continue
+        live.files.add(fid)
+        try:
+            fobj = load_file(store, fid)
+        except MstoreError as exc:
+            live.unreadable[("f", fid)] = str(exc)
+            continue
+        for chunk_id, _n in fobj.chunks:
+            live.chunks.add(chunk_id)
     while stack:
         cid = stack.pop()
         if cid in live.commits:

@@ -153,7 +153,14 @@ class Ingest:
         except MstoreError:
             return None  # damaged manifest: store the file afresh
         if self.batch is not None:
-            self.batch.contains("f", fid)  # re-used: refresh its age, re-check it at commit time
+            # Re-used: refresh the ages of the manifest and of every chunk it names, and re-check
+            # them all at commit time. A young manifest over old chunks would otherwise let gc
+            # take the chunks and keep the manifest.
+            if not self.batch.contains("f", fid):
+                return None
+            for cid, _n in fobj.chunks:
+                if not self.batch.contains("c", cid):
+                    return None  # a chunk is gone (damage or a concurrent gc): store the file afresh
         return fid, fobj
 
     def ingest_file(self, path: Path, rel: str) -> tuple[ObjectId, int]:
@@ -186,8 +193,9 @@ class Ingest:
                     if payload is not None:
                         if not self.batch.contains("c", oid):
                             self.batch.add_encoded("c", oid, oid.digest, codec, len(data), payload)
-                    else:
-                        self.batch.contains("c", oid)  # marks it re-used (age refresh)
+                    elif not self.batch.contains("c", oid):  # marks it re-used (age refresh) ...
+                        # ... unless a concurrent gc took it since the worker saw it: store it again.
+                        self.batch.add("c", oid, data)
                 self.progress(len(data))
 
             for data, item_size in plan.pieces():

@@ -172,6 +172,9 @@ class WriteBatch:
         # (kind, digest) -> (writer, offset, enc_len, raw_len, codec)
         self.pending: dict[tuple[str, bytes], tuple[PackWriter, int, int, int, int]] = {}
         self.reused: set[tuple[str, bytes]] = set()
+        # Keys indexed by earlier (intermediate) flushes of this batch: unreachable until the
+        # final transaction moves a ref, so that transaction re-checks they are still indexed.
+        self.flushed: set[tuple[str, bytes]] = set()
         self._unflushed = 0
         self.new_bytes = 0  # raw bytes of new objects
         self.stored_bytes = 0  # encoded bytes written to packs
@@ -186,18 +189,24 @@ class WriteBatch:
                 self.writer.seal()
             else:
                 self.writer.abandon()
-                if self.writer.number is None:
+                if self.writer.number is None and not self._registered(self.writer.name):
                     # Never indexed, so nothing can refer to it: an aborted operation leaves
-                    # no trace. (A pack that was partly indexed stays for gc to reclaim.)
+                    # no trace. (A pack that was partly indexed stays for gc to reclaim.) The
+                    # index is asked too: an interrupt between the transaction's commit and
+                    # the bookkeeping after it must never unlink a pack a ref now reaches.
                     try:
                         self.writer.path.unlink()
                     except OSError:
                         pass
 
+    def _registered(self, name: str) -> bool:
+        with self.store.index.read() as txn:
+            return any(rec["name"] == name for _n, rec in txn.iter_packs())
+
     def contains(self, kind: str, oid: ObjectId, txn: Txn | None = None) -> bool:
         """True if the object is already pending here or indexed (and then marks it re-used)."""
         key = (kind, oid.digest)
-        if key in self.pending or key in self.reused:
+        if key in self.pending or key in self.reused or key in self.flushed:
             return True
         if txn is not None:
             found = txn.get_entry(kind, oid.digest) is not None
@@ -240,7 +249,7 @@ class WriteBatch:
             self.writer.seal()
         self.writer = PackWriter(self.store.packs_dir, self.max_pack)
 
-    def flush(self, on_commit: Callable[[Txn], Any] | None = None) -> Any:
+    def flush(self, on_commit: Callable[[Txn], Any] | None = None, final: bool = False) -> Any:
         """Make pending objects durable and indexed; run ``on_commit`` in the same transaction.
 
         Raises:
@@ -253,17 +262,21 @@ class WriteBatch:
         result = None
         registered: list[PackWriter] = []
         try:
-            result = self._flush_txn(now, on_commit, registered)
+            result = self._flush_txn(now, on_commit, registered, final)
         except BaseException:
             for w in registered:  # the transaction was aborted: those numbers do not exist
                 w.number = None
             raise
+        self.flushed.update(self.pending)
+        self.flushed.update(self.reused)
         self.pending.clear()
         self.reused.clear()
         self._unflushed = 0
         return result
 
-    def _flush_txn(self, now: float, on_commit: Callable[[Txn], Any] | None, registered: list[PackWriter]) -> Any:
+    def _flush_txn(
+        self, now: float, on_commit: Callable[[Txn], Any] | None, registered: list[PackWriter], final: bool
+    ) -> Any:
         result = None
         with self.store.index.write() as txn:
             for (kind, digest), (writer, offset, enc_len, raw_len, codec) in self.pending.items():
@@ -275,14 +288,15 @@ class WriteBatch:
                     registered.append(writer)
                     writer.number = number
                 txn.put_entry(kind, digest, Entry(number, offset, enc_len, raw_len, codec, 0, now))
-            for kind, digest in self.reused:
+            recheck = (self.reused | self.flushed) if final else self.reused
+            for kind, digest in recheck:
                 entry = txn.get_entry(kind, digest)
                 if entry is None:
                     raise StorageError(
                         f"{KINDS[kind]} {digest.hex()} disappeared while this operation used it "
                         "(a concurrent gc?); nothing was changed, run the command again"
                     )
-                if now - entry.stored_at > REFRESH_AFTER:
+                if (kind, digest) in self.reused and now - entry.stored_at > REFRESH_AFTER:
                     txn.put_entry(
                         kind,
                         digest,
@@ -295,7 +309,7 @@ class WriteBatch:
 
     def commit(self, on_commit: Callable[[Txn], Any] | None = None) -> Any:
         """Final flush; seals the current pack. Returns what ``on_commit`` returned."""
-        result = self.flush(on_commit)
+        result = self.flush(on_commit, final=True)
         self.done = True
         if self.writer is not None:
             self.writer.seal()
