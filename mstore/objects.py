@@ -25,7 +25,6 @@ up. Nothing unvalidated leaves this module.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -340,11 +339,6 @@ class Commit:
             provenance=d["provenance"],
             stats=d["stats"],
         )
-
-
-def finite_number(value: float) -> bool:
-    """True unless ``value`` is NaN or infinite."""
-    return math.isfinite(value)
 
 
 # -- typed loading from any store with ``get(kind, id) -> verified bytes`` -------------------

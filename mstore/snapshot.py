@@ -507,9 +507,8 @@ class Checkout:
             Conflict: ``dest`` is not empty and ``force`` is False, or a path is in the way.
             IntegrityError: stored bytes do not match their ids (the file is not created).
         """
-        if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
-            if not dest.is_dir():
-                raise Conflict(f"{dest} exists and is not a directory")
+        if dest.exists() and not dest.is_dir():
+            raise Conflict(f"{dest} exists and is not a directory")
         if dest.exists() and any(dest.iterdir()) and not force:
             raise Conflict(f"{dest} is not empty; use --force to write into it")
         dest.mkdir(parents=True, exist_ok=True)
@@ -576,11 +575,6 @@ class Checkout:
                     os.unlink(tmp, dir_fd=dir_fd)
                 except OSError:
                     pass
-
-
-def is_safetensors(path: str, fobj: FileObject) -> bool:
-    """True if the file was chunked as safetensors (its header parsed when committed)."""
-    return fobj.chunker == SAFETENSORS_NAME
 
 
 def stored_summary(store: ObjectStore, tree_id: ObjectId, stats: dict[str, Any]) -> VersionSummary:

@@ -21,9 +21,3 @@ def cdc_chunks(f: BinaryIO, avg_size: int) -> Iterator[bytes]:
     for chunk in FastCDC(avg_size).cut_stream(f):
         # cut_stream's memoryview is only valid until the next chunk: copy it out.
         yield bytes(chunk.data)
-
-
-def cdc_chunks_of(data: bytes, avg_size: int) -> Iterator[bytes]:
-    """Cut an in-memory buffer (tests, small objects)."""
-    for chunk in FastCDC(avg_size).cut_buf(data):
-        yield bytes(chunk.data)

@@ -313,19 +313,6 @@ class Txn:
         db = self.dbs["reflog"]
         load = lambda k: json.loads(self.txn.get(bytes(k), db=db)) if k is not None else None  # noqa: E731
         return load(first), load(last)
-
-    def reflog_refs(self) -> list[str]:
-        """Every ref name that has reflog entries (existing or deleted)."""
-        names: list[str] = []
-        last = None
-        with self.txn.cursor(db=self.dbs["reflog_by_ref"]) as cur:
-            for key in cur.iternext(keys=True, values=False):
-                name = bytes(key).split(b"\0", 1)[0].decode("utf-8")
-                if name != last:
-                    names.append(name)
-                    last = name
-        return names
-
     def put_pack(self, number: int, record: dict) -> None:
         """Replace a registered pack's record (gc marks packs retired or trashed)."""
         self.txn.put(_U32BE.pack(number), json.dumps(record, sort_keys=True).encode(), db=self.dbs["packs"])
