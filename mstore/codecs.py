@@ -115,7 +115,7 @@ def _encode_planes(raw: bytes | memoryview, item: int) -> bytes | None:
     return header + b"".join(parts)
 
 
-def _decode_planes(data: bytes | memoryview, raw_len: int) -> bytes:
+def _decode_planes(data: bytes | memoryview, raw_len: int, into: memoryview | None = None) -> bytes:
     import numpy as np
 
     view = memoryview(data)
@@ -131,7 +131,10 @@ def _decode_planes(data: bytes | memoryview, raw_len: int) -> bytes:
     if head + sum(lengths) != len(view):
         raise IntegrityError("byte-plane chunk: plane lengths do not add up")
     n = raw_len // item
-    out = np.empty((n, item), dtype=np.uint8)
+    if into is None:
+        out = np.empty((n, item), dtype=np.uint8)
+    else:
+        out = np.frombuffer(into, dtype=np.uint8).reshape(n, item)
     pos = head
     for i, length in enumerate(lengths):
         part = view[pos : pos + length]
@@ -143,7 +146,29 @@ def _decode_planes(data: bytes | memoryview, raw_len: int) -> bytes:
                 raise IntegrityError(f"byte-plane chunk: raw plane {i} has {length} bytes, expected {n}")
             plane = part
         out[:, i] = np.frombuffer(plane, dtype=np.uint8)
-    return out.tobytes()
+    return b"" if into is not None else out.tobytes()
+
+
+def decode_into(codec: int, data: bytes | memoryview, raw_len: int, out: bytearray) -> memoryview:
+    """Decode like :func:`decode`, into ``out`` where a copy is needed; returns the raw bytes.
+
+    The result is a view of ``data`` itself (raw chunks: no copy) or of ``out`` (at least
+    ``raw_len`` bytes), valid until either is reused. Checkout decodes every chunk through one
+    reusable buffer per thread: allocating and copying a fresh ``bytes`` per chunk cost more
+    than decoding it. The same bounds and errors as :func:`decode`.
+    """
+    if codec == RAW:
+        if len(data) != raw_len:
+            raise IntegrityError(f"raw chunk has {len(data)} bytes, record says {raw_len}")
+        return memoryview(data)
+    if len(out) < raw_len:
+        raise ValueError("output buffer too small")
+    view = memoryview(out)[:raw_len]
+    if codec == BYTEPLANE:
+        _decode_planes(data, raw_len, view)
+        return view
+    view[:] = decode(codec, data, raw_len)
+    return view
 
 
 def decode(codec: int, data: bytes | memoryview, raw_len: int) -> bytes:

@@ -98,11 +98,15 @@ _HASH_WINDOW = 64 << 20
 
 def hash_file(f, size: int) -> ObjectId:
     """BLAKE3 of an open file's first ``size`` bytes (multi-threaded, windowed mmap)."""
+    return hash_file_fd(f.fileno(), size)
+
+
+def hash_file_fd(fd: int, size: int) -> ObjectId:
+    """BLAKE3 of the first ``size`` bytes of a readable descriptor (multi-threaded, windowed mmap)."""
     import mmap
 
     h = blake3.blake3(max_threads=blake3.blake3.AUTO)
     off = 0
-    fd = f.fileno()
     while off < size:
         n = min(_HASH_WINDOW, size - off)
         with mmap.mmap(fd, n, offset=off, access=mmap.ACCESS_READ) as m:

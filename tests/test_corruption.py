@@ -240,3 +240,54 @@ def test_fsck_reports_a_deleted_pack_even_after_this_process_has_read_from_it(hi
 
     assert not report.ok
     assert history.commits["c3"] in {d["id"] for d in report.damaged}
+
+
+# -- damage that checkout's fast path meets in different places --------------------------------
+
+
+def _compressible_weights(work: Path, repo: Repo) -> tuple[ObjectId, ObjectId]:
+    """A commit whose one tensor is stored with compressed byte planes; returns (commit, chunk)."""
+    w = (np.random.default_rng(3).standard_normal((256, 256)) * 0.02).astype(np.float32)
+    write_safetensors(work / "w" / "model.safetensors", {"w": w})
+    cid = repo.commit(work / "w", "weights", "w").id
+    chunk = ObjectId(blake3.blake3(w.tobytes()).hexdigest())
+    assert repo.store.entry("c", chunk).codec == 2  # byte planes, exponent plane compressed
+    return cid, chunk
+
+
+def test_checkout_names_a_chunk_whose_encoding_no_longer_decodes(repo, work, tmp_path):
+    commit, chunk = _compressible_weights(work, repo)
+    entry = _entry(repo, "c", chunk)
+    with open(_pack_path(repo, entry), "r+b") as f:  # the byte-plane header's element size
+        f.seek(entry.offset + RECORD.size)
+        f.write(b"\x03")
+
+    with pytest.raises(IntegrityError) as info:
+        repo.checkout(commit, tmp_path / "out")
+
+    assert str(chunk) in str(info.value)
+    assert "model.safetensors" in str(info.value)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    assert _leftovers(tmp_path / "out") == []
+
+
+def test_checkout_names_a_chunk_whose_bytes_decode_but_are_wrong(repo, work, tmp_path):
+    commit, chunk = _compressible_weights(work, repo)
+    entry = _entry(repo, "c", chunk)
+    payload = entry.offset + RECORD.size
+    with open(_pack_path(repo, entry), "r+b") as f:
+        f.seek(payload)
+        item, mask = f.read(2)
+        assert (item, mask & 1) == (4, 0)  # plane 0 (lowest mantissa bytes) is stored raw
+        pos = payload + 2 + 4 * item + 10  # a byte inside plane 0: decodes fine, value wrong
+        f.seek(pos)
+        byte = f.read(1)[0]
+        f.seek(pos)
+        f.write(bytes([byte ^ 0x01]))
+
+    with pytest.raises(IntegrityError) as info:
+        repo.checkout(commit, tmp_path / "out")
+
+    assert str(chunk) in str(info.value)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    assert _leftovers(tmp_path / "out") == []

@@ -208,6 +208,34 @@ class PackReader:
             raise IntegrityError(f"pack {name} offset {offset}: record length {rec.enc_len} != indexed {enc_len}")
         return rec, buf[RECORD.size :]
 
+    def read_into(self, name: str, offset: int, enc_len: int, buf: bytearray) -> tuple[Record, memoryview]:
+        """Like :meth:`read`, into ``buf`` (at least ``RECORD.size + enc_len`` bytes): no allocation.
+
+        The payload returned is a view of ``buf``, valid until ``buf`` is reused.
+
+        Raises:
+            IntegrityError: the pack is missing, truncated or the record header is damaged.
+        """
+        total = RECORD.size + enc_len
+        view = memoryview(buf)[:total]
+        got = 0
+        # A duplicate descriptor, so the read runs outside the lock (threads read in parallel)
+        # and the LRU may close the cached one meanwhile.
+        with self._lock:
+            fd = os.dup(self._fd(name))
+        try:
+            while got < total:
+                n = os.preadv(fd, [view[got:]], offset + got)
+                if n <= 0:
+                    raise IntegrityError(f"pack {name} is truncated at offset {offset}")
+                got += n
+        finally:
+            os.close(fd)
+        rec = parse_record_header(bytes(view[: RECORD.size]), offset)
+        if rec.enc_len != enc_len:
+            raise IntegrityError(f"pack {name} offset {offset}: record length {rec.enc_len} != indexed {enc_len}")
+        return rec, view[RECORD.size :]
+
     def decode(self, rec: Record, payload: bytes) -> bytes:
         """Decode a payload and check it against the record's check hash.
 
