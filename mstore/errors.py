@@ -150,3 +150,34 @@ class RepositoryNotFound(NotFound):
 
 class RepositoryExists(Conflict):
     """``init`` was asked to create a repository where one already exists."""
+
+
+# -- remotes (remote.py, storage/backends) ----------------------------------------------------
+
+
+class RemoteNotFound(NotFound):
+    """No remote of that name is configured."""
+
+
+class PushRejected(Conflict):
+    """A push did not move some remote refs: not a fast-forward, or another pusher won the race.
+
+    The objects that were sent stay on the remote (a re-push sends nothing twice); fetch the
+    new remote head, build on it, and push again.
+    """
+
+    def __init__(self, message: str, rejected: list):
+        super().__init__(message)
+        self.rejected = rejected
+
+
+class Diverged(Conflict):
+    """A pull cannot fast-forward: the local branch has commits the remote branch lacks."""
+
+
+class RemoteIntegrityError(IntegrityError):
+    """A remote served bytes that are wrong, truncated, malformed or hostile; nothing was taken in."""
+
+
+class OversizedObject(RemoteIntegrityError):
+    """A remote object is larger than the configured limit; refused before it is downloaded."""

@@ -63,6 +63,7 @@ from .refs import (
     short_name,
     tag_ref,
 )
+from .storage.index import KINDS
 from .storage.store import ObjectStore
 
 if TYPE_CHECKING:
@@ -1053,6 +1054,332 @@ class Repo:
     def stored_bytes(self) -> int:
         """Bytes of all pack files on disk."""
         return sum(p.stat().st_size for p in (self.root / PACKS_DIR).iterdir() if p.is_file())
+
+    # -- remotes (remote.py, storage/backends; docs/remotes.md) ---------------------------------
+    def remotes(self) -> dict[str, dict[str, Any]]:
+        """The configured remotes: ``{name: {"url": ..., "endpoint_url": ...}}``."""
+        return {n: dict(v) for n, v in sorted((self.config.data.get("remotes") or {}).items())}
+
+    def remote_add(
+        self,
+        name: str,
+        url: str,
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        profile: str | None = None,
+    ) -> dict[str, Any]:
+        """Configure a remote (``file:///other/disk``, ``s3://bucket/prefix``, ``memory://x``).
+
+        Raises:
+            InvalidName: a bad remote name or URL.
+            Conflict: a remote of that name exists.
+        """
+        from .remote import check_remote_name
+        from .storage.backends import open_backend
+
+        check_remote_name(name)
+        if name in self.remotes():
+            raise Conflict(f"remote {name} exists (remove it first: mstore remote remove {name})")
+        settings = {k: v for k, v in (("url", url), ("endpoint_url", endpoint_url), ("region", region),
+                                      ("profile", profile)) if v}
+        open_backend(url, **{k: v for k, v in settings.items() if k != "url"}).close()  # validates; no I/O
+        data = dict(self.config.data)
+        data["remotes"] = {**(data.get("remotes") or {}), name: settings}
+        self.config = Config(data)
+        write_config(self.root, self.config)
+        return settings
+
+    def remote_remove(self, name: str) -> int:
+        """Forget a remote and its tracking refs (their reflog stays). Returns how many refs went."""
+        self._remote_settings(name)
+        data = dict(self.config.data)
+        data["remotes"] = {k: v for k, v in (data.get("remotes") or {}).items() if k != name}
+        self.config = Config(data)
+        write_config(self.root, self.config)
+        change = RefChange(self.user, "remote remove", f"removed remote {name}")
+        n = 0
+        with self.store.index.write() as txn:
+            for ref, digest in list(txn.iter_refs(f"refs/remotes/{name}/")):
+                set_if_equals(txn, ref, digest, None, change, self.clock())
+                n += 1
+        return n
+
+    def _remote_settings(self, name: str) -> dict[str, Any]:
+        from .errors import RemoteNotFound
+
+        settings = self.remotes().get(name)
+        if settings is None:
+            known = ", ".join(self.remotes()) or "none configured"
+            raise RemoteNotFound(f"no remote {name!r} (remotes: {known}; add one with mstore remote add)")
+        return settings
+
+    def _backend(self, name: str):
+        from .storage.backends import open_backend
+
+        settings = self._remote_settings(name)
+        return open_backend(settings["url"], **{k: v for k, v in settings.items() if k != "url"})
+
+    def _remote_cache(self, name: str) -> Path:
+        import blake3
+
+        url = self._remote_settings(name)["url"]
+        return self.root / TMP_DIR / "remote-cache" / blake3.blake3(url.encode()).hexdigest()[:16]
+
+    def _push_specs(self, refs: list[str], all_branches: bool, tags: bool, force: bool) -> list[tuple[str, str, bool]]:
+        specs: list[tuple[str, str, bool]] = []
+        with self.store.index.read() as txn:
+            for spec in refs:
+                src, sep, dst = spec.partition(":")
+                local = self._find_ref(txn, src)
+                if local is None or local.startswith("refs/remotes/"):
+                    raise RefNotFound(f"no local branch or tag {src!r} to push")
+                if sep:
+                    remote = (TAGS if local.startswith(TAGS) else HEADS) + dst if not dst.startswith("refs/") else dst
+                else:
+                    remote = local
+                check_ref_name(remote)
+                specs.append((local, remote, force))
+            if all_branches:
+                specs += [(n, n, force) for n, _d in txn.iter_refs(HEADS)]
+            if tags:
+                specs += [(n, n, False) for n, _d in txn.iter_refs(TAGS)]
+        if not specs:
+            raise UserError("nothing to push: name a branch or tag, or use --all / --tags")
+        return list(dict.fromkeys(specs))
+
+    def push(
+        self,
+        remote: str,
+        refs: list[str] = (),
+        *,
+        all_branches: bool = False,
+        tags: bool = False,
+        force: bool = False,
+        progress: Progress | None = None,
+        on_total: Callable[[int], None] | None = None,
+        crash_hook: Callable[[str], None] | None = None,
+        pack_target: int | None = None,
+    ):
+        """Send what ``remote`` lacks and move its refs by compare-and-swap: ``repo.push("origin", ["exp1"])``.
+
+        ``refs`` are branch or tag names, or ``LOCAL:REMOTE``. A remote branch moves only by
+        fast-forward unless ``force``; remote tags never move. Every ref that can move moves;
+        then, if any could not, :class:`PushRejected` lists them (its ``result`` attribute has
+        the whole :class:`~mstore.remote.TransferResult`).
+
+        Raises:
+            RemoteNotFound: no such remote. RefNotFound: no such local ref.
+            PushRejected: a ref was not a fast-forward, or another pusher moved it first.
+            IntegrityError: a local object to send is damaged (nothing moved).
+        """
+        from .errors import PushRejected
+        from .remote import PACK_TARGET, push
+
+        specs = self._push_specs(list(refs), all_branches, tags, force)
+        target = pack_target or int(self._remote_settings(remote).get("pack_size", PACK_TARGET))
+        backend = self._backend(remote)
+        try:
+            result = push(
+                self.store, backend, remote, specs, self.user, progress=progress, on_total=on_total,
+                crash_hook=crash_hook, pack_target=target, cache_dir=self._remote_cache(remote), now=self.clock,
+            )
+        finally:
+            backend.close()
+        if result.rejected:
+            lines = [f"  {r.local} -> {remote}/{r.remote}: {r.reason}" for r in result.rejected]
+            exc = PushRejected(f"push to {remote} rejected:\n" + "\n".join(lines), result.rejected)
+            exc.result = result
+            raise exc
+        return result
+
+    def fetch(
+        self,
+        remote: str,
+        refs: list[str] = (),
+        *,
+        progress: Progress | None = None,
+        on_total: Callable[[int], None] | None = None,
+        max_object: int | None = None,
+    ):
+        """Receive the remote's branches (all, or ``refs``) and tags, verified; update ``REMOTE/BRANCH`` refs.
+
+        Raises:
+            RemoteNotFound, RefNotFound: no such remote or remote ref.
+            RemoteIntegrityError: the remote served wrong, truncated or hostile data (nothing
+                unverified was indexed and no ref moved).
+            OversizedObject: a remote object above the limit.
+        """
+        from .remote import MAX_OBJECT, fetch
+
+        wanted = None
+        if refs:
+            wanted = [r if r.startswith("refs/") else (TAGS + r if r in self._remote_tag_names(remote) else HEADS + r)
+                      for r in refs]
+        backend = self._backend(remote)
+        try:
+            return fetch(
+                self.store, backend, remote, wanted, self.user, progress=progress, on_total=on_total,
+                max_object=max_object or MAX_OBJECT, cache_dir=self._remote_cache(remote),
+            )
+        finally:
+            backend.close()
+
+    def _remote_tag_names(self, remote: str) -> set[str]:
+        from .remote import list_refs
+
+        backend = self._backend(remote)
+        try:
+            return {short_name(n) for n in list_refs(backend) if n.startswith(TAGS)}
+        finally:
+            backend.close()
+
+    def pull(
+        self,
+        remote: str,
+        branch: str,
+        *,
+        progress: Progress | None = None,
+        on_total: Callable[[int], None] | None = None,
+    ):
+        """Fetch ``branch`` from ``remote`` and fast-forward the local branch of that name to it.
+
+        Returns:
+            (fetch result, RefChangeResult of the local branch).
+
+        Raises:
+            Diverged: the local branch has commits the remote one lacks (nothing moved locally
+                except the tracking ref).
+        """
+        from .errors import Diverged
+        from .remote import is_ancestor, tracking_ref
+
+        full = branch_ref(branch)
+        result = self.fetch(remote, [full], progress=progress, on_total=on_total)
+        with self.store.index.read() as txn:
+            theirs = ObjectId.from_digest(txn.get_ref(tracking_ref(remote, full)))
+            cur = txn.get_ref(full)
+        mine = ObjectId.from_digest(cur) if cur is not None else None
+        if mine == theirs:
+            return result, RefChangeResult(branch, full, mine, theirs)
+        if mine is not None and not is_ancestor(self.store, mine, theirs):
+            raise Diverged(
+                f"{branch} has commits that {remote}/{branch} lacks: cannot fast-forward "
+                f"({mine.short} vs {theirs.short}); push them to another branch, or restore from the reflog"
+            )
+        self._update_ref(full, cur, theirs, "pull", f"fast-forward to {remote}/{branch}")
+        return result, RefChangeResult(branch, full, mine, theirs)
+
+    @classmethod
+    def clone(
+        cls,
+        url: str,
+        dest: str | os.PathLike,
+        *,
+        name: str = "origin",
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        profile: str | None = None,
+        progress: Progress | None = None,
+        on_total: Callable[[int], None] | None = None,
+    ) -> Repo:
+        """Create a repository at ``dest`` from a remote: every branch (tracked and local) and tag.
+
+        Raises:
+            RepositoryExists, Conflict: ``dest`` exists and is not empty.
+            RemoteIntegrityError: bad data from the remote; the new repository is removed.
+        """
+        import shutil
+
+        dest = Path(dest)
+        created = not dest.exists()
+        repo = cls.init(dest)
+        try:
+            repo.remote_add(name, url, endpoint_url=endpoint_url, region=region, profile=profile)
+            repo.fetch(name, progress=progress, on_total=on_total)
+            change = RefChange(repo.user, "clone", f"cloned from {url}")
+            with repo.store.index.write() as txn:
+                for ref, digest in list(txn.iter_refs(f"refs/remotes/{name}/")):
+                    set_if_equals(txn, HEADS + ref[len(f"refs/remotes/{name}/"):], None, digest, change, repo.clock())
+        except BaseException:
+            repo.close()
+            if created:
+                shutil.rmtree(dest, ignore_errors=True)
+            else:
+                for child in dest.iterdir():
+                    shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink()
+            raise
+        return repo
+
+    def remote_refs(self, remote: str) -> list[dict[str, Any]]:
+        """The remote's branches and tags as they are now (like ``git ls-remote``)."""
+        from .remote import list_refs
+
+        backend = self._backend(remote)
+        try:
+            return [
+                {"ref": short_name(n), "full_name": n, "id": str(r.id), "seq": r.seq, "time": r.doc.get("time"),
+                 "user": r.doc.get("user")}
+                for n, r in sorted(list_refs(backend).items())
+            ]
+        finally:
+            backend.close()
+
+    def remote_reflog(self, remote: str, ref: str) -> list[dict[str, Any]]:
+        """Every change of a remote ref, oldest first (the remote's own reflog)."""
+        from .remote import remote_reflog
+
+        full = ref if ref.startswith("refs/") else HEADS + ref
+        backend = self._backend(remote)
+        try:
+            return remote_reflog(backend, full)
+        finally:
+            backend.close()
+
+    def remote_lacks(self, remote: str, keys) -> set:
+        """Which ``(kind, digest)`` keys the remote does not hold intact (for gc ``--require-remote``)."""
+        from .remote import lacks
+
+        backend = self._backend(remote)
+        try:
+            return lacks(backend, keys, self._remote_cache(remote))
+        finally:
+            backend.close()
+
+    def fsck_repair(self, remote: str, progress: Progress | None = None) -> dict[str, Any]:
+        """fsck, then replace every damaged or missing object with a verified copy from ``remote``.
+
+        Returns:
+            ``{"repaired": [...], "failed": [...], "before": report, "after": report}``.
+        """
+        from .fsck import fsck
+        from .remote import repair
+
+        before = fsck(self.store, progress)
+        keys = []
+        inverse = {v: k for k, v in KINDS.items()}
+        for d in before.damaged:
+            keys.append((inverse[d["kind"]], ObjectId(d["id"])))
+        for r in before.refs:
+            keys.append(("m", ObjectId(r["id"])))
+        keys = list(dict.fromkeys(keys))
+        repaired: list = []
+        failed: dict = {}
+        if keys:
+            backend = self._backend(remote)
+            try:
+                repaired, failed = repair(self.store, backend, keys, self._remote_cache(remote))
+            finally:
+                backend.close()
+        after = fsck(self.store) if keys else before
+        return {
+            "remote": remote,
+            "repaired": [{"kind": KINDS[k], "id": str(o)} for k, o in repaired],
+            "failed": [{"kind": KINDS[k], "id": str(o), "error": e} for (k, o), e in failed.items()],
+            "before": before.to_dict(),
+            "after": after.to_dict(),
+            "ok": after.ok,
+        }
 
 
 def _refusal_text(branch: str, parent: ObjectId | None, findings: list, dry_run: bool) -> str:

@@ -1,0 +1,1017 @@
+"""Remotes: push, fetch and repair between the local store and a :class:`Backend`.
+
+Layout of a remote (see ``docs/remotes.md``)::
+
+    mstore-remote.json                   {"format": "mstore-remote", "version": 1}
+    packs/<name>.pack                    packs in the local pack format (storage/packs.py)
+    packs/<name>.idx                     JSON list of the pack's records; written after its pack
+    refs/heads/<branch>.ref              JSON ref document, changed only by compare-and-swap
+    refs/tags/<tag>.ref
+    logs/refs/heads/<branch>.ref/<seq>   the remote reflog: one immutable entry per ref change
+
+Invariants (MUST, as in docs/format.md):
+
+R1. A pack's ``.idx`` is written only after the whole pack is stored; what the remote *has* is
+    the union of the records listed by the ``.idx`` documents whose pack is present at its
+    recorded size. A pack without an index (a killed push) is invisible and re-sent.
+R2. A remote ref moves only after every object its commit reaches is listed by R1; it moves by
+    compare-and-swap from the document the pusher read, so of two racing pushers one wins and
+    the other is rejected ("fetch first") with nothing lost.
+R3. Ref document number ``seq`` is logged as ``logs/<ref>/<seq>``. Its author writes the entry
+    right after winning the swap; any later pusher writes it (from the document itself, so the
+    content is the same) before it moves the ref again. No change can go unlogged.
+R4. Everything received is verified before it is indexed locally: record framing against the
+    ``.idx``, decoded size, the hash against the id, trees and commits parsed (names with ``/``
+    or ``..`` refused), and a file manifest's id against the hash of its content. A remote
+    ref moves a local ref only in the transaction that indexes the last of its objects.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote
+
+import blake3
+
+from . import codecs
+from .errors import (
+    IntegrityError,
+    InvalidName,
+    MstoreError,
+    OversizedObject,
+    RemoteIntegrityError,
+    UnsupportedFormat,
+)
+from .fsutil import atomic_write, unique_name
+from .hashing import ObjectId, is_full_id
+from .objects import Commit, FileObject, Tree, load_commit
+from .reachability import walk
+from .refs import ANY, HEADS, REMOTES, TAGS, RefChange, check_ref_name, set_if_equals, short_name
+from .storage.backends import Backend, BackendNotFound
+from .storage.index import KINDS, Entry
+from .storage.packs import (
+    FOOTER,
+    FOOTER_MAGIC,
+    HEADER,
+    PACK_MAGIC,
+    PACK_VERSION,
+    RECORD,
+    RECORD_MAGIC,
+    PackWriter,
+    parse_record_header,
+)
+from .storage.store import ObjectStore, verify_raw
+
+REMOTE_FORMAT = "mstore-remote"
+REMOTE_VERSION = 1
+MARKER = "mstore-remote.json"
+
+#: A remote pack is closed once it holds this much (a multipart upload of 16 MiB parts).
+PACK_TARGET = 64 << 20
+#: Refuse any single object larger than this from a remote (a chunk is at most 16 MiB by
+#: default; a manifest of a 1 TB file is a few MB): a hostile remote cannot make us allocate more.
+MAX_OBJECT = 256 << 20
+#: Records closer than this in one remote pack are fetched with one ranged GET.
+_COALESCE_GAP = 1 << 20
+_RANGE_MAX = 16 << 20
+_THREADS = 8
+
+Hook = Callable[[str], None]
+Progress = Callable[[int], None]
+
+
+def _noop(*_a: Any) -> None:
+    return None
+
+
+# -- keys ------------------------------------------------------------------------------------
+
+
+def ref_key(full: str) -> str:
+    """``refs/heads/runs/exp1`` → ``refs/heads/runs/exp1.ref`` (components percent-quoted)."""
+    check_ref_name(full)
+    return "/".join(quote(p, safe="-_.") for p in full.split("/")) + ".ref"
+
+
+def ref_from_key(key: str) -> str:
+    """The inverse of :func:`ref_key` (validated).
+
+    Raises:
+        InvalidName: not a ref key.
+    """
+    if not key.endswith(".ref"):
+        raise InvalidName(f"{key!r} is not a remote ref key")
+    full = "/".join(unquote(p) for p in key[: -len(".ref")].split("/"))
+    check_ref_name(full)
+    if not full.startswith((HEADS, TAGS)):
+        raise InvalidName(f"remote ref {full!r} is neither a branch nor a tag")
+    return full
+
+
+def log_key(full: str, seq: int) -> str:
+    """The key of a remote reflog entry."""
+    return f"logs/{ref_key(full)}/{seq:012d}"
+
+
+# -- the remote's catalog --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a record lives on the remote."""
+
+    pack: str
+    offset: int
+    enc_len: int
+    raw_len: int
+    codec: int
+
+
+@dataclass
+class Catalog:
+    """What a remote holds: (kind, digest) → location, plus packs that are damaged."""
+
+    objects: dict[tuple[str, bytes], Location] = field(default_factory=dict)
+    packs: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"size", "meta"}
+    damaged: dict[str, str] = field(default_factory=dict)  # pack name -> problem
+    damaged_keys: dict[tuple[str, bytes], str] = field(default_factory=dict)  # key -> pack
+
+    def has(self, kind: str, digest: bytes) -> bool:
+        """True if the remote has the object in a healthy pack."""
+        return (kind, digest) in self.objects
+
+
+def parse_index(raw: bytes, name: str, max_object: int = MAX_OBJECT) -> dict[str, Any]:
+    """Parse and validate a remote pack index.
+
+    Raises:
+        RemoteIntegrityError: malformed, or records outside the pack.
+        OversizedObject: a record larger than ``max_object``.
+    """
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise RemoteIntegrityError(f"remote pack index {name}.idx is not JSON") from None
+    if not isinstance(doc, dict) or doc.get("v") != 1 or doc.get("pack") != name:
+        raise RemoteIntegrityError(f"remote pack index {name}.idx has the wrong version or pack name")
+    size = doc.get("size")
+    records = doc.get("records")
+    if not isinstance(size, int) or size < HEADER.size or not isinstance(records, list):
+        raise RemoteIntegrityError(f"remote pack index {name}.idx is malformed")
+    for r in records:
+        if (
+            not isinstance(r, list)
+            or len(r) != 6
+            or r[0] not in KINDS
+            or not isinstance(r[1], str)
+            or not is_full_id(r[1])
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in r[2:])
+        ):
+            raise RemoteIntegrityError(f"remote pack index {name}.idx has a malformed record {str(r)[:120]}")
+        if r[2] < HEADER.size or r[2] + RECORD.size + r[3] > size:
+            raise RemoteIntegrityError(f"remote pack index {name}.idx names a record outside its pack")
+        if r[4] > max_object:
+            raise OversizedObject(
+                f"remote pack {name} holds a {KINDS[r[0]]} {r[1][:12]} of {r[4]:,} bytes, above the "
+                f"limit of {max_object:,}: refusing it"
+            )
+    return doc
+
+
+def check_layout(backend: Backend, create: bool = False) -> bool:
+    """Check the remote's marker (or create it). Returns False for an empty, unmarked remote.
+
+    Raises:
+        UnsupportedFormat: the remote is of a version this mstore does not read, or not a remote.
+    """
+    marker = json.dumps({"format": REMOTE_FORMAT, "version": REMOTE_VERSION}, sort_keys=True).encode()
+    try:
+        raw = backend.get(MARKER)
+    except BackendNotFound:
+        if not create:
+            return False
+        backend.put_if_absent(MARKER, marker)
+        raw = backend.get(MARKER)
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict) or doc.get("format") != REMOTE_FORMAT:
+        raise UnsupportedFormat(f"{backend.url} has a {MARKER} that is not an mstore remote's")
+    if doc.get("version") != REMOTE_VERSION:
+        raise UnsupportedFormat(
+            f"{backend.url} is an mstore remote of version {doc.get('version')!r}; this mstore reads "
+            f"{REMOTE_VERSION}: upgrade mstore"
+        )
+    return True
+
+
+def load_catalog(backend: Backend, cache_dir: Path | None = None, max_object: int = MAX_OBJECT) -> Catalog:
+    """List the remote's packs and read their indexes (cached locally: they never change).
+
+    Raises:
+        RemoteIntegrityError, OversizedObject: a malformed index.
+    """
+    cat = Catalog()
+    sizes: dict[str, int] = {}
+    indexes: list[str] = []
+    for key, size in backend.list("packs/"):
+        name = key[len("packs/") :]
+        if "/" in name:
+            continue
+        if name.endswith(".pack"):
+            sizes[name[: -len(".pack")]] = size
+        elif name.endswith(".idx"):
+            indexes.append(name[: -len(".idx")])
+    for name in indexes:
+        raw = None
+        cached = cache_dir / f"{name}.idx" if cache_dir is not None else None
+        if cached is not None and cached.is_file():
+            raw = cached.read_bytes()
+        try:
+            doc = parse_index(raw, name, max_object) if raw is not None else None
+        except RemoteIntegrityError:
+            doc = None  # a damaged cache: read the remote's copy
+        if doc is None:
+            try:
+                raw = backend.get(f"packs/{name}.idx")
+            except BackendNotFound:
+                continue
+            doc = parse_index(raw, name, max_object)
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(cached, raw)
+        keys = [(r[0], bytes.fromhex(r[1])) for r in doc["records"]]
+        actual = sizes.get(name)
+        if actual != doc["size"]:
+            problem = "missing" if actual is None else f"truncated: {actual:,} of {doc['size']:,} bytes"
+            cat.damaged[name] = problem
+            for k in keys:
+                cat.damaged_keys.setdefault(k, name)
+            continue
+        cat.packs[name] = {"size": doc["size"], "meta": bool(doc.get("meta"))}
+        for k, r in zip(keys, doc["records"], strict=True):
+            cat.objects.setdefault(k, Location(name, r[2], r[3], r[4], r[5]))
+    return cat
+
+
+def lacks(backend: Backend, keys: Iterable[tuple[str, bytes | str]], cache_dir: Path | None = None) -> set:
+    """Which of ``keys`` ((kind, digest bytes or hex id)) the remote does not hold intact.
+
+    For gc's ``--require-remote``: a candidate may be deleted locally only if this returns
+    nothing for it. Objects in a missing or truncated remote pack count as lacking. The answer
+    comes from the remote's pack indexes; it does not download or re-verify the packs.
+
+    Returns:
+        The subset of ``keys`` (as given) that the remote lacks.
+    """
+    cat = load_catalog(backend, cache_dir)
+    out = set()
+    for kind, d in keys:
+        digest = bytes.fromhex(d) if isinstance(d, str) else d
+        if not cat.has(kind, digest):
+            out.add((kind, d))
+    return out
+
+
+# -- remote refs -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RemoteRef:
+    """A remote ref document and the version token its compare-and-swap needs."""
+
+    name: str
+    id: ObjectId | None
+    seq: int
+    doc: dict[str, Any]
+    version: str
+
+
+def _parse_ref_doc(raw: bytes, full: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise RemoteIntegrityError(f"remote ref {full} is not JSON") from None
+    ok = (
+        isinstance(doc, dict)
+        and doc.get("v") == 1
+        and doc.get("ref") == full
+        and (doc.get("id") is None or (isinstance(doc.get("id"), str) and is_full_id(doc["id"])))
+        and (doc.get("old") is None or (isinstance(doc.get("old"), str) and is_full_id(doc["old"])))
+        and isinstance(doc.get("seq"), int)
+        and doc["seq"] >= 1
+    )
+    if not ok:
+        raise RemoteIntegrityError(f"remote ref {full} is malformed")
+    return doc
+
+
+def read_ref(backend: Backend, full: str) -> RemoteRef | None:
+    """The remote ref ``full`` (None if it never existed)."""
+    got = backend.read_versioned(ref_key(full))
+    if got is None:
+        return None
+    raw, version = got
+    doc = _parse_ref_doc(raw, full)
+    return RemoteRef(full, ObjectId(doc["id"]) if doc["id"] else None, doc["seq"], doc, version)
+
+
+def list_refs(backend: Backend) -> dict[str, RemoteRef]:
+    """Every remote branch and tag that currently points at a commit."""
+    out: dict[str, RemoteRef] = {}
+    for key, _size in backend.list("refs/"):
+        try:
+            full = ref_from_key(key)
+        except InvalidName as exc:
+            raise RemoteIntegrityError(f"{backend.url}: {exc}") from None
+        ref = read_ref(backend, full)
+        if ref is not None and ref.id is not None:
+            out[full] = ref
+    return out
+
+
+def _log_entry(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def ensure_logged(backend: Backend, ref: RemoteRef) -> None:
+    """Write the reflog entry of the ref's current document if its author did not (R3)."""
+    backend.put_if_absent(log_key(ref.name, ref.seq), _log_entry(ref.doc))
+
+
+def remote_reflog(backend: Backend, full: str) -> list[dict[str, Any]]:
+    """Every change of one remote ref, oldest first (the current one included even if unlogged)."""
+    entries: dict[int, dict[str, Any]] = {}
+    prefix = f"logs/{ref_key(full)}/"
+    for key, _size in backend.list(prefix):
+        try:
+            seq = int(key[len(prefix) :])
+            entries[seq] = _parse_ref_doc(backend.get(key), full)
+        except (ValueError, BackendNotFound):
+            continue
+    cur = read_ref(backend, full)
+    if cur is not None and cur.seq not in entries:
+        entries[cur.seq] = cur.doc
+    return [entries[s] for s in sorted(entries)]
+
+
+# -- push --------------------------------------------------------------------------------------
+
+
+@dataclass
+class RefUpdate:
+    """One ref a push moves (or was refused to move)."""
+
+    local: str
+    remote: str
+    old: ObjectId | None
+    new: ObjectId | None
+    status: str = "pending"  # ok | up-to-date | rejected
+    reason: str = ""
+    full: str = ""  # the remote's full ref name
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {
+            "local": self.local,
+            "remote": self.remote,
+            "old": self.old,
+            "new": self.new,
+            "status": self.status,
+            "reason": self.reason,
+        }
+
+
+@dataclass
+class TransferResult:
+    """What a push or fetch did."""
+
+    refs: list[RefUpdate] = field(default_factory=list)
+    objects: int = 0
+    bytes: int = 0  # encoded bytes sent or received (what crossed the wire, framing excluded)
+    raw_bytes: int = 0
+    packs: int = 0
+    seconds: float = 0.0
+
+    @property
+    def rejected(self) -> list[RefUpdate]:
+        """The refs that did not move."""
+        return [r for r in self.refs if r.status == "rejected"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {
+            "refs": [r.to_dict() for r in self.refs],
+            "objects": self.objects,
+            "bytes": self.bytes,
+            "raw_bytes": self.raw_bytes,
+            "packs": self.packs,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def is_ancestor(store: Any, ancestor: ObjectId, descendant: ObjectId) -> bool:
+    """True if ``ancestor`` is ``descendant`` or reachable through its parents."""
+    stack, seen = [descendant], set()
+    while stack:
+        cid = stack.pop()
+        if cid == ancestor:
+            return True
+        if cid in seen:
+            continue
+        seen.add(cid)
+        stack.extend(load_commit(store, cid).parents)
+    return False
+
+
+class _PackBuilder:
+    """Builds remote packs in memory from verified local records."""
+
+    def __init__(self, meta: bool):
+        self.meta = meta
+        self.name = unique_name()
+        self.buf = bytearray(HEADER.pack(PACK_MAGIC, PACK_VERSION, 0))
+        self.records: list[list[Any]] = []
+        self.raw = 0
+
+    def add(self, kind: str, digest: bytes, check: bytes, codec: int, raw_len: int, payload: bytes) -> None:
+        offset = len(self.buf)
+        self.buf += RECORD.pack(RECORD_MAGIC, ord(kind), codec, 0, raw_len, len(payload), digest, check)
+        self.buf += payload
+        self.records.append([kind, digest.hex(), offset, len(payload), raw_len, codec])
+        self.raw += raw_len
+
+    def seal(self) -> tuple[bytes, bytes]:
+        digest = blake3.blake3(self.buf).digest()
+        self.buf += FOOTER.pack(FOOTER_MAGIC, 0, len(self.records), digest)
+        index = {"v": 1, "pack": self.name, "size": len(self.buf), "meta": self.meta, "records": self.records}
+        return bytes(self.buf), json.dumps(index, separators=(",", ":")).encode()
+
+
+def _read_local(store: ObjectStore, kind: str, oid: ObjectId) -> tuple[bytes, int, int, bytes]:
+    """(check, codec, raw_len, payload) of a local record, verified against its id."""
+    entry = store.entry(kind, oid)
+    if entry is None:
+        raise IntegrityError(f"{KINDS[kind]} {oid} is not in the local store; cannot push it")
+    name = store.pack_name(entry.pack)
+    try:
+        rec, payload = store.reader.read(name, entry.offset, entry.enc_len)
+        if rec.kind != kind or rec.id != oid.digest:
+            raise IntegrityError("record header does not match the index")
+        raw = store.reader.decode(rec, payload)
+        verify_raw(kind, oid, raw)
+    except IntegrityError as exc:
+        raise IntegrityError(
+            f"local {KINDS[kind]} {oid} is damaged ({exc}); not pushing it (mstore fsck --repair-from REMOTE)"
+        ) from None
+    return rec.check, rec.codec, rec.raw_len, payload
+
+
+def push(
+    store: ObjectStore,
+    backend: Backend,
+    remote_name: str,
+    updates: list[tuple[str, str, bool]],
+    user: str,
+    *,
+    progress: Progress | None = None,
+    on_total: Callable[[int], None] | None = None,
+    crash_hook: Hook | None = None,
+    pack_target: int = PACK_TARGET,
+    cache_dir: Path | None = None,
+    now: Callable[[], float] = time.time,
+) -> TransferResult:
+    """Send what the remote lacks, then move remote refs by compare-and-swap.
+
+    ``updates`` lists ``(local full ref, remote full ref, force)``. A branch moves only forward
+    (its remote value must be an ancestor of the new one) unless forced; a tag never moves.
+    Refused refs are reported with ``status == "rejected"``; the caller raises.
+
+    Raises:
+        IntegrityError: a local object to send is damaged (nothing moves).
+        BackendError: the backend failed; re-running resumes (finished packs are not re-sent).
+    """
+    hook = crash_hook or _noop
+    progress = progress or _noop
+    t0 = time.monotonic()
+    check_layout(backend, create=True)
+    result = TransferResult()
+    current: dict[str, RemoteRef | None] = {}
+    wanted: list[RefUpdate] = []
+    for local, remote, force in updates:
+        with store.index.read() as txn:
+            d = txn.get_ref(local)
+        if d is None:
+            raise InvalidName(f"no local ref {short_name(local)} to push")
+        new = ObjectId.from_digest(d)
+        cur = read_ref(backend, remote)
+        current[remote] = cur
+        old = cur.id if cur is not None else None
+        upd = RefUpdate(short_name(local), short_name(remote), old, new, full=remote)
+        result.refs.append(upd)
+        if old == new:
+            upd.status = "up-to-date"
+            continue
+        if old is not None and remote.startswith(TAGS):
+            upd.status, upd.reason = "rejected", "tags never move (the remote tag points elsewhere)"
+            continue
+        if old is not None and not force:
+            if not store.has("m", old):
+                upd.status = "rejected"
+                upd.reason = f"the remote is at {old.short}, which you do not have: fetch first"
+                continue
+            if not is_ancestor(store, old, new):
+                upd.status = "rejected"
+                upd.reason = f"not a fast-forward of the remote's {old.short}: fetch first, or force"
+                continue
+        wanted.append(upd)
+    hook("refs-read")
+    if not wanted:
+        result.seconds = time.monotonic() - t0
+        return result
+
+    live = walk(store, [u.new for u in wanted if u.new is not None])
+    if not live.complete:
+        (kind, oid), err = next(iter(live.unreadable.items()))
+        raise IntegrityError(f"cannot push: local {KINDS[kind]} {oid} is unreadable ({err})")
+    cat = load_catalog(backend, cache_dir)
+    hook("catalog-read")
+    data = [("c", o) for o in sorted(live.chunks) if not cat.has("c", o.digest)]
+    meta = [(k, o) for k, s in (("f", live.files), ("t", live.trees), ("m", live.commits)) for o in sorted(s)]
+    meta = [(k, o) for k, o in meta if not cat.has(k, o.digest)]
+    total = 0
+    for kind, oid in data + meta:
+        e = store.entry(kind, oid)
+        total += e.enc_len if e is not None else 0
+    if on_total:
+        on_total(total)
+
+    # A builder thread reads and verifies local records while the caller's thread uploads the
+    # previous pack (and the backend uploads its parts in parallel).
+    packs: queue.Queue = queue.Queue(maxsize=2)
+    failure: list[BaseException] = []
+    stop = threading.Event()
+
+    def build() -> None:
+        try:
+            for objs, is_meta in ((data, False), (meta, True)):
+                builder = _PackBuilder(is_meta)
+                for kind, oid in objs:
+                    if stop.is_set():
+                        return
+                    check, codec, raw_len, payload = _read_local(store, kind, oid)
+                    builder.add(kind, oid.digest, check, codec, raw_len, payload)
+                    if len(builder.buf) >= pack_target:
+                        packs.put(builder)
+                        builder = _PackBuilder(is_meta)
+                if builder.records:
+                    packs.put(builder)
+        except BaseException as exc:  # handed to the uploading thread
+            failure.append(exc)
+        finally:
+            packs.put(None)
+
+    thread = threading.Thread(target=build, name="mstore-push-build", daemon=True)
+    thread.start()
+    try:
+        while True:
+            builder = packs.get()
+            if builder is None:
+                break
+            pack, index = builder.seal()
+            hook("pack-built")
+            backend.put(f"packs/{builder.name}.pack", pack)
+            hook("pack-uploaded")
+            backend.put(f"packs/{builder.name}.idx", index)  # R1: only after the pack
+            hook("index-uploaded")
+            result.packs += 1
+            result.objects += len(builder.records)
+            result.bytes += sum(r[3] for r in builder.records)
+            result.raw_bytes += builder.raw
+            progress(sum(r[3] for r in builder.records))
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                packs.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        thread.join()
+    if failure:
+        raise failure[0]
+    hook("objects-sent")
+
+    for upd in wanted:
+        full = upd.full
+        cur = current[full]
+        if cur is not None:
+            ensure_logged(backend, cur)  # R3: a predecessor's entry, if it was killed before logging
+            hook("previous-logged")
+        seq = cur.seq + 1 if cur is not None else 1
+        doc = {
+            "v": 1,
+            "ref": full,
+            "id": str(upd.new),
+            "old": str(cur.id) if cur is not None and cur.id is not None else None,
+            "seq": seq,
+            "time": now(),
+            "user": user,
+            "command": "push",
+            "message": f"push from {upd.local}",
+        }
+        won = backend.put_if_version(ref_key(full), _log_entry(doc), cur.version if cur is not None else None)
+        hook("ref-swapped")
+        if not won:
+            upd.status = "rejected"
+            upd.reason = "someone else pushed to it meanwhile: fetch first, then push again"
+            continue
+        backend.put_if_absent(log_key(full, seq), _log_entry(doc))
+        hook("ref-logged")
+        upd.status = "ok"
+        _set_tracking(store, remote_name, full, upd.new, RefChange(user, "push", f"pushed to {remote_name}"))
+    result.seconds = time.monotonic() - t0
+    return result
+
+
+def tracking_ref(remote_name: str, full: str) -> str:
+    """``refs/heads/exp1`` of remote ``origin`` → ``refs/remotes/origin/exp1``."""
+    return f"{REMOTES}{remote_name}/{short_name(full)}"
+
+
+def _set_tracking(store: ObjectStore, remote_name: str, full: str, oid: ObjectId | None, change: RefChange) -> None:
+    if not full.startswith(HEADS):
+        return
+    with store.index.write() as txn:
+        set_if_equals(txn, tracking_ref(remote_name, full), ANY, oid.digest if oid else None, change)
+
+
+# -- receiving -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Received:
+    kind: str
+    oid: ObjectId
+    check: bytes
+    codec: int
+    raw_len: int
+    payload: bytes
+    raw: bytes | None  # decoded bytes, kept for metadata objects only
+
+
+def _verify_record(buf: bytes, kind: str, oid: ObjectId, loc: Location, keep_raw: bool) -> _Received:
+    """Check one downloaded record against the catalog and its id (R4).
+
+    Raises:
+        RemoteIntegrityError: truncated, framed wrongly, undecodable, or the wrong bytes.
+    """
+    where = f"{KINDS[kind]} {oid} (remote pack {loc.pack}, offset {loc.offset})"
+    if len(buf) < RECORD.size + loc.enc_len:
+        raise RemoteIntegrityError(f"{where}: truncated: got {len(buf)} of {RECORD.size + loc.enc_len} bytes")
+    try:
+        rec = parse_record_header(buf[: RECORD.size], loc.offset)
+    except IntegrityError as exc:
+        raise RemoteIntegrityError(f"{where}: {exc}") from None
+    if (rec.kind, rec.id, rec.enc_len, rec.raw_len, rec.codec) != (
+        kind, oid.digest, loc.enc_len, loc.raw_len, loc.codec,
+    ):
+        raise RemoteIntegrityError(f"{where}: the record header does not match the pack index")
+    payload = bytes(buf[RECORD.size : RECORD.size + rec.enc_len])
+    try:
+        raw = codecs.decode(rec.codec, payload, rec.raw_len)  # bounded by the recorded length
+        if blake3.blake3(raw).digest() != rec.check:
+            raise IntegrityError("payload hash does not match its record")
+        if kind == "c" and rec.check != oid.digest:
+            raise IntegrityError("wrong bytes: they hash to another id")
+        verify_raw(kind, oid, raw)
+    except IntegrityError as exc:
+        raise RemoteIntegrityError(f"{where}: {exc}") from None
+    return _Received(kind, oid, rec.check, rec.codec, rec.raw_len, payload, raw if keep_raw else None)
+
+
+def _parse_received(r: _Received) -> Any:
+    """Parse a metadata object (trees: names with ``/`` or ``..`` are refused)."""
+    try:
+        if r.kind == "t":
+            return Tree.parse(r.raw)
+        if r.kind == "m":
+            return Commit.parse(r.raw)
+        if r.kind == "f":
+            return FileObject.parse(r.raw)
+    except MstoreError as exc:
+        raise RemoteIntegrityError(f"remote {KINDS[r.kind]} {r.oid} is hostile or malformed: {exc}") from None
+    return None
+
+
+class _RemoteSource:
+    """Reads metadata objects local-first, else from the remote (verified); for the walk."""
+
+    def __init__(self, store: ObjectStore, backend: Backend, cat: Catalog, max_object: int):
+        self.store = store
+        self.backend = backend
+        self.cat = cat
+        self.max_object = max_object
+        self.received: dict[tuple[str, bytes], _Received] = {}
+        self.errors: list[MstoreError] = []  # what the walk met (it records, we raise)
+        self._packs: dict[str, bytes] = {}
+
+    def locate(self, kind: str, oid: ObjectId) -> Location:
+        loc = self.cat.objects.get((kind, oid.digest))
+        if loc is None:
+            pack = self.cat.damaged_keys.get((kind, oid.digest))
+            if pack is not None:
+                raise RemoteIntegrityError(
+                    f"{KINDS[kind]} {oid} is only in remote pack {pack}, which is {self.cat.damaged[pack]}"
+                )
+            raise RemoteIntegrityError(f"the remote names {KINDS[kind]} {oid} but does not have it")
+        if loc.raw_len > self.max_object:
+            raise OversizedObject(f"remote {KINDS[kind]} {oid} is {loc.raw_len:,} bytes, above {self.max_object:,}")
+        return loc
+
+    def get(self, kind: str, oid: ObjectId) -> bytes:
+        try:
+            return self._get(kind, oid)
+        except MstoreError as exc:
+            self.errors.append(exc)
+            raise
+
+    def _get(self, kind: str, oid: ObjectId) -> bytes:
+        key = (kind, oid.digest)
+        got = self.received.get(key)
+        if got is not None:
+            return got.raw
+        if self.store.has(kind, oid):
+            return self.store.get(kind, oid)
+        loc = self.locate(kind, oid)
+        if self.cat.packs.get(loc.pack, {}).get("meta"):
+            pack = self._packs.get(loc.pack)
+            if pack is None:
+                pack = self._packs[loc.pack] = self.backend.get(f"packs/{loc.pack}.pack")
+            buf = pack[loc.offset : loc.offset + RECORD.size + loc.enc_len]
+        else:
+            buf = self.backend.get_range(f"packs/{loc.pack}.pack", loc.offset, RECORD.size + loc.enc_len)
+        r = _verify_record(buf, kind, oid, loc, keep_raw=True)
+        _parse_received(r)
+        self.received[key] = r
+        return r.raw
+
+
+def _ranges(locs: list[tuple[str, ObjectId, Location]]) -> list[tuple[str, int, int, list]]:
+    """Group records by pack into ranged GETs of at most ~16 MiB."""
+    by_pack: dict[str, list[tuple[str, ObjectId, Location]]] = {}
+    for item in locs:
+        by_pack.setdefault(item[2].pack, []).append(item)
+    out = []
+    for pack, items in sorted(by_pack.items()):
+        items.sort(key=lambda i: i[2].offset)
+        start = end = None
+        group: list = []
+        for item in items:
+            loc = item[2]
+            rec_end = loc.offset + RECORD.size + loc.enc_len
+            if group and (loc.offset - end > _COALESCE_GAP or rec_end - start > _RANGE_MAX):
+                out.append((pack, start, end, group))
+                group = []
+            if not group:
+                start = loc.offset
+            group.append(item)
+            end = max(end or 0, rec_end)
+        if group:
+            out.append((pack, start, end, group))
+    return out
+
+
+def fetch(
+    store: ObjectStore,
+    backend: Backend,
+    remote_name: str,
+    refs: list[str] | None,
+    user: str,
+    *,
+    progress: Progress | None = None,
+    on_total: Callable[[int], None] | None = None,
+    max_object: int = MAX_OBJECT,
+    cache_dir: Path | None = None,
+    tags: bool = True,
+) -> TransferResult:
+    """Receive what the local store lacks for remote refs; update ``refs/remotes/NAME/*``.
+
+    ``refs`` are full remote ref names (None: every branch and tag). Tags are created locally
+    when absent; a local tag pointing elsewhere is left alone and reported as rejected.
+
+    Raises:
+        RemoteIntegrityError: the remote served wrong, truncated or hostile data; no local ref
+            moved and nothing unverified was indexed.
+        OversizedObject: an object above ``max_object``.
+        RefNotFound: a requested remote ref does not exist.
+    """
+    from .errors import RefNotFound
+
+    progress = progress or _noop
+    t0 = time.monotonic()
+    result = TransferResult()
+    if not check_layout(backend):
+        if refs:
+            raise RefNotFound(f"{backend.url} is empty: no {', '.join(short_name(r) for r in refs)} there")
+        result.seconds = time.monotonic() - t0
+        return result
+    remote_refs = list_refs(backend)
+    if refs is None:
+        chosen = {n: r for n, r in remote_refs.items() if tags or n.startswith(HEADS)}
+    else:
+        chosen = {}
+        for full in refs:
+            if full not in remote_refs:
+                raise RefNotFound(f"remote {remote_name} has no {short_name(full)}")
+            chosen[full] = remote_refs[full]
+    cat = load_catalog(backend, cache_dir, max_object)
+    src = _RemoteSource(store, backend, cat, max_object)
+    # Walk the closure through local copies and verified remote metadata; what is not local
+    # is exactly what to receive.
+    live = walk(src, [r.id for r in chosen.values()])
+    if src.errors:
+        raise src.errors[0]
+    if not live.complete:  # a parse error of an object read back from the local store
+        (kind, oid), err = next(iter(live.unreadable.items()))
+        raise RemoteIntegrityError(f"cannot fetch {KINDS[kind]} {oid}: {err}")
+    chunks = [("c", o, src.locate("c", o)) for o in sorted(live.chunks) if not store.has("c", o)]
+    total = sum(loc.enc_len for _k, _o, loc in chunks) + sum(len(r.payload) for r in src.received.values())
+    if on_total:
+        on_total(total)
+
+    def download(rng: tuple[str, int, int, list]) -> list[_Received]:
+        pack, start, end, group = rng
+        buf = backend.get_range(f"packs/{pack}.pack", start, end - start)
+        return [
+            _verify_record(
+                buf[loc.offset - start : loc.offset - start + RECORD.size + loc.enc_len], kind, oid, loc, False
+            )
+            for kind, oid, loc in group
+        ]
+
+    new_files = [r for r in src.received.values() if r.kind == "f"]
+    with store.batch() as batch, ThreadPoolExecutor(_THREADS, thread_name_prefix="mstore-fetch") as pool:
+        # 1. chunks, verified in the download threads, appended here in order.
+        for received in pool.map(download, _ranges(chunks)):
+            for r in received:
+                if not batch.contains(r.kind, r.oid):
+                    batch.add_encoded(r.kind, r.oid, r.check, r.codec, r.raw_len, r.payload)
+                result.objects += 1
+                result.bytes += len(r.payload)
+                result.raw_bytes += r.raw_len
+                progress(len(r.payload))
+        # 2. index the (verified) chunks so each new file's content can be read back and its id
+        #    checked before its manifest is indexed. A failure below leaves only verified,
+        #    unreachable chunks, which the next fetch re-uses.
+        batch.flush()
+        for r in new_files:
+            _verify_file_content(store, r)
+        # 3. manifests, trees, commits; then the tracking refs, in the same transaction.
+        for key in sorted(src.received, key=lambda k: "ftm".index(k[0])):
+            r = src.received[key]
+            if not batch.contains(r.kind, r.oid):
+                batch.add_encoded(r.kind, r.oid, r.check, r.codec, r.raw_len, r.payload)
+            result.objects += 1
+            result.bytes += len(r.payload)
+            result.raw_bytes += r.raw_len
+            progress(len(r.payload))
+        change = RefChange(user, "fetch", f"fetched from {remote_name}")
+        for full, ref in sorted(chosen.items()):
+            result.refs.append(RefUpdate(short_name(full), short_name(full), None, ref.id))
+
+        def move(txn) -> None:
+            for upd, (full, ref) in zip(result.refs, sorted(chosen.items()), strict=True):
+                if full.startswith(HEADS):
+                    target = tracking_ref(remote_name, full)
+                    cur = txn.get_ref(target)
+                    upd.local = short_name(target)
+                    upd.old = ObjectId.from_digest(cur) if cur else None
+                    set_if_equals(txn, target, ANY, ref.id.digest, change)
+                    upd.status = "up-to-date" if cur == ref.id.digest else "ok"
+                else:
+                    cur = txn.get_ref(full)
+                    upd.old = ObjectId.from_digest(cur) if cur else None
+                    if cur is None:
+                        set_if_equals(txn, full, None, ref.id.digest, change)
+                        upd.status = "ok"
+                    elif cur == ref.id.digest:
+                        upd.status = "up-to-date"
+                    else:
+                        upd.status, upd.reason = "rejected", "a local tag of that name points elsewhere"
+
+        batch.commit(move)
+    result.seconds = time.monotonic() - t0
+    return result
+
+
+def _verify_file_content(store: ObjectStore, r: _Received) -> None:
+    """A file's id is the hash of its content: hash its (verified, indexed) chunks in order."""
+    fobj = FileObject.parse(r.raw)
+    if len(fobj.chunks) == 1 and fobj.chunks[0][0] == r.oid and fobj.chunks[0][1] == fobj.size:
+        return  # one chunk: its id, already verified, is the content hash
+    h = blake3.blake3()
+    for cid, n in fobj.chunks:
+        raw = store.get("c", cid)
+        if len(raw) != n:
+            raise RemoteIntegrityError(f"remote file {r.oid}: chunk {cid} is {len(raw)} bytes, manifest says {n}")
+        h.update(raw)
+    if h.digest() != r.oid.digest:
+        raise RemoteIntegrityError(f"remote file manifest {r.oid}: its chunks hash to {h.hexdigest()}, not its id")
+
+
+# -- repair ---------------------------------------------------------------------------------
+
+
+def repair(
+    store: ObjectStore, backend: Backend, keys: Iterable[tuple[str, ObjectId]], cache_dir: Path | None = None
+) -> tuple[list[tuple[str, ObjectId]], dict[tuple[str, ObjectId], str]]:
+    """Replace damaged or missing local objects with verified copies from the remote.
+
+    The copies go into a new local pack; the index entries are repointed in one transaction
+    (the damaged bytes stay where they are, unreferenced, for gc to reclaim).
+
+    Returns:
+        (repaired keys, {key: why it could not be repaired}).
+    """
+    cat = load_catalog(backend, cache_dir)
+    src = _RemoteSource(store, backend, cat, MAX_OBJECT)
+    got: list[_Received] = []
+    failed: dict[tuple[str, ObjectId], str] = {}
+    for kind, oid in keys:
+        try:
+            loc = src.locate(kind, oid)
+            buf = backend.get_range(f"packs/{loc.pack}.pack", loc.offset, RECORD.size + loc.enc_len)
+            r = _verify_record(buf, kind, oid, loc, keep_raw=kind in "tmf")
+            if r.raw is not None:
+                _parse_received(r)
+            got.append(r)
+        except MstoreError as exc:
+            failed[(kind, oid)] = str(exc)
+    if not got:
+        return [], failed
+    max_pack = int(store.config.get("packs", "max_size", 64 << 20))
+    writer = PackWriter(store.packs_dir, max_pack)
+    offsets = []
+    try:
+        for r in got:
+            offsets.append(writer.add(r.kind, r.oid.digest, r.check, r.codec, r.raw_len, r.payload))
+        writer.seal()  # durable before the index points at it (I2)
+    except BaseException:
+        writer.abandon()
+        raise
+    stamp = time.time()
+    with store.index.write() as txn:
+        number = txn.register_pack(writer.name, stamp)
+        for r, off in zip(got, offsets, strict=True):
+            txn.put_entry(
+                r.kind, r.oid.digest, Entry(number, off, len(r.payload), r.raw_len, r.codec, 0, stamp), overwrite=True
+            )
+    store.forget_pack_names()
+    return [(r.kind, r.oid) for r in got], failed
+
+
+__all__ = [
+    "MAX_OBJECT",
+    "PACK_TARGET",
+    "Catalog",
+    "RefUpdate",
+    "RemoteRef",
+    "TransferResult",
+    "check_layout",
+    "fetch",
+    "is_ancestor",
+    "lacks",
+    "list_refs",
+    "load_catalog",
+    "push",
+    "read_ref",
+    "remote_reflog",
+    "repair",
+    "tracking_ref",
+]
+
+
+_REMOTE_NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit"
+
+
+def check_remote_name(name: str) -> str:
+    """Validate a remote's name (it becomes part of ``refs/remotes/NAME/``).
+
+    Raises:
+        InvalidName: not a simple name.
+    """
+    import re
+
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name) or ".." in name:
+        raise InvalidName(f"invalid remote name {name!r}: use {_REMOTE_NAME_RULE}")
+    check_ref_name(f"{REMOTES}{name}/x")
+    return name
