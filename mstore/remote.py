@@ -84,6 +84,10 @@ _COALESCE_GAP = 1 << 20
 _RANGE_MAX = 16 << 20
 _THREADS = 8
 
+# Delta chunks (XOR with a base chunk) travel as they are stored, so an incremental push costs
+# the stored delta bytes; their bases travel first. getattr: stores without the codec work too.
+_DELTA = getattr(codecs, "DELTA", None)
+
 Hook = Callable[[str], None]
 Progress = Callable[[int], None]
 
@@ -133,6 +137,7 @@ class Location:
     enc_len: int
     raw_len: int
     codec: int
+    base: bytes | None = None  # a delta chunk's base chunk
 
 
 @dataclass
@@ -169,11 +174,12 @@ def parse_index(raw: bytes, name: str, max_object: int = MAX_OBJECT) -> dict[str
     for r in records:
         if (
             not isinstance(r, list)
-            or len(r) != 6
+            or len(r) not in (6, 7)
+            or (len(r) == 7 and not (r[0] == "c" and r[5] == _DELTA and isinstance(r[6], str) and is_full_id(r[6])))
             or r[0] not in KINDS
             or not isinstance(r[1], str)
             or not is_full_id(r[1])
-            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in r[2:])
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in r[2:6])
         ):
             raise RemoteIntegrityError(f"remote pack index {name}.idx has a malformed record {str(r)[:120]}")
         if r[2] < HEADER.size or r[2] + RECORD.size + r[3] > size:
@@ -259,7 +265,8 @@ def load_catalog(backend: Backend, cache_dir: Path | None = None, max_object: in
             continue
         cat.packs[name] = {"size": doc["size"], "meta": bool(doc.get("meta"))}
         for k, r in zip(keys, doc["records"], strict=True):
-            cat.objects.setdefault(k, Location(name, r[2], r[3], r[4], r[5]))
+            base = bytes.fromhex(r[6]) if len(r) == 7 else None
+            cat.objects.setdefault(k, Location(name, r[2], r[3], r[4], r[5], base))
     return cat
 
 
@@ -443,11 +450,13 @@ class _PackBuilder:
         self.records: list[list[Any]] = []
         self.raw = 0
 
-    def add(self, kind: str, digest: bytes, check: bytes, codec: int, raw_len: int, payload: bytes) -> None:
+    def add(
+        self, kind: str, digest: bytes, check: bytes, codec: int, raw_len: int, payload: bytes, base: bytes | None
+    ) -> None:
         offset = len(self.buf)
         self.buf += RECORD.pack(RECORD_MAGIC, ord(kind), codec, 0, raw_len, len(payload), digest, check)
         self.buf += payload
-        self.records.append([kind, digest.hex(), offset, len(payload), raw_len, codec])
+        self.records.append([kind, digest.hex(), offset, len(payload), raw_len, codec, *([base.hex()] if base else [])])
         self.raw += raw_len
 
     def seal(self) -> tuple[bytes, bytes]:
@@ -457,23 +466,52 @@ class _PackBuilder:
         return bytes(self.buf), json.dumps(index, separators=(",", ":")).encode()
 
 
-def _read_local(store: ObjectStore, kind: str, oid: ObjectId) -> tuple[bytes, int, int, bytes]:
-    """(check, codec, raw_len, payload) of a local record, verified against its id."""
+def _read_local(store: ObjectStore, kind: str, oid: ObjectId) -> tuple[bytes, int, int, bytes, bytes | None]:
+    """(check, codec, raw_len, payload, delta base) of a local record, verified against its id."""
     entry = store.entry(kind, oid)
     if entry is None:
         raise IntegrityError(f"{KINDS[kind]} {oid} is not in the local store; cannot push it")
     name = store.pack_name(entry.pack)
+    base = None
     try:
         rec, payload = store.reader.read(name, entry.offset, entry.enc_len)
         if rec.kind != kind or rec.id != oid.digest:
             raise IntegrityError("record header does not match the index")
-        raw = store.reader.decode(rec, payload)
-        verify_raw(kind, oid, raw)
+        if _DELTA is not None and rec.codec == _DELTA:
+            base = codecs.delta_base(payload)[0]
+            store.get(kind, oid)  # decodes through its base and verifies
+        else:
+            raw = store.reader.decode(rec, payload)
+            verify_raw(kind, oid, raw)
     except IntegrityError as exc:
         raise IntegrityError(
             f"local {KINDS[kind]} {oid} is damaged ({exc}); not pushing it (mstore fsck --repair-from REMOTE)"
         ) from None
-    return rec.check, rec.codec, rec.raw_len, payload
+    return rec.check, rec.codec, rec.raw_len, payload, base
+
+
+def _with_bases(store: ObjectStore, chunks: list[ObjectId], cat: Catalog) -> list[ObjectId]:
+    """Add the delta bases the remote lacks, and order every base before the chunks built on it."""
+    if _DELTA is None or not hasattr(store, "delta_bases"):
+        return chunks
+    bases = {ObjectId.from_digest(k): ObjectId.from_digest(v) for k, v in store.delta_bases().items()}
+    if not bases:
+        return chunks
+    want = set(chunks)
+    stack = list(chunks)
+    while stack:
+        base = bases.get(stack.pop())
+        if base is not None and base not in want and not cat.has("c", base.digest):
+            want.add(base)
+            stack.append(base)
+
+    def depth(c: ObjectId) -> int:
+        n = 0
+        while c in bases and n < 64:
+            c, n = bases[c], n + 1
+        return n
+
+    return sorted(want, key=lambda c: (depth(c), c))
 
 
 def push(
@@ -545,7 +583,7 @@ def push(
         raise IntegrityError(f"cannot push: local {KINDS[kind]} {oid} is unreadable ({err})")
     cat = load_catalog(backend, cache_dir)
     hook("catalog-read")
-    data = [("c", o) for o in sorted(live.chunks) if not cat.has("c", o.digest)]
+    data = [("c", o) for o in _with_bases(store, [o for o in sorted(live.chunks) if not cat.has("c", o.digest)], cat)]
     meta = [(k, o) for k, s in (("f", live.files), ("t", live.trees), ("m", live.commits)) for o in sorted(s)]
     meta = [(k, o) for k, o in meta if not cat.has(k, o.digest)]
     total = 0
@@ -568,8 +606,8 @@ def push(
                 for kind, oid in objs:
                     if stop.is_set():
                         return
-                    check, codec, raw_len, payload = _read_local(store, kind, oid)
-                    builder.add(kind, oid.digest, check, codec, raw_len, payload)
+                    check, codec, raw_len, payload, base = _read_local(store, kind, oid)
+                    builder.add(kind, oid.digest, check, codec, raw_len, payload, base)
                     if len(builder.buf) >= pack_target:
                         packs.put(builder)
                         builder = _PackBuilder(is_meta)
@@ -686,6 +724,16 @@ def _verify_record(buf: bytes, kind: str, oid: ObjectId, loc: Location, keep_raw
     ):
         raise RemoteIntegrityError(f"{where}: the record header does not match the pack index")
     payload = bytes(buf[RECORD.size : RECORD.size + rec.enc_len])
+    if _DELTA is not None and rec.codec == _DELTA:
+        if kind != "c" or loc.base is None:
+            raise RemoteIntegrityError(f"{where}: a delta record without a base chunk in the pack index")
+        try:
+            if codecs.delta_base(payload)[0] != loc.base:
+                raise IntegrityError("its payload names another base than the pack index")
+        except IntegrityError as exc:
+            raise RemoteIntegrityError(f"{where}: {exc}") from None
+        # Verified against its id once its base is in the store (see _add_deltas).
+        return _Received(kind, oid, rec.check, rec.codec, rec.raw_len, payload, None)
     try:
         raw = codecs.decode(rec.codec, payload, rec.raw_len)  # bounded by the recorded length
         if blake3.blake3(raw).digest() != rec.check:
@@ -843,7 +891,16 @@ def fetch(
     if not live.complete:  # a parse error of an object read back from the local store
         (kind, oid), err = next(iter(live.unreadable.items()))
         raise RemoteIntegrityError(f"cannot fetch {KINDS[kind]} {oid}: {err}")
-    chunks = [("c", o, src.locate("c", o)) for o in sorted(live.chunks) if not store.has("c", o)]
+    need = {o for o in live.chunks if not store.has("c", o)}
+    stack = list(need)
+    while stack:  # delta bases the local store lacks come too
+        loc = src.locate("c", stack.pop())
+        if loc.base is not None:
+            base = ObjectId.from_digest(loc.base)
+            if base not in need and not store.has("c", base):
+                need.add(base)
+                stack.append(base)
+    chunks = [("c", o, src.locate("c", o)) for o in sorted(need)]
     total = sum(loc.enc_len for _k, _o, loc in chunks) + sum(len(r.payload) for r in src.received.values())
     if on_total:
         on_total(total)
@@ -861,9 +918,12 @@ def fetch(
     new_files = [r for r in src.received.values() if r.kind == "f"]
     with store.batch() as batch, ThreadPoolExecutor(_THREADS, thread_name_prefix="mstore-fetch") as pool:
         # 1. chunks, verified in the download threads, appended here in order.
+        deltas: list[_Received] = []
         for received in pool.map(download, _ranges(chunks)):
             for r in received:
-                if not batch.contains(r.kind, r.oid):
+                if r.codec == _DELTA:
+                    deltas.append(r)
+                elif not batch.contains(r.kind, r.oid):
                     batch.add_encoded(r.kind, r.oid, r.check, r.codec, r.raw_len, r.payload)
                 result.objects += 1
                 result.bytes += len(r.payload)
@@ -873,6 +933,7 @@ def fetch(
         #    checked before its manifest is indexed. A failure below leaves only verified,
         #    unreachable chunks, which the next fetch re-uses.
         batch.flush()
+        _add_deltas(store, batch, deltas)
         for r in new_files:
             _verify_file_content(store, r)
         # 3. manifests, trees, commits; then the tracking refs, in the same transaction.
@@ -911,6 +972,28 @@ def fetch(
         batch.commit(move)
     result.seconds = time.monotonic() - t0
     return result
+
+
+def _add_deltas(store: ObjectStore, batch: Any, deltas: list[_Received]) -> None:
+    """Verify delta chunks against their ids once their bases are indexed, level by level."""
+    while deltas:
+        ready = [r for r in deltas if store.has("c", ObjectId.from_digest(codecs.delta_base(r.payload)[0]))]
+        if not ready:
+            r = deltas[0]
+            raise RemoteIntegrityError(f"remote delta chunk {r.oid}: its base is neither local nor on the remote")
+        for r in ready:
+            base = store.get("c", ObjectId.from_digest(codecs.delta_base(r.payload)[0]))
+            try:
+                raw = codecs.decode_delta(r.payload, r.raw_len, base)
+            except IntegrityError as exc:
+                raise RemoteIntegrityError(f"remote delta chunk {r.oid}: {exc}") from None
+            if blake3.blake3(raw).digest() != r.oid.digest or r.check != r.oid.digest:
+                raise RemoteIntegrityError(f"remote delta chunk {r.oid}: wrong bytes (they hash to another id)")
+            if not batch.contains(r.kind, r.oid):
+                batch.add_encoded(r.kind, r.oid, r.check, r.codec, r.raw_len, r.payload)
+        done = {id(r) for r in ready}
+        deltas = [r for r in deltas if id(r) not in done]
+        batch.flush()
 
 
 def _verify_file_content(store: ObjectStore, r: _Received) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from ...errors import InvalidName
+from ...errors import InvalidName, MstoreError
 from .base import Backend, BackendError, BackendNotFound, Progress, check_key, check_prefix
 
 # Parts of 16 MiB, 8 in flight: saturates a loopback SeaweedFS and a 10 Gbit/s link to AWS.
@@ -92,7 +92,9 @@ class S3Backend(Backend):
         )
 
     # -- errors ------------------------------------------------------------------------------
-    def _error(self, op: str, key: str, exc: BaseException) -> BackendError:
+    def _error(self, op: str, key: str, exc: BaseException) -> MstoreError:
+        if isinstance(exc, MstoreError):  # an invalid key, refused before any request
+            return exc
         where = f"{self.url}/{key}" if key else self.url
         response = getattr(exc, "response", None)
         if isinstance(response, dict):

@@ -1,0 +1,167 @@
+"""push / fetch / clone / pull against a second directory and a real S3 server (same behaviour)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mstore import Repo
+from mstore.errors import Diverged, PushRejected, RemoteNotFound
+from mstore.storage.backends import open_backend
+from tests.conftest import tree_bytes
+from tests.remote.conftest import add_remote, checkpoint
+
+
+def _series(repo: Repo, work, steps, branch="exp1"):
+    ids = {}
+    for step in steps:
+        d = checkpoint(work / f"ck{step}", step)
+        ids[step] = repo.commit(d, branch, f"step {step}", kind="checkpoint").id
+    return ids
+
+
+def test_push_then_clone_gives_every_version_bit_exact_and_a_second_push_sends_nothing(
+    repo, work, tmp_path, remote
+):
+    ids = _series(repo, work, [0, 1, 2, 3])
+    add_remote(repo, remote)
+    first = repo.push("origin", ["exp1"])
+    assert first.refs[0].status == "ok" and first.objects > 0 and first.bytes > 0
+    again = repo.push("origin", ["exp1"])
+    assert again.objects == 0 and again.bytes == 0 and again.refs[0].status == "up-to-date"
+
+    clone = Repo.clone(remote["url"], tmp_path / "clone", endpoint_url=remote.get("endpoint_url"))
+    assert clone.head("exp1") == ids[3]
+    assert [e.id for e in clone.log("origin/exp1")] == [ids[3], ids[2], ids[1], ids[0]]
+    for step, cid in ids.items():
+        clone.checkout(cid, tmp_path / f"out{step}")
+        assert tree_bytes(tmp_path / f"out{step}") == tree_bytes(work / f"ck{step}")
+    assert clone.fsck().ok
+    clone.close()
+
+
+def test_an_incremental_push_sends_only_the_new_objects(repo, work, remote):
+    _series(repo, work, [0])
+    add_remote(repo, remote)
+    repo.push("origin", ["exp1"])
+    res = repo.commit(checkpoint(work / "ck1", 1), "exp1", "step 1")
+    pushed = repo.push("origin", ["exp1"])
+    # What crossed the wire is what the commit stored: its new objects, nothing re-sent.
+    assert pushed.bytes <= res.stored_bytes * 1.05
+    assert pushed.bytes >= res.stored_bytes * 0.95
+
+
+def test_fetch_creates_remote_tracking_refs_that_log_reads(repo, work, tmp_path, remote):
+    ids = _series(repo, work, [0, 1])
+    add_remote(repo, remote)
+    repo.push("origin", ["exp1"])
+    other = Repo.init(tmp_path / "other")
+    add_remote(other, remote)
+    res = other.fetch("origin")
+    assert [r.status for r in res.refs] == ["ok"]
+    assert [e.id for e in other.log("origin/exp1")] == [ids[1], ids[0]]
+    assert other.head("exp1") is None  # fetch moves only the tracking ref
+    assert other.reflog("origin/exp1")[0]["command"] == "fetch"
+    assert other.fetch("origin").objects == 0
+    other.close()
+
+
+def test_a_push_that_is_not_a_fast_forward_is_rejected_and_says_fetch_first(repo, work, tmp_path, remote):
+    _series(repo, work, [0])
+    add_remote(repo, remote)
+    repo.push("origin", ["exp1"])
+    other = Repo.clone(remote["url"], tmp_path / "other", endpoint_url=remote.get("endpoint_url"))
+    theirs = other.commit(checkpoint(work / "theirs", 7), "exp1", "theirs").id
+    other.push("origin", ["exp1"])
+    repo.commit(checkpoint(work / "mine", 8), "exp1", "mine")
+    with pytest.raises(PushRejected, match="fetch first"):
+        repo.push("origin", ["exp1"])
+    assert other.remote_refs("origin")[0]["id"] == theirs  # the winner's commit is not lost
+    forced = repo.push("origin", ["exp1"], force=True)
+    assert forced.refs[0].status == "ok"
+    other.close()
+
+
+def test_pull_fast_forwards_and_refuses_a_diverged_branch(repo, work, tmp_path, remote):
+    ids = _series(repo, work, [0])
+    add_remote(repo, remote)
+    repo.push("origin", ["exp1"])
+    other = Repo.clone(remote["url"], tmp_path / "other", endpoint_url=remote.get("endpoint_url"))
+    new = other.commit(checkpoint(work / "n", 3), "exp1", "next").id
+    other.push("origin", ["exp1"])
+    _res, change = repo.pull("origin", "exp1")
+    assert (change.old, change.new) == (ids[0], new) and repo.head("exp1") == new
+    repo.commit(checkpoint(work / "a", 4), "exp1", "local")
+    other.commit(checkpoint(work / "b", 5), "exp1", "remote")
+    other.push("origin", ["exp1"])
+    before = repo.head("exp1")
+    with pytest.raises(Diverged):
+        repo.pull("origin", "exp1")
+    assert repo.head("exp1") == before
+    other.close()
+
+
+def test_remote_tags_never_move(repo, work, remote):
+    ids = _series(repo, work, [0, 1])
+    repo.create_tag("v1", str(ids[0]))
+    add_remote(repo, remote)
+    repo.push("origin", ["v1", "exp1"])
+    repo.delete_tag("v1", force_protected=True, confirm="v1")
+    repo.create_tag("v1", str(ids[1]))
+    with pytest.raises(PushRejected, match="tags never move"):
+        repo.push("origin", ["v1"], force=True)
+    assert {r["ref"]: r["id"] for r in repo.remote_refs("origin")}["v1"] == ids[0]
+
+
+def test_every_remote_ref_change_is_in_the_remote_reflog(repo, work, remote):
+    add_remote(repo, remote)
+    pushed = []
+    for step in range(3):
+        pushed.append(repo.commit(checkpoint(work / f"c{step}", step), "exp1", f"s{step}").id)
+        repo.push("origin", ["exp1"])
+    log = repo.remote_reflog("origin", "exp1")
+    assert [e["seq"] for e in log] == [1, 2, 3]
+    assert [e["id"] for e in log] == pushed
+    assert [e["old"] for e in log] == [None, *pushed[:2]]
+
+
+def test_push_of_all_branches_and_local_to_remote_names(repo, work, remote):
+    _series(repo, work, [0], branch="a")
+    _series(repo, work, [1], branch="b")
+    add_remote(repo, remote)
+    repo.push("origin", all_branches=True)
+    repo.push("origin", ["a:renamed"])
+    assert sorted(r["ref"] for r in repo.remote_refs("origin")) == ["a", "b", "renamed"]
+
+
+def test_remote_config_is_validated_and_unknown_remotes_are_named(repo, remote):
+    add_remote(repo, remote)
+    with pytest.raises(RemoteNotFound, match="origin"):
+        repo.fetch("nope")
+    reopened = Repo.open(repo.root)
+    assert reopened.remotes()["origin"]["url"] == remote["url"]
+    reopened.close()
+
+
+def test_s3_errors_never_show_the_secret_key(repo, work, s3, bucket, monkeypatch):
+    _series(repo, work, [0])
+    repo.remote_add("origin", f"s3://{bucket}/x", endpoint_url=s3.endpoint)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-" + "z" * 20)
+    with pytest.raises(Exception) as info:
+        repo.push("origin", ["exp1"])
+    text = str(info.value) + repr(info.value)
+    assert "SignatureDoesNotMatch" in text or "AccessDenied" in text or "403" in text
+    assert "wrong-secret" not in text and s3.secret_key not in text and "Authorization" not in text
+
+
+def test_remote_lacks_answers_from_the_pack_indexes(repo, work, remote):
+    ids = _series(repo, work, [0])
+    add_remote(repo, remote)
+    keys = [("m", ids[0].digest), ("c", b"\x01" * 32)]
+    assert repo.remote_lacks("origin", keys) == set(keys)
+    repo.push("origin", ["exp1"])
+    assert repo.remote_lacks("origin", keys) == {("c", b"\x01" * 32)}
+    backend = open_backend(remote["url"], endpoint_url=remote.get("endpoint_url"))
+    idx = [k for k, _ in backend.list("packs/") if k.endswith(".idx")]
+    assert idx and all(json.loads(backend.get(k))["v"] == 1 for k in idx)
