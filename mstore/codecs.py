@@ -7,6 +7,15 @@ Codec numbers are part of the on-disk format (docs/format.md); never renumber th
 
 * ``RAW`` (0): stored as is. Used when compression does not save at least ``MIN_SAVING``.
 * ``ZSTD`` (1): one zstd frame that declares its content size.
+* ``DELTA`` (3): XOR with another chunk of the same length (the same tensor in the parent
+  checkpoint), the XOR encoded with one of the codecs above. Consecutive checkpoints share no
+  identical tensors when every weight moves, but their sign/exponent bytes and top mantissa
+  bits rarely change, so the XOR is mostly zero bytes in those planes. Payload::
+
+      base id (32 bytes) | u8 depth | u8 codec of the XOR | encoded XOR
+
+  The base is itself a chunk (possibly a delta: ``depth`` counts the chain, bounded by the
+  writer), so only the store, which can fetch the base, decodes it; see :func:`decode_delta`.
 * ``BYTEPLANE`` (2): for float tensors (element size 2, 4 or 8). Byte *i* of every element goes
   to plane *i*; each plane is zstd-compressed if that saves at least ``MIN_SAVING``, else stored
   raw. Weights barely compress as a whole (zstd: ~1.09× fp32, ~1.28× bf16) because the
@@ -33,8 +42,13 @@ from .errors import IntegrityError
 RAW = 0
 ZSTD = 1
 BYTEPLANE = 2
+DELTA = 3
 
-NAMES = {RAW: "raw", ZSTD: "zstd", BYTEPLANE: "byteplane"}
+NAMES = {RAW: "raw", ZSTD: "zstd", BYTEPLANE: "byteplane", DELTA: "delta"}
+
+# A delta payload: the base chunk's id, the chain depth (1 = the base is stored whole), the
+# codec of the XOR bytes that follow (never DELTA itself).
+DELTA_HEAD = struct.Struct("<32sBB")
 
 # Byte planes are compressed at zstd level 1: the exponent plane reaches within a few percent of
 # what level 3 gives, at twice the speed.
@@ -171,6 +185,66 @@ def decode_into(codec: int, data: bytes | memoryview, raw_len: int, out: bytearr
     return view
 
 
+def encode_delta(
+    raw: bytes | memoryview, base: bytes | memoryview, base_id: bytes, depth: int, level: int, item_size: int
+) -> bytes:
+    """The DELTA payload of ``raw`` against ``base`` (same length), at chain ``depth`` (>= 1)."""
+    import numpy as np
+
+    if len(raw) != len(base):
+        raise ValueError("a delta needs a base of the same length")
+    if not 1 <= depth <= 255:
+        raise ValueError("delta depth out of range")
+    xor = np.bitwise_xor(np.frombuffer(raw, dtype=np.uint8), np.frombuffer(base, dtype=np.uint8))
+    codec, enc = encode(xor.data, level, item_size)
+    return DELTA_HEAD.pack(base_id, depth, codec) + enc
+
+
+def delta_base(payload: bytes | memoryview) -> tuple[bytes, int]:
+    """``(base id, depth)`` named by a DELTA payload.
+
+    Raises:
+        IntegrityError: the payload is too short, names depth 0, or nests a delta.
+    """
+    if len(payload) < DELTA_HEAD.size:
+        raise IntegrityError("delta chunk too short for its header")
+    base, depth, inner = DELTA_HEAD.unpack_from(payload)
+    if depth < 1:
+        raise IntegrityError("delta chunk names chain depth 0")
+    if inner not in (RAW, ZSTD, BYTEPLANE):
+        raise IntegrityError(f"delta chunk: the XOR has codec {inner}, which a delta cannot use")
+    return base, depth
+
+
+def decode_delta(payload: bytes | memoryview, raw_len: int, base: bytes | memoryview) -> bytes:
+    """Decode a DELTA payload given its base's raw bytes (``raw_len`` of them)."""
+    out = bytearray(raw_len)
+    decode_delta_into(payload, raw_len, base, out)
+    return bytes(out)
+
+
+def decode_delta_into(
+    payload: bytes | memoryview, raw_len: int, base: bytes | memoryview, out: bytearray
+) -> memoryview:
+    """Decode a DELTA payload into ``out`` given its base's raw bytes; returns the view.
+
+    Raises:
+        IntegrityError: a damaged header, a base of the wrong length, or a bad XOR encoding.
+    """
+    import numpy as np
+
+    delta_base(payload)
+    if len(base) != raw_len:
+        raise IntegrityError(f"delta base has {len(base)} bytes, the chunk {raw_len}")
+    inner = memoryview(payload)[DELTA_HEAD.size :]
+    xor = decode_into(payload[33], inner, raw_len, out)
+    view = memoryview(out)[:raw_len]
+    np.bitwise_xor(
+        np.frombuffer(xor, dtype=np.uint8), np.frombuffer(base, dtype=np.uint8), out=np.frombuffer(view, dtype=np.uint8)
+    )
+    return view
+
+
 def decode(codec: int, data: bytes | memoryview, raw_len: int) -> bytes:
     """Decode ``data`` stored with ``codec`` into exactly ``raw_len`` bytes.
 
@@ -200,4 +274,6 @@ def decode(codec: int, data: bytes | memoryview, raw_len: int) -> bytes:
         return out
     if codec == BYTEPLANE:
         return _decode_planes(data, raw_len)
+    if codec == DELTA:
+        raise IntegrityError("a delta chunk decodes only through the store, which supplies its base")
     raise IntegrityError(f"unknown codec {codec}")

@@ -11,7 +11,7 @@ A repository is a directory (normally ``.mstore/``)::
 Example ``config.toml``::
 
     [format]
-    version = 1
+    version = 2
 
     [chunking]
     cdc_avg_size = 65536
@@ -22,6 +22,10 @@ Example ``config.toml``::
 
     [codec]
     zstd_level = 3
+
+    [delta]
+    enabled = true
+    max_depth = 8
 
 A version newer than :data:`MAX_VERSION`, or one older than :data:`MIN_VERSION`, is refused:
 mstore never guesses at a layout it does not know.
@@ -40,9 +44,12 @@ import tomli_w
 from .errors import FormatError, UnsupportedFormat
 from .fsutil import atomic_write
 
-FORMAT_VERSION = 1
+# Version 2 added delta chunks (codec 3) and the ``deltas`` index table. Version 1 stores are
+# read and written as before, without deltas (an older mstore would take a delta for damage).
+FORMAT_VERSION = 2
 MIN_VERSION = 1
-MAX_VERSION = 1
+MAX_VERSION = 2
+DELTA_MIN_VERSION = 2
 
 CONFIG_NAME = "config.toml"
 PACKS_DIR = "packs"
@@ -54,6 +61,10 @@ DEFAULTS: dict[str, Any] = {
     "chunking": {"cdc_avg_size": 64 * 1024, "tensor_max_chunk": 16 * 1024 * 1024},
     "packs": {"max_size": 64 * 1024 * 1024},
     "codec": {"zstd_level": 3},
+    # A float tensor piece whose file had the same tensor (name, dtype, shape) in the parent
+    # commit is stored as XOR with the parent's piece when that is smaller; chains of deltas
+    # are at most max_depth long (then the piece is stored whole), bounding what a read decodes.
+    "delta": {"enabled": False, "max_depth": 8},
     # Deleting or force-moving a ref matching one of these (fnmatch on the short or full name)
     # needs --force-protected and --confirm NAME.
     "protect": {"patterns": ["main", "refs/tags/*"]},

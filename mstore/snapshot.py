@@ -28,8 +28,18 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from . import codecs
-from .chunking import SAFETENSORS_NAME, ChunkPlan, plan_file, read_header
-from .errors import Conflict, FormatError, IntegrityError, InvalidName, MstoreError, PathNotFound, UserError
+from .chunking import SAFETENSORS_NAME, ChunkPlan, plan_file, plan_keyed_pieces, read_header
+from .errors import (
+    Conflict,
+    FormatError,
+    IntegrityError,
+    InvalidName,
+    MstoreError,
+    PathNotFound,
+    StorageError,
+    UserError,
+)
+from .format import DELTA_MIN_VERSION
 from .fsutil import unique_name
 from .guards import VOCAB_FILES, VersionSummary, pick_vocab, vocab_size_of
 from .hashing import ObjectId, StreamHasher, hash_bytes, hash_file, hash_file_fd
@@ -112,6 +122,14 @@ class Ingest:
         self.level = int(store.config.get("codec", "zstd_level", codecs.DEFAULT_LEVEL))
         self.workers = workers or max(1, os.cpu_count() or 1)
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="mstore-ingest")
+        self.deltas = (
+            batch is not None
+            and store.config.version >= DELTA_MIN_VERSION
+            and bool(store.config.get("delta", "enabled", False))
+        )
+        self.max_depth = max(1, min(255, int(store.config.get("delta", "max_depth", 8))))
+        self._local = threading.local()
+        self.delta_chunks = 0  # pieces stored as deltas against the parent
         self.stats = Stats()
         # path inside the snapshot -> FileObject, for status/diff without re-reading
         self.files: dict[str, tuple[ObjectId, FileObject]] = {}
@@ -130,14 +148,67 @@ class Ingest:
         self.close()
 
     # -- chunks ---------------------------------------------------------------------------
-    def _work(self, data: bytes, item_size: int) -> tuple[bytes, ObjectId, int, bytes | None, bool]:
+    def _work(
+        self, data: bytes, item_size: int, base: ObjectId | None = None
+    ) -> tuple[bytes, ObjectId, int, bytes | None, bool, int]:
         oid = hash_bytes(data)
         if self.store.has("c", oid):
-            return data, oid, codecs.RAW, None, True
+            return data, oid, codecs.RAW, None, True, item_size
         if self.batch is None:
-            return data, oid, codecs.RAW, None, False
+            return data, oid, codecs.RAW, None, False, item_size
         codec, payload = codecs.encode(data, self.level, item_size)
-        return data, oid, codec, payload, False
+        if base is not None and base != oid:
+            delta = self._delta(data, item_size, base)
+            if delta is not None and len(delta) < len(payload):
+                codec, payload = codecs.DELTA, delta
+        return data, oid, codec, payload, False, item_size
+
+    def _delta(self, data: bytes, item_size: int, base: ObjectId) -> bytes | None:
+        """``data`` as a DELTA payload against ``base``, or None (chain too deep, base unusable)."""
+        entry = self.store.entry("c", base)
+        if entry is None or entry.raw_len != len(data):
+            return None
+        with self.store.index.read() as txn:
+            row = txn.db_get("deltas", base.digest) if entry.codec == codecs.DELTA else None
+        depth = (row[32] if row is not None else 0) + 1
+        if depth > self.max_depth:
+            return None  # a keyframe: the chain restarts with this piece stored whole
+        scratch = getattr(self._local, "scratch", None)
+        if scratch is None:
+            scratch = self._local.scratch = Scratch()
+        try:
+            raw = self.store.chunk_view(base, entry, scratch)
+            if hash_bytes(raw) != base:  # the chain is decoded unhashed: check the result once
+                return None
+        except MstoreError:
+            return None  # a damaged base is fsck's to report; this piece is stored whole
+        return codecs.encode_delta(data, raw, base.digest, depth, self.level, item_size)
+
+    def _parent_pieces(self, rel: str) -> dict:
+        """The parent version's float pieces of the safetensors file at ``rel``, by what they are.
+
+        Keys are (tensor, dtype, shape, offset in the tensor); empty if there is nothing to
+        compute deltas against (no parent file there, not safetensors, unreadable).
+        """
+        prev = self.previous.get(rel)
+        if not self.deltas or prev is None:
+            return {}
+        try:
+            pfobj = load_file(self.store, prev[1])
+            if pfobj.chunker != SAFETENSORS_NAME:
+                return {}
+            with FileReader(self.store, prev[1], pfobj, rel) as f:
+                header = read_header(f, pfobj.size)
+        except MstoreError:
+            return {}
+        keyed = plan_keyed_pieces(header, pfobj.size, self.tensor_max)
+        if len(keyed) != len(pfobj.chunks):
+            return {}
+        return {
+            key: cid
+            for (_off, n, hint, key), (cid, cn) in zip(keyed, pfobj.chunks, strict=True)
+            if key is not None and hint and n == cn
+        }
 
     def _unchanged(self, f: BinaryIO, size: int, rel: str) -> tuple[ObjectId, FileObject] | None:
         # Hash the whole file first when it is large (one fast multi-threaded pass, about 5 % of
@@ -184,7 +255,7 @@ class Ingest:
 
             def drain_one() -> None:
                 nonlocal total
-                data, oid, codec, payload, exists = inflight.popleft().result()
+                data, oid, codec, payload, exists, item_size = inflight.popleft().result()
                 hasher.update(data)
                 chunks.append((oid, len(data)))
                 total += len(data)
@@ -195,16 +266,26 @@ class Ingest:
                 else:
                     if payload is not None:
                         if not self.batch.contains("c", oid):
-                            self.batch.add_encoded("c", oid, oid.digest, codec, len(data), payload)
+                            try:
+                                self.batch.add_encoded("c", oid, oid.digest, codec, len(data), payload)
+                            except StorageError:
+                                if codec != codecs.DELTA:
+                                    raise
+                                self.batch.add("c", oid, data, item_size=item_size)  # base vanished
+                            else:
+                                self.delta_chunks += codec == codecs.DELTA
                     elif not self.batch.contains("c", oid):  # marks it re-used (age refresh) ...
                         # ... unless a concurrent gc took it since the worker saw it: store it again.
-                        self.batch.add("c", oid, data)
+                        self.batch.add("c", oid, data, item_size=item_size)
                 self.progress(len(data))
 
-            for data, item_size in plan.pieces():
+            parent = self._parent_pieces(rel) if plan.header is not None else {}
+            keys = plan.piece_keys() if parent else []
+            for i, (data, item_size) in enumerate(plan.pieces()):
                 if not data:
                     continue
-                inflight.append(self.pool.submit(self._work, data, item_size))
+                base = parent.get(keys[i]) if item_size and i < len(keys) and keys[i] is not None else None
+                inflight.append(self.pool.submit(self._work, data, item_size, base))
                 if len(inflight) >= window:
                     drain_one()
             while inflight:

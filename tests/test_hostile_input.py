@@ -29,6 +29,7 @@ from mstore import (
     codecs,
 )
 from mstore.chunking.safetensors import MalformedSafetensors, parse_header, read_header
+from mstore.format import MAX_VERSION
 from mstore.hashing import hash_bytes, hash_typed
 from mstore.objects import Commit, FileObject, Tree, canonical_json, load_file
 from mstore.storage.packs import RECORD
@@ -369,25 +370,25 @@ def closed_store(tmp_path: Path) -> Path:
 
 
 def test_a_store_of_a_newer_format_version_is_refused_naming_the_version(closed_store):
-    set_config(closed_store, format={"version": 2})
+    set_config(closed_store, format={"version": MAX_VERSION + 1})
     before = snapshot_dir(closed_store)
 
     with pytest.raises(UnsupportedFormat) as info:
         Repo.open(closed_store)
 
-    assert "version 2" in str(info.value) and "newer" in str(info.value)
+    assert f"version {MAX_VERSION + 1}" in str(info.value) and "newer" in str(info.value)
     assert snapshot_dir(closed_store) == before
 
 
 def test_the_cli_exits_non_zero_on_a_newer_format_version_naming_it(closed_store, tmp_path):
-    set_config(closed_store, format={"version": 2})
+    set_config(closed_store, format={"version": MAX_VERSION + 1})
     before = snapshot_dir(closed_store)
     cli = Cli(closed_store, tmp_path)
 
     for args in (("log", "exp"), ("fsck",)):
         proc = cli(*args, check=False)
         assert proc.returncode != 0
-        assert "version 2" in proc.stderr.decode()
+        assert f"version {MAX_VERSION + 1}" in proc.stderr.decode()
     assert snapshot_dir(closed_store) == before
 
 

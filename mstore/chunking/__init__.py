@@ -23,6 +23,7 @@ from .safetensors import (
     SAFETENSORS_NAME,
     SafetensorsHeader,
     TensorInfo,
+    plan_keyed_pieces,
     plan_pieces,
     read_header,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "SafetensorsHeader",
     "TensorInfo",
     "plan_file",
+    "plan_keyed_pieces",
     "read_header",
 ]
 
@@ -54,6 +56,15 @@ class ChunkPlan:
         """The file's bytes, chunk by chunk, in order (bounded memory)."""
         for data, _hint in self.pieces():
             yield data
+
+    def piece_keys(self) -> list:
+        """What each piece of :meth:`pieces` is: (tensor, dtype, shape, offset), in order.
+
+        None for headers and padding; empty for files chunked by content (no tensors).
+        """
+        if self.header is None:
+            return []
+        return [key for _o, _n, _h, key in plan_keyed_pieces(self.header, self.size, self.tensor_max)]
 
     def pieces(self) -> Iterator[tuple[bytes, int]]:
         """``(chunk bytes, float element size or 0)`` in order: the hint selects the codec."""

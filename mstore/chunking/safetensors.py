@@ -205,21 +205,35 @@ def plan_pieces(header: SafetensorsHeader, file_size: int, max_chunk: int) -> li
     The third field is 2, 4 or 8 for pieces of F16/BF16/F32/F64 tensors (what the byte-plane
     codec needs), 0 for anything else.
     """
-    pieces = [(0, header.data_start, 0)]
+    return [(off, n, hint) for off, n, hint, _key in plan_keyed_pieces(header, file_size, max_chunk)]
+
+
+PieceKey = tuple[str, str, tuple[int, ...], int]
+
+
+def plan_keyed_pieces(
+    header: SafetensorsHeader, file_size: int, max_chunk: int
+) -> list[tuple[int, int, int, PieceKey | None]]:
+    """:func:`plan_pieces` plus what each piece is: ``(tensor, dtype, shape, offset in tensor)``.
+
+    The key is None for the header and padding. Two versions of a file whose tensor has the
+    same key hold the same part of the same tensor: what a delta is computed against.
+    """
+    pieces: list[tuple[int, int, int, PieceKey | None]] = [(0, header.data_start, 0, None)]
     pos = header.data_start
     for t in header.tensors:
         if not t.nbytes:
             continue
         if t.start > pos:
-            pieces.append((pos, t.start - pos, 0))
+            pieces.append((pos, t.start - pos, 0, None))
         step = max(t.item_size, max_chunk // t.item_size * t.item_size)
         hint = t.item_size if t.dtype in FLOAT_DTYPES else 0
         off = t.start
         while off < t.end:
             n = min(step, t.end - off)
-            pieces.append((off, n, hint))
+            pieces.append((off, n, hint, (t.name, t.dtype, t.shape, off - t.start)))
             off += n
         pos = t.end
     if pos < file_size:
-        pieces.append((pos, file_size - pos, 0))
+        pieces.append((pos, file_size - pos, 0, None))
     return pieces

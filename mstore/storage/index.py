@@ -20,6 +20,9 @@ Named databases and their records (all integers little-endian unless stated):
              followed by the proof id (UTF-8).
 ``gc_log``   key sequence (u64 big-endian) → JSON audit entry (applied / undone / purged).
 ``collected`` key ``kind + digest`` → proof id that collected the object.
+``deltas``   key chunk digest → base chunk digest (32) + chain depth (u8), for every chunk whose
+             indexed record is a delta (codec 3). Rows of chunks re-stored whole are removed;
+             rows of collected chunks may stay (they are only consulted for indexed chunks).
 
 Kinds: ``c`` chunk, ``f`` file manifest, ``t`` tree, ``m`` commit. A one-chunk file's chunk and
 its manifest share the same id (both are BLAKE3 of the content), so the kind is part of the key.
@@ -55,6 +58,9 @@ _DBS = (
     # gc (gc.py): pinned commits, leases of running jobs, trashed objects, the audit log, and
     # which proof collected an object (so errors can say so).
     "pins", "leases", "trash", "gc_log", "collected",
+    # codecs.DELTA chunks: chunk digest -> base digest + u8 chain depth, so reachability can
+    # follow a delta to its base without reading packs (storage/store.py keeps it in step).
+    "deltas",
 )
 
 

@@ -37,6 +37,10 @@ TYPED_PREFIX = {"t": "tree", "m": "commit"}
 # ref points at it; refreshing at most once an hour keeps re-commits from rewriting the index.
 REFRESH_AFTER = 3600.0
 
+# Reading refuses delta chains longer than this, whatever the records claim: writers bound
+# chains far lower ([delta] max_depth, default 8), so a longer one is damage or an attack.
+MAX_DELTA_CHAIN = 64
+
 
 class ObjectStore:
     """The packs and index of one repository."""
@@ -87,12 +91,13 @@ class ObjectStore:
         """True if the object is indexed."""
         return self.entry(kind, oid) is not None
 
-    def get(self, kind: str, oid: ObjectId, entry: Entry | None = None) -> bytes:
+    def get(self, kind: str, oid: ObjectId, entry: Entry | None = None, _chain: int = 0) -> bytes:
         """The verified raw bytes of an object.
 
         Raises:
             ObjectNotFound: not indexed.
-            IntegrityError: the stored bytes are damaged (message names the object and pack).
+            IntegrityError: the stored bytes are damaged (message names the object and pack;
+                for a delta chunk whose base is damaged, the base too).
         """
         if entry is None:
             entry = self.entry(kind, oid)
@@ -103,7 +108,15 @@ class ObjectStore:
             rec, payload = self.reader.read(name, entry.offset, entry.enc_len)
             if rec.kind != kind or rec.id != oid.digest or rec.raw_len != entry.raw_len:
                 raise IntegrityError("record header does not match the index")
-            raw = self.reader.decode(rec, payload)  # checks BLAKE3(raw) == rec.check
+            if rec.codec == codecs.DELTA:
+                if kind != "c":
+                    raise IntegrityError("only chunks are stored as deltas")
+                base = self._delta_base_bytes(payload, rec.raw_len, _chain)
+                raw = codecs.decode_delta(payload, rec.raw_len, base)
+                if blake3.blake3(raw).digest() != rec.check:
+                    raise IntegrityError("payload hash does not match its record")
+            else:
+                raw = self.reader.decode(rec, payload)  # checks BLAKE3(raw) == rec.check
             if kind != "c":  # a chunk's check is its id (compared above): no second hash
                 verify_raw(kind, oid, raw)
             elif rec.check != oid.digest:
@@ -114,7 +127,28 @@ class ObjectStore:
             ) from None
         return raw
 
-    def chunk_view(self, oid: ObjectId, entry: Entry, scratch: Scratch) -> memoryview:
+    def _delta_base_bytes(self, payload: bytes, raw_len: int, chain: int) -> bytes:
+        """The verified raw bytes of the base a DELTA payload names."""
+        base_digest, _depth = codecs.delta_base(payload)
+        if chain >= MAX_DELTA_CHAIN:
+            raise IntegrityError(f"delta chain longer than {MAX_DELTA_CHAIN} (a cycle?)")
+        base_id = ObjectId.from_digest(base_digest)
+        base_entry = self.entry("c", base_id)
+        if base_entry is None:
+            raise IntegrityError(f"its delta base chunk {base_id} is not in the store")
+        if base_entry.raw_len != raw_len:
+            raise IntegrityError(f"its delta base chunk {base_id} has {base_entry.raw_len} bytes, not {raw_len}")
+        try:
+            return self.get("c", base_id, base_entry, chain + 1)
+        except IntegrityError as exc:
+            raise IntegrityError(f"its delta base is unreadable: {exc}") from None
+
+    def delta_bases(self) -> dict[bytes, bytes]:
+        """Every delta chunk's base, as raw digests (chunk → base), from one read snapshot."""
+        with self.index.read() as txn:
+            return {k: v[:32] for k, v in txn.db_items("deltas")}
+
+    def chunk_view(self, oid: ObjectId, entry: Entry, scratch: Scratch, _chain: int = 0) -> memoryview:
         """A chunk's decoded bytes, read and decoded through ``scratch``: *not* hashed here.
 
         Only for callers that verify the content another way before anyone sees it: checkout
@@ -129,10 +163,22 @@ class ObjectStore:
         """
         name = self.pack_name(entry.pack)
         try:
-            rec, payload = self.reader.read_into(name, entry.offset, entry.enc_len, scratch.payload(entry.enc_len))
+            buf = scratch.payload(entry.enc_len, _chain)
+            rec, payload = self.reader.read_into(name, entry.offset, entry.enc_len, buf)
             if rec.kind != "c" or rec.id != oid.digest or rec.raw_len != entry.raw_len or rec.check != oid.digest:
                 raise IntegrityError("record header does not match the index")
-            return codecs.decode_into(rec.codec, payload, rec.raw_len, scratch.output(rec.raw_len))
+            out = scratch.output(rec.raw_len, _chain)
+            if rec.codec != codecs.DELTA:
+                return codecs.decode_into(rec.codec, payload, rec.raw_len, out)
+            base_digest, _depth = codecs.delta_base(payload)
+            if _chain >= MAX_DELTA_CHAIN:
+                raise IntegrityError(f"delta chain longer than {MAX_DELTA_CHAIN} (a cycle?)")
+            base_id = ObjectId.from_digest(base_digest)
+            base_entry = self.entry("c", base_id)
+            if base_entry is None or base_entry.raw_len != rec.raw_len:
+                raise IntegrityError(f"its delta base chunk {base_id} is missing or of another size")
+            base = self.chunk_view(base_id, base_entry, scratch, _chain + 1)
+            return codecs.decode_delta_into(payload, rec.raw_len, base, out)
         except IntegrityError as exc:
             raise IntegrityError(
                 f"chunk {oid} is damaged (pack {name}, offset {entry.offset}): {exc}"
@@ -170,21 +216,25 @@ class Scratch:
     """
 
     def __init__(self) -> None:
-        self._payload = bytearray()
-        self._output = bytearray()
+        # One pair per level of a delta chain being decoded (level 0: the chunk itself).
+        self._payload: list[bytearray] = []
+        self._output: list[bytearray] = []
 
-    def payload(self, enc_len: int) -> bytearray:
+    @staticmethod
+    def _get(bufs: list[bytearray], level: int, need: int) -> bytearray:
+        while len(bufs) <= level:
+            bufs.append(bytearray())
+        if len(bufs[level]) < need:
+            bufs[level] = bytearray(need)
+        return bufs[level]
+
+    def payload(self, enc_len: int, level: int = 0) -> bytearray:
         """A buffer for a record header and ``enc_len`` payload bytes."""
-        need = enc_len + RECORD_SIZE
-        if len(self._payload) < need:
-            self._payload = bytearray(need)
-        return self._payload
+        return self._get(self._payload, level, enc_len + RECORD_SIZE)
 
-    def output(self, raw_len: int) -> bytearray:
+    def output(self, raw_len: int, level: int = 0) -> bytearray:
         """A buffer for ``raw_len`` decoded bytes."""
-        if len(self._output) < raw_len:
-            self._output = bytearray(raw_len)
-        return self._output
+        return self._get(self._output, level, raw_len)
 
 
 def verify_raw(kind: str, oid: ObjectId, raw: bytes) -> None:
@@ -223,6 +273,8 @@ class WriteBatch:
         # (kind, digest) -> (writer, offset, enc_len, raw_len, codec)
         self.pending: dict[tuple[str, bytes], tuple[PackWriter, int, int, int, int]] = {}
         self.reused: set[tuple[str, bytes]] = set()
+        # chunk digest -> base digest + depth, for pending delta chunks (the ``deltas`` table)
+        self.delta_rows: dict[bytes, bytes] = {}
         # Keys indexed by earlier (intermediate) flushes of this batch: unreachable until the
         # final transaction moves a ref, so that transaction re-checks they are still indexed.
         self.flushed: set[tuple[str, bytes]] = set()
@@ -267,22 +319,38 @@ class WriteBatch:
             self.reused.add(key)
         return found
 
-    def add(self, kind: str, oid: ObjectId, raw: bytes | memoryview, check: bytes | None = None) -> bool:
+    def add(
+        self, kind: str, oid: ObjectId, raw: bytes | memoryview, check: bytes | None = None, item_size: int = 0
+    ) -> bool:
         """Store an object unless it exists; True if it was new.
 
         ``check`` is BLAKE3 of ``raw``; pass it when already computed (it equals the id for
-        chunks).
+        chunks). ``item_size`` is the float element size of a tensor piece (byte planes).
         """
         if self.contains(kind, oid):
             return False
         if check is None:
             check = oid.digest if kind == "c" else blake3.blake3(raw).digest()
-        codec, payload = codecs.encode(raw, self.level)
+        codec, payload = codecs.encode(raw, self.level, item_size)
         self.add_encoded(kind, oid, check, codec, len(raw), payload)
         return True
 
     def add_encoded(self, kind: str, oid: ObjectId, check: bytes, codec: int, raw_len: int, payload: bytes) -> None:
-        """Append an already encoded object (the caller has checked it is not stored)."""
+        """Append an already encoded object (the caller has checked it is not stored).
+
+        A delta chunk's base must be stored (or pending in this batch) already; it is then
+        treated as re-used, so it is re-checked at commit time like any object a commit needs.
+
+        Raises:
+            StorageError: a delta whose base is not in the store.
+        """
+        if codec == codecs.DELTA:
+            if kind != "c":
+                raise StorageError("only chunks can be stored as deltas")
+            base, depth = codecs.delta_base(payload)
+            if not self.contains("c", ObjectId.from_digest(base)):
+                raise StorageError(f"chunk {oid}: its delta base {base.hex()} is not in the store")
+            self.delta_rows[oid.digest] = base + bytes([depth])
         if self.writer is None or self.writer.full:
             self._roll()
         assert self.writer is not None
@@ -322,6 +390,7 @@ class WriteBatch:
         self.flushed.update(self.reused)
         self.pending.clear()
         self.reused.clear()
+        self.delta_rows.clear()
         self._unflushed = 0
         return result
 
@@ -338,7 +407,12 @@ class WriteBatch:
                     number = txn.register_pack(writer.name, now)
                     registered.append(writer)
                     writer.number = number
-                txn.put_entry(kind, digest, Entry(number, offset, enc_len, raw_len, codec, 0, now))
+                if not txn.put_entry(kind, digest, Entry(number, offset, enc_len, raw_len, codec, 0, now)):
+                    continue  # another writer indexed it first; its encoding (and row) stand
+                if codec == codecs.DELTA:
+                    txn.db_put("deltas", digest, self.delta_rows[digest])
+                elif kind == "c":
+                    txn.db_delete("deltas", digest)  # re-stored whole after a collected delta
             recheck = (self.reused | self.flushed) if final else self.reused
             for kind, digest in recheck:
                 entry = txn.get_entry(kind, digest)
