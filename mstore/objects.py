@@ -24,7 +24,9 @@ up. Nothing unvalidated leaves this module.
 
 from __future__ import annotations
 
+import binascii
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -370,3 +372,77 @@ def load_file(store: Any, oid: ObjectId) -> FileObject:
         ObjectNotFound, IntegrityError, MalformedObject.
     """
     return FileObject.parse(store.get("f", oid))
+
+
+# -- child ids straight from the raw bytes (gc marks a million chunks) -----------------------
+# Marking needs only the ids an object names, not its dataclass. These functions return them
+# as raw 32-byte digests and accept and reject *exactly* what the full parsers accept and reject
+# (tests/test_gc_parsers.py compares them on hostile input): bytes in the one canonical shape
+# every mstore writer produces are checked by a single regular expression, and anything else
+# (escapes, unusual names, huge numbers, extra keys, damage) goes to the full parser, which
+# decides. Nothing here skips a check; the fast path only avoids building objects.
+
+_HEX64 = rb"[0-9a-f]{64}"
+# Chunk lengths of up to 15 digits and sizes of up to 18: far above any real file, and small
+# enough that Python's limit on int digits can never be what rejects them (that is left to the
+# full parser).
+_CHUNK_ITEM = rb'\["' + _HEX64 + rb'",[1-9][0-9]{0,14}\]'
+_MANIFEST_SHAPE = re.compile(
+    rb'\{"chunker":"[A-Za-z0-9_.\-]*","chunks":\[((?:' + _CHUNK_ITEM + rb"(?:," + _CHUNK_ITEM + rb")*)?)\],"
+    rb'"size":(0|[1-9][0-9]{0,17}),"v":1\}'
+)
+_CHUNK_SEP = re.compile(rb'",[0-9]+\],\["')
+_CHUNK_LEN = re.compile(rb",([0-9]+)\]")
+
+_TREE_ITEM = (
+    rb'\{"id":"' + _HEX64 + rb'","kind":"(?:file|tree)","mode":(?:420|493),"name":"[A-Za-z0-9_.+\-]{1,255}",'
+    rb'"size":(?:0|[1-9][0-9]{0,17})\}'
+)
+_TREE_SHAPE = re.compile(rb'\{"entries":\[(?:' + _TREE_ITEM + rb"(?:," + _TREE_ITEM + rb')*)?\],"v":1\}')
+_TREE_FIELDS = re.compile(rb'\{"id":"(' + _HEX64 + rb')","kind":"(file|tree)","mode":[0-9]+,"name":"([^"]*)"')
+
+
+def manifest_chunk_digests(raw: bytes) -> bytes:
+    """The chunk ids of a file manifest, in order, as concatenated 32-byte digests.
+
+    Validates exactly what :meth:`FileObject.parse` validates.
+
+    Raises:
+        MalformedObject: whatever :meth:`FileObject.parse` would raise.
+    """
+    m = _MANIFEST_SHAPE.fullmatch(raw)
+    if m is not None:
+        items = m.group(1)
+        if not items:
+            if m.group(2) == b"0":
+                return b""
+        elif sum(map(int, _CHUNK_LEN.findall(items))) == int(m.group(2)):
+            # ["id1",n1],["id2",n2] -> ["id1id2",n2]: the ids, adjacent, in one C-level pass.
+            joined = _CHUNK_SEP.sub(b"", items)
+            return binascii.unhexlify(joined[2 : joined.index(b'"', 2)])
+    # Not in the common shape, or lengths that do not add up: the full parser decides (and
+    # raises the error a reader would see).
+    return b"".join(cid.digest for cid, _n in FileObject.parse(raw).chunks)
+
+
+def tree_child_digests(raw: bytes) -> tuple[list[bytes], list[bytes]]:
+    """The ids a tree names, as 32-byte digests: ``(subtrees, files)``, each in entry order.
+
+    Validates exactly what :meth:`Tree.parse` validates.
+
+    Raises:
+        MalformedObject, InvalidName: whatever :meth:`Tree.parse` would raise.
+    """
+    if _TREE_SHAPE.fullmatch(raw) is not None:
+        fields = _TREE_FIELDS.findall(raw)
+        names = [f[2] for f in fields]
+        # ASCII names: byte order is code point order, which is what Tree checks.
+        if all(a < b for a, b in zip(names, names[1:], strict=False)) and b"." not in names and b".." not in names:
+            trees = [binascii.unhexlify(f[0]) for f in fields if f[1] == b"tree"]
+            files = [binascii.unhexlify(f[0]) for f in fields if f[1] == b"file"]
+            return trees, files
+    tree = Tree.parse(raw)
+    return (
+        [e.id.digest for e in tree.entries if e.kind == TREE_KIND],
+        [e.id.digest for e in tree.entries if e.kind == FILE_KIND],
+    )
