@@ -49,15 +49,15 @@ class ModelSpec:
     """A Llama-style model and its short CPU training."""
 
     vocab: int = 8192
-    hidden: int = 256
+    hidden: int = 384
     layers: int = 8
-    heads: int = 8
-    intermediate: int = 688
+    heads: int = 6
+    intermediate: int = 1024
     seq: int = 64
     batch: int = 4
-    versions: int = 5  # checkpoints in the full / partial fine-tune series
+    versions: int = 6  # checkpoints in the full / partial fine-tune series
     steps: int = 2  # optimizer steps before each checkpoint
-    lora_versions: int = 3  # adapter checkpoints between the base and the merged model
+    lora_versions: int = 4  # adapter checkpoints between the base and the merged model
     lora_r: int = 16
     lr: float = 1e-4
     seed: int = 0
