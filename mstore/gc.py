@@ -43,11 +43,11 @@ from .errors import IntegrityError, MstoreError, NotFound, Refused, UnsupportedF
 from .fsutil import atomic_write, fsync_dir
 from .hashing import ObjectId, hash_bytes, is_id_prefix
 from .objects import TREE_KIND, canonical_json, load_commit, load_file, load_tree
-from .reachability import walk
+from .reachability import IndexSnapshot, mark
 from .refs import short_name
 from .storage.index import KINDS, Entry, Txn
-from .storage.packs import FOOTER, HEADER, RECORD, SUFFIX, PackWriter, scan_pack
-from .storage.store import ObjectStore
+from .storage.packs import FOOTER, HEADER, RECORD, SUFFIX, PackWriter, Record, parse_record_header, scan_pack
+from .storage.store import ObjectStore, verify_raw
 
 PROOF_TYPE = "mstore-gc-proof"
 PROOF_VERSION = 1
@@ -180,82 +180,78 @@ def plan(
         GcRefused: an object reachable from the roots cannot be read or verified (its id and
             the error are listed); no proof is written.
     """
+    import numpy as np
+
     with store.index.read() as txn:
         digest = state_digest(txn)
         roots = collect_roots(txn, now, float(policy["retention_days"]))
         reflog_all = list(txn.iter_reflog(newest_first=True))
-        entries = {(k, d): e for k, d, e in txn.iter_entries()}
+        snap = IndexSnapshot.read(txn)
         registered = {rec["name"]: (num, rec) for num, rec in txn.iter_packs()}
     if progress:
         progress("marking")
-    live = walk(store, [ObjectId(i) for i in roots.commit_ids()])
-    unreadable = dict(live.unreadable)
+    marks = mark(store, snap, [ObjectId(i).digest for i in roots.commit_ids()])
     # A root naming a commit that is not stored at all (collected earlier) is no doubt about
     # what is live; anything else unreadable is.
-    unreadable = {k: v for k, v in unreadable.items() if (k[0], k[1].digest) in entries or k[0] != "m"}
+    unreadable = marks.doubt(absent_ok="m")
     if unreadable:
         reasons = [f"{KINDS[k]} {oid}: {err}" for (k, oid), err in sorted(unreadable.items())]
         raise GcRefused("gc plan refused: some live objects cannot be read, so nothing is safe to delete", reasons)
-    live_keys: set[tuple[str, bytes]] = set()
-    for kind, ids in (("m", live.commits), ("t", live.trees), ("f", live.files), ("c", live.chunks)):
-        live_keys.update((kind, ObjectId(i).digest) for i in ids)
+    live = marks.live
     grace_cut = now - float(policy["grace_days"]) * DAY
     # Unreachable but younger than the grace period: kept, and so is everything they reach (a
     # young manifest over old chunks, a young commit over an old parent). Without this closure
     # gc could take the chunks of a manifest it keeps, and a later commit re-using the manifest
     # would point at nothing.
-    young_keys = [k for k, e in entries.items() if k not in live_keys and e.stored_at >= grace_cut]
-    if young_keys:
-        kept = walk(
-            store,
-            [ObjectId.from_digest(d) for k, d in young_keys if k == "m"],
-            tree_roots=[ObjectId.from_digest(d) for k, d in young_keys if k == "t"],
-            file_roots=[ObjectId.from_digest(d) for k, d in young_keys if k == "f"],
-        )
-        doubt = {k: v for k, v in kept.unreadable.items() if (k[0], k[1].digest) in entries}
+    young_rows = np.flatnonzero(~live & (snap.stored_at >= grace_cut))
+    missing_chunks = list(marks.missing_chunks)
+    if len(young_rows):
+        by_kind: dict[str, list[bytes]] = {"m": [], "t": [], "f": []}
+        for row in young_rows.tolist():
+            k = snap.kind(row)
+            if k in by_kind:
+                by_kind[k].append(snap.digest(row))
+        # Rows marked so far are not followed again; the young rows themselves are roots.
+        kept = mark(store, snap, by_kind["m"], by_kind["t"], by_kind["f"], live=live)
+        doubt = kept.doubt(absent_ok="mtf")
         if doubt:
             reasons = [f"{KINDS[k]} {oid}: {err}" for (k, oid), err in sorted(doubt.items())]
             raise GcRefused("gc plan refused: objects kept by the grace period cannot be read", reasons)
-        for kind, ids in (("m", kept.commits), ("t", kept.trees), ("f", kept.files), ("c", kept.chunks)):
-            live_keys.update((kind, ObjectId(i).digest) for i in ids)
-    candidates = {k: e for k, e in entries.items() if k not in live_keys and e.stored_at < grace_cut}
+        missing_chunks += kept.missing_chunks
+    cand_rows = np.flatnonzero(~live & (snap.stored_at < grace_cut))
+    candidates = {(snap.kind(r), snap.digest(r)): snap.entry(r) for r in cand_rows.tolist()}
     # Keep on doubt. Every live chunk must be indexed and lie inside an existing pack; the bytes
     # of live objects sharing a pack with a candidate (apply copies them into a new pack) must
     # verify; with verify_data, every live byte must. Reading all live data by default would make
     # plan cost scale with the store instead of its metadata, and gc never touches live bytes
     # outside the packs it rewrites (apply re-verifies each record it copies).
-    problems = [
-        f"chunk {k[1].hex()}: referenced by a live file but not in the store"
-        for k in live_keys
-        if k[0] == "c" and k not in entries
-    ]
-    pack_sizes = {num: _size(store.packs_dir / rec["name"]) for _name, (num, rec) in registered.items()}
-    cand_packs = {e.pack for e in candidates.values()}
-    for key in live_keys:
-        e = entries.get(key)
-        if e is None:
-            continue
-        if e.offset + RECORD.size + e.enc_len > pack_sizes.get(e.pack, 0):
-            problems.append(f"{KINDS[key[0]]} {key[1].hex()}: its pack is missing or truncated")
-        elif verify_data or e.pack in cand_packs:
-            try:
-                store.get(key[0], ObjectId.from_digest(key[1]), e)
-            except MstoreError as exc:
-                problems.append(f"{KINDS[key[0]]} {key[1].hex()}: {exc}")
+    problems = [f"chunk {d.hex()}: referenced by a live file but not in the store" for d in set(missing_chunks)]
+    pack_sizes = np.zeros(max((num for num, _rec in registered.values()), default=-1) + 2, dtype=np.int64)
+    for _name, (num, rec) in registered.items():
+        pack_sizes[num] = _size(store.packs_dir / rec["name"])
+    packs = np.minimum(snap.pack, len(pack_sizes) - 1)  # an unregistered number reads size 0
+    ends = snap.offset.astype(np.int64) + RECORD.size + snap.enc_len.astype(np.int64)
+    bad = live & (ends > pack_sizes[packs])
+    for row in np.flatnonzero(bad).tolist():
+        problems.append(f"{KINDS[snap.kind(row)]} {snap.digest(row).hex()}: its pack is missing or truncated")
+    check = live & ~bad
+    if not verify_data:
+        check &= np.isin(snap.pack, snap.pack[cand_rows])
+    for row in np.flatnonzero(check).tolist():
+        kind = snap.kind(row)
+        try:
+            store.get(kind, ObjectId.from_digest(snap.digest(row)), snap.entry(row))
+        except MstoreError as exc:
+            problems.append(f"{KINDS[kind]} {snap.digest(row).hex()}: {exc}")
     if problems:
         raise GcRefused(
             "gc plan refused: some live objects cannot be read, so nothing is safe to delete", sorted(problems)
         )
-    young = len(young_keys)
-    # In index key order (kind byte, digest): the dict keeps LMDB's order, so no sort is needed.
-    lh = blake3.blake3()
-    live_bytes = 0
-    live_count = 0
-    for k, e in entries.items():
-        if k in live_keys:
-            lh.update(k[0].encode() + k[1])
-            live_bytes += e.enc_len
-            live_count += 1
+    young = len(young_rows)
+    # Rows are in index key order (kind byte, digest), which is the order the digest is defined in.
+    lh = blake3.blake3(snap.keys[live].tobytes())
+    live_bytes = int(snap.enc_len[live].sum())
+    live_count = int(live.sum())
     groups = _attribute(store, candidates, reflog_all, roots, now)
     dead_packs = []
     for path in sorted(store.packs_dir.glob("*" + SUFFIX)):
@@ -483,6 +479,17 @@ class Verdict:
 
 def verify(store: ObjectStore, pid: str, doc: dict[str, Any], now: float) -> Verdict:
     """Recompute everything a proof claims; list every reason it no longer holds."""
+    return _verify(store, pid, doc, now)[0]
+
+
+def _verify(store: ObjectStore, pid: str, doc: dict[str, Any], now: float) -> tuple[Verdict, IndexSnapshot, Any]:
+    """:func:`verify`, plus the index snapshot it checked and each candidate's row in it.
+
+    Rows are in :func:`proof_candidates` order, -1 for a candidate not indexed; apply works from
+    exactly the snapshot that was verified.
+    """
+    import numpy as np
+
     reasons: list[str] = []
     status = proof_status(store, pid)
     if status is not None:
@@ -497,36 +504,59 @@ def verify(store: ObjectStore, pid: str, doc: dict[str, Any], now: float) -> Ver
     with store.index.read() as txn:
         digest = state_digest(txn)
         roots = collect_roots(txn, float(doc["created"]), float(policy["retention_days"]))
-        current = {(k, d): txn.get_entry(k, d) for (k, d) in proof_candidates(doc)}
+        roots_now = collect_roots(txn, now, float(policy["retention_days"]))
+        snap = IndexSnapshot.read(txn)
     if digest != doc["state_digest"]:
         reasons.extend(_state_changes(doc["roots"], roots) or ["refs, reflog, pins or leases changed since the plan"])
-    cands = proof_candidates(doc)
-    gone = [k for k, e in current.items() if e is None]
+    cands = list(proof_candidates(doc))
+    rows = _rows_of(snap, cands)
+    gone = [k for k, r in zip(cands, rows.tolist(), strict=True) if r < 0]
     if gone:
         reasons.append(
             f"{len(gone)} candidates are no longer in the store (e.g. {KINDS[gone[0][0]]} {gone[0][1].hex()})"
         )
     grace_cut = now - float(policy["grace_days"]) * DAY
-    young = [k for k, e in current.items() if e is not None and e.stored_at >= grace_cut]
+    indexed = rows >= 0
+    young_row = np.zeros(len(rows), dtype=bool)
+    young_row[indexed] = snap.stored_at[rows[indexed]] >= grace_cut
+    young = [k for k, y in zip(cands, young_row.tolist(), strict=True) if y]
     if young:
         reasons.append(
             f"{len(young)} candidates were stored again within the grace period "
             f"(e.g. {KINDS[young[0][0]]} {young[0][1].hex()})"
         )
-    live = walk(store, [ObjectId(i) for i in collect_roots_now(store, now, policy).commit_ids()])
-    live_keys = set()
-    for kind, ids in (("m", live.commits), ("t", live.trees), ("f", live.files), ("c", live.chunks)):
-        live_keys.update((kind, ObjectId(i).digest) for i in ids)
-    reachable = [k for k in cands if k in live_keys]
+    marks = mark(store, snap, [ObjectId(i).digest for i in roots_now.commit_ids()])
+    missing = set(marks.missing_chunks)
+    live_row = np.zeros(len(rows), dtype=bool)
+    live_row[indexed] = marks.live[rows[indexed]]
+    reachable = [
+        k
+        for k, lv in zip(cands, live_row.tolist(), strict=True)
+        if lv or k in marks.absent or (k[0] == "c" and k[1] in missing)
+    ]
     if reachable:
         reasons.append(
             f"{len(reachable)} candidates are reachable from the current roots "
             f"(e.g. {KINDS[reachable[0][0]]} {reachable[0][1].hex()})"
         )
-    problems = {k: v for k, v in live.unreadable.items() if k[0] != "m" or store.has("m", k[1])}
+    # A root naming a commit that is not stored (collected by an earlier proof) is not doubt;
+    # any other object it reaches that cannot be read or is not indexed is.
+    problems = len(marks.doubt(absent_ok="m")) + len(missing)
     if problems:
-        reasons.append(f"{len(problems)} live objects cannot be read; nothing is safe to delete")
-    return Verdict(pid, not reasons, reasons, status)
+        reasons.append(f"{problems} live objects cannot be read; nothing is safe to delete")
+    return Verdict(pid, not reasons, reasons, status), snap, rows
+
+
+def _rows_of(snap: IndexSnapshot, keys: list[tuple[str, bytes]]) -> Any:
+    """The snapshot row of each ``(kind, digest)`` (-1 if not indexed), in the order given."""
+    import numpy as np
+
+    rows = np.full(len(keys), -1, dtype=np.int64)
+    for kind in "cftm":
+        where = [i for i, k in enumerate(keys) if k[0] == kind]
+        if where:
+            rows[where] = snap.find(snap.keys_of(kind, (keys[i][1] for i in where)))
+    return rows
 
 
 def collect_roots_now(store: ObjectStore, now: float, policy: dict[str, Any]) -> Roots:
@@ -595,6 +625,34 @@ def _packs_bytes(store: ObjectStore) -> int:
     return sum(p.stat().st_size for p in store.packs_dir.glob("*" + SUFFIX))
 
 
+def _record_at(data: bytes, e: Entry) -> Record | None:
+    """The record an index entry points at inside a pack's bytes, or None if it is not there."""
+    end = e.offset + RECORD.size + e.enc_len
+    if end > len(data):
+        return None
+    try:
+        r = parse_record_header(data[e.offset : e.offset + RECORD.size], e.offset)
+    except IntegrityError:
+        return None
+    if r.enc_len != e.enc_len:
+        return None
+    return r
+
+
+def _verify_record(store: ObjectStore, r: Record, payload: bytes) -> None:
+    """Decode a record and check it against its id, as ObjectStore.get does on every read.
+
+    Raises:
+        IntegrityError: the payload does not decode, or its hash is not the record's check or id.
+    """
+    raw = store.reader.decode(r, payload)  # BLAKE3(raw) == r.check
+    if r.kind == "c":
+        if r.check != r.id:
+            raise IntegrityError("record check is not the chunk id")
+    else:
+        verify_raw(r.kind, ObjectId.from_digest(r.id), raw)
+
+
 def apply(
     store: ObjectStore,
     pid: str,
@@ -610,8 +668,10 @@ def apply(
     Raises:
         GcRefused: the proof is not valid now (every reason listed); nothing changed.
     """
+    import numpy as np
+
     hook = crash_hook or (lambda point: None)
-    verdict = verify(store, pid, doc, now)
+    verdict, snap, cand_rows = _verify(store, pid, doc, now)
     if verdict.status == "applied":
         _cleanup_retired(store)
     if not verdict.valid:
@@ -621,15 +681,17 @@ def apply(
     policy = doc["policy"]
     with store.index.read() as txn:
         packs = {num: rec for num, rec in txn.iter_packs()}
-        entries = {(k, d): e for k, d, e in txn.iter_entries()}
-    # Which packs to rewrite: every pack holding a candidate, and packs mostly dead.
-    live_per_pack: dict[int, int] = {}
-    cand_packs: set[int] = set()
-    for key, e in entries.items():
-        if key in cands:
-            cand_packs.add(e.pack)
-        else:
-            live_per_pack[e.pack] = live_per_pack.get(e.pack, 0) + RECORD.size + e.enc_len
+    # The index as verify saw it (every candidate indexed there, none reachable): which packs
+    # to rewrite: every pack holding a candidate, and packs mostly dead.
+    is_cand = np.zeros(snap.n, dtype=bool)
+    is_cand[cand_rows] = True
+    cand_packs = set(np.unique(snap.pack[is_cand]).tolist())
+    keep = ~is_cand
+    live_per_pack = np.bincount(
+        snap.pack[keep],
+        weights=(RECORD.size + snap.enc_len[keep]).astype(np.float64),
+        minlength=max(packs, default=0) + 1,
+    )
     grace_cut = now - float(policy["grace_days"]) * DAY
 
     def in_use(rec: dict) -> bool:
@@ -649,7 +711,7 @@ def apply(
         if rec.get("dir") or rec.get("retired") or num in rewrite:
             continue
         size = _size(store.packs_dir / rec["name"])
-        live = live_per_pack.get(num, 0) + HEADER.size + FOOTER.size
+        live = int(live_per_pack[num]) + HEADER.size + FOOTER.size
         if size and live / size < float(policy["compact_below"]) and not in_use(rec):
             rewrite.add(num)
     tdir = trash_dir(store.root) / pid
@@ -657,44 +719,52 @@ def apply(
     max_pack = int(store.config.get("packs", "max_size", 64 << 20))
     live_writer = trash_writer = None
     moves: dict[tuple[str, bytes], tuple[PackWriter, int, Entry]] = {}
+    missing: list[tuple[str, bytes]] = []
+    by_pack = np.argsort(snap.pack, kind="stable")
+    pack_sorted = snap.pack[by_pack]
     hook("before-copy")
     try:
         for num in sorted(rewrite):
             hook("copy-pack")
             rec = packs[num]
-            path = store.packs_dir / rec["name"]
-            records, _sealed, _end = scan_pack(path)
-            with open(path, "rb") as f:
-                for r in records:
-                    key = (r.kind, r.id)
-                    e = entries.get(key)
-                    if e is None or e.pack != num or e.offset != r.offset:
-                        continue  # dead bytes: not what the index points at
-                    f.seek(r.offset + RECORD.size)
-                    payload = f.read(r.enc_len)
-                    if key not in cands:
-                        try:  # never carry a damaged live object into a new pack silently
-                            store.reader.decode(r, payload)
-                        except IntegrityError as exc:
-                            raise GcRefused(
-                                f"gc proof {pid[:7]} cannot be applied",
-                                [f"live {KINDS[r.kind]} {r.id.hex()} is damaged: {exc} (run mstore fsck)"],
-                            ) from None
-                    if key in cands:
-                        if trash_writer is None or trash_writer.full:
-                            if trash_writer is not None:
-                                trash_writer.seal()
-                            trash_writer = PackWriter(tdir, max_pack)
-                        w = trash_writer
-                    else:
-                        if live_writer is None or live_writer.full:
-                            if live_writer is not None:
-                                live_writer.seal()
-                            live_writer = PackWriter(store.packs_dir, max_pack)
-                        w = live_writer
-                    off = w.add(r.kind, r.id, r.check, r.codec, r.raw_len, payload)
-                    moves[key] = (w, off, e)
-        missing = [k for k, e in entries.items() if e.pack in rewrite and k not in moves]
+            # The records the index points at, in file order; bytes no entry points at are dead.
+            lo, hi = np.searchsorted(pack_sorted, [num, num + 1])
+            rows = by_pack[lo:hi]
+            rows = rows[np.argsort(snap.offset[rows], kind="stable")].tolist()
+            try:
+                data = (store.packs_dir / rec["name"]).read_bytes()
+            except FileNotFoundError:
+                data = b""
+            for row in rows:
+                key = (snap.kind(row), snap.digest(row))
+                e = snap.entry(row)
+                r = _record_at(data, e)
+                if r is None:
+                    missing.append(key)
+                    continue
+                payload = data[e.offset + RECORD.size : e.offset + RECORD.size + e.enc_len]
+                if key in cands:
+                    if trash_writer is None or trash_writer.full:
+                        if trash_writer is not None:
+                            trash_writer.seal()
+                        trash_writer = PackWriter(tdir, max_pack)
+                    w = trash_writer
+                else:
+                    try:  # never carry a damaged live object into a new pack silently
+                        _verify_record(store, r, payload)
+                    except IntegrityError as exc:
+                        raise GcRefused(
+                            f"gc proof {pid[:7]} cannot be applied",
+                            [f"live {KINDS[r.kind]} {r.id.hex()} is damaged: {exc} (run mstore fsck)"],
+                        ) from None
+                    if live_writer is None or live_writer.full:
+                        if live_writer is not None:
+                            live_writer.seal()
+                        live_writer = PackWriter(store.packs_dir, max_pack)
+                    w = live_writer
+                off = w.add(r.kind, r.id, r.check, r.codec, r.raw_len, payload)
+                moves[key] = (w, off, e)
+            del data
         if missing:
             raise GcRefused(
                 f"gc proof {pid[:7]} cannot be applied",
