@@ -41,6 +41,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "import-data": ("mstore.cli.lineage", "import_data", "Commit JSONL files as a dataset, with record counts."),
     "lineage": ("mstore.cli.lineage", "lineage", "What a version was made from: its inputs, back to the roots."),
     "seen": ("mstore.cli.lineage", "seen", "Which records of a dataset were trained on, and by what."),
+    "remote": ("mstore.cli.remote", "remote", "Configure remotes: S3 buckets or other directories."),
+    "push": ("mstore.cli.remote", "push", "Send branches and tags to a remote (only what it lacks)."),
+    "fetch": ("mstore.cli.remote", "fetch", "Receive a remote's branches and tags, verified, into NAME/BRANCH."),
+    "pull": ("mstore.cli.remote", "pull", "Fetch a branch and fast-forward the local one to it."),
+    "clone": ("mstore.cli.remote", "clone", "Create a repository from a remote."),
 }
 
 

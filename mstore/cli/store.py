@@ -168,16 +168,37 @@ def checkout(ctx: click.Context, rev: str, dest: str, force: bool, as_json: bool
 
 
 @click.command()
+@click.option(
+    "--repair-from",
+    "repair_from",
+    metavar="REMOTE",
+    help="Replace damaged or missing objects with copies from REMOTE, each verified against its id.",
+)
 @json_option
 @click.pass_context
-def fsck(ctx: click.Context, as_json: bool) -> None:
+def fsck(ctx: click.Context, repair_from: str | None, as_json: bool) -> None:
     """Verify every object, index entry, ref and reflog entry.
 
     Damage is reported with the object, the files it belongs to and the commits (and refs)
-    it affects. Exits with status 5 if anything is damaged or missing.
+    it affects. Exits with status 5 if anything is damaged or missing. With --repair-from,
+    damaged objects are replaced by verified copies from a remote and the store is checked again.
     """
     with state(ctx).repo() as repo:
         total = repo.object_bytes() if not as_json else 0
+        if repair_from:
+            with out.progress(total, "checking") as bar:
+                fixed = repo.fsck_repair(repair_from, progress=bar)
+            if as_json:
+                out.emit_json(fixed)
+            else:
+                for r in fixed["repaired"]:
+                    out.echo(f"REPAIRED {r['kind']} {r['id']} from {repair_from}")
+                for r in fixed["failed"]:
+                    out.echo(f"NOT REPAIRED {r['kind']} {r['id']}: {r['error']}")
+                out.echo("ok" if fixed["ok"] else "store still has damage (run mstore fsck for details)")
+            if not fixed["ok"]:
+                sys.exit(5)
+            return
         with out.progress(total, "checking") as bar:
             report = repo.fsck(progress=bar)
         if as_json:

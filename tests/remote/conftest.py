@@ -51,12 +51,19 @@ def s3(tmp_path_factory):
                 os.environ[k] = v
 
 
-@pytest.fixture
-def bucket(s3) -> str:
-    """A new, empty bucket."""
+@pytest.fixture(scope="session")
+def s3_bucket(s3) -> str:
+    """One bucket per worker. (Each SeaweedFS bucket is a collection with volumes of its own: a
+    bucket per test soon exhausts the volume slots and the server answers 500.)"""
     name = "mstore-" + secrets.token_hex(6)
     s3.client().create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture
+def bucket(s3_bucket) -> str:
+    """``BUCKET/PREFIX`` unique to this test: an empty place on the S3 server."""
+    return f"{s3_bucket}/t-{secrets.token_hex(6)}"
 
 
 @pytest.fixture(params=["file", "s3"])

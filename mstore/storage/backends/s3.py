@@ -15,6 +15,7 @@ not exist, ``IfMatch=ETAG`` replaces it only if it is unchanged; the server answ
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -212,15 +213,28 @@ class S3Backend(Backend):
 
     def put_if_version(self, key: str, data: bytes, version: str | None) -> bool:
         cond = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
-        try:
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **cond)
-            return True
-        except Exception as exc:
-            if self._code(exc) in _CONFLICT:
-                return False
-            if version is not None and self._code(exc) in _MISSING:
-                return False  # it was deleted meanwhile: not at the version we saw
-            raise self._error("conditional put", key, exc) from None
+        for attempt in range(6):
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **cond)
+                return True
+            except Exception as exc:
+                code = self._code(exc)
+                if code in _CONFLICT:
+                    return False
+                if version is not None and code in _MISSING:
+                    return False  # it was deleted meanwhile: not at the version we saw
+                status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+                if not (isinstance(status, int) and status >= 500) or attempt == 5:
+                    raise self._error("conditional put", key, exc) from None
+            # A 5xx leaves it open whether the write happened (some servers, SeaweedFS among
+            # them, answer 500 while a new bucket settles): look before trying again.
+            time.sleep(0.05 * 2**attempt)
+            now = self.read_versioned(key)
+            if now is not None and now[0] == data:
+                return True  # our write landed (the documents carry seq, time and user)
+            if (now is None) != (version is None) or (now is not None and now[1] != version):
+                return False  # someone else's write landed
+        return False
 
     def delete(self, key: str) -> None:
         try:

@@ -1,0 +1,169 @@
+"""What a remote serves is verified before it is taken in: wrong bytes, hostile trees,
+truncated packs and oversized objects get a named error and change nothing locally."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mstore import Repo
+from mstore.errors import OversizedObject, RemoteIntegrityError
+from mstore.hashing import hash_typed
+from mstore.remote import _log_entry, _PackBuilder, ref_key
+from mstore.storage.backends import open_backend
+from tests.conftest import tree_bytes
+from tests.remote.conftest import add_remote, checkpoint
+
+
+def _backend(remote):
+    return open_backend(remote["url"], endpoint_url=remote.get("endpoint_url"))
+
+
+def _pushed(repo, work, remote):
+    cid = repo.commit(checkpoint(work / "ck", 1), "exp1", "one").id
+    add_remote(repo, remote)
+    repo.push("origin", ["exp1"])
+    return cid
+
+
+def _state(repo: Repo):
+    """Everything fetch could change: indexed objects and refs."""
+    with repo.store.index.read() as txn:
+        return sorted((k, d) for k, d, _e in txn.iter_entries()), list(txn.iter_refs())
+
+
+def _data_pack(backend):
+    for key, _size in backend.list("packs/"):
+        if key.endswith(".idx"):
+            doc = json.loads(backend.get(key))
+            if not doc["meta"]:
+                return doc
+    raise AssertionError("no data pack")
+
+
+def test_a_chunk_corrupted_in_the_bucket_is_detected_on_fetch_and_nothing_is_indexed(repo, work, tmp_path, remote):
+    _pushed(repo, work, remote)
+    backend = _backend(remote)
+    doc = _data_pack(backend)
+    key = f"packs/{doc['pack']}.pack"
+    pack = bytearray(backend.get(key))
+    biggest = max(doc["records"], key=lambda r: r[3])
+    pack[biggest[2] + 88 + biggest[3] // 2] ^= 0xFF  # one flipped byte inside a payload
+    backend.put(key, bytes(pack))
+    other = Repo.init(tmp_path / "other")
+    add_remote(other, remote)
+    before = _state(other)
+    with pytest.raises(RemoteIntegrityError, match=biggest[1]):
+        other.fetch("origin")
+    assert _state(other) == before
+    assert list((other.root / "packs").iterdir()) == []  # the aborted batch left no pack behind
+    other.close()
+
+
+def test_a_truncated_remote_pack_is_named_and_nothing_is_indexed(repo, work, tmp_path, remote):
+    _pushed(repo, work, remote)
+    backend = _backend(remote)
+    doc = _data_pack(backend)
+    key = f"packs/{doc['pack']}.pack"
+    backend.put(key, backend.get(key)[: doc["size"] // 2])
+    other = Repo.init(tmp_path / "other")
+    add_remote(other, remote)
+    before = _state(other)
+    with pytest.raises(RemoteIntegrityError, match="truncated"):
+        other.fetch("origin")
+    assert _state(other) == before
+    other.close()
+
+
+def _publish(backend, objects, commit_id, branch="refs/heads/evil"):
+    """Put hand-made objects on a remote the way a push would, and point a branch at them."""
+    b = _PackBuilder(meta=True)
+    import blake3
+
+    for kind, oid, raw in objects:
+        b.add(kind, oid.digest, blake3.blake3(raw).digest(), 0, len(raw), raw, None)
+    pack, index = b.seal()
+    backend.put(f"packs/{b.name}.pack", pack)
+    backend.put(f"packs/{b.name}.idx", index)
+    doc = {"v": 1, "ref": branch, "id": str(commit_id), "old": None, "seq": 1, "time": 0.0, "user": "x",
+           "command": "push", "message": ""}
+    backend.put(ref_key(branch), _log_entry(doc))
+
+
+def _commit_raw(tree_id: str) -> bytes:
+    d = {"author": "mallory", "inputs": {}, "kind": "other", "message": "evil", "meta": {}, "metrics": {},
+         "params": {}, "parents": [], "provenance": {}, "stats": {}, "time": "2026-01-01T00:00:00.000000Z",
+         "tree": tree_id, "v": 1}
+    return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
+
+
+@pytest.mark.parametrize("name", ["..", "a/b"])
+def test_a_tree_with_a_traversing_name_is_refused(repo, work, tmp_path, remote, name):
+    cid = _pushed(repo, work, remote)
+    real_tree = repo.get_commit(str(cid)).tree
+    entry = repo.store.get("t", real_tree)
+    first = json.loads(entry)["entries"][0]
+    first["name"] = name
+    tree_raw = json.dumps({"entries": [first], "v": 1}, sort_keys=True, separators=(",", ":")).encode()
+    tree_id = hash_typed("tree", tree_raw)
+    commit_raw = _commit_raw(str(tree_id))
+    commit_id = hash_typed("commit", commit_raw)
+    _publish(_backend(remote), [("t", tree_id, tree_raw), ("m", commit_id, commit_raw)], commit_id)
+    other = Repo.init(tmp_path / "other")
+    add_remote(other, remote)
+    before = _state(other)
+    with pytest.raises(RemoteIntegrityError, match="hostile or malformed"):
+        other.fetch("origin", ["evil"])
+    assert _state(other) == before
+    other.close()
+
+
+def test_an_object_served_under_another_id_is_refused(repo, work, tmp_path, remote):
+    _pushed(repo, work, remote)
+    raw = _commit_raw("0" * 64)
+    liar = hash_typed("commit", raw + b" ")  # an id the bytes do not hash to
+    _publish(_backend(remote), [("m", liar, raw)], liar)
+    other = Repo.init(tmp_path / "other")
+    add_remote(other, remote)
+    before = _state(other)
+    with pytest.raises(RemoteIntegrityError, match="hash"):
+        other.fetch("origin", ["evil"])
+    assert _state(other) == before
+    other.close()
+
+
+def test_an_oversized_object_is_refused_before_it_is_downloaded(repo, work, tmp_path, remote):
+    _pushed(repo, work, remote)
+    backend = _backend(remote)
+    doc = _data_pack(backend)
+    doc["records"][0][4] = 1 << 40  # claims a 1 TB chunk
+    backend.put(f"packs/{doc['pack']}.idx", json.dumps(doc).encode())
+    other = Repo.init(tmp_path / "other")
+    add_remote(other, remote)
+    before = _state(other)
+    with pytest.raises(OversizedObject):
+        other.fetch("origin")
+    assert _state(other) == before
+    with pytest.raises(OversizedObject):  # and a lower limit of one's own is honoured too
+        repo.fetch("origin", max_object=1000)
+    other.close()
+
+
+def test_fsck_repair_from_restores_a_corrupted_local_object_from_a_good_remote(repo, work, tmp_path, remote):
+    cid = _pushed(repo, work, remote)
+    # Corrupt the biggest local record in place.
+    kind, oid, entry = max(repo.store.iter_entries("c"), key=lambda x: x[2].enc_len)
+    pack = repo.root / "packs" / repo.store.pack_name(entry.pack)
+    pack.chmod(0o644)
+    with open(pack, "r+b") as f:
+        f.seek(entry.offset + 88 + entry.enc_len // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+    repo.store.forget_pack_names()
+    assert not repo.fsck().ok
+    report = repo.fsck_repair("origin")
+    assert report["ok"] and [r["id"] for r in report["repaired"]] == [oid]
+    repo.checkout(str(cid), tmp_path / "out")
+    assert tree_bytes(tmp_path / "out") == tree_bytes(work / "ck")
