@@ -129,9 +129,12 @@ def _encode_planes(raw: bytes | memoryview, item: int) -> bytes | None:
     return header + b"".join(parts)
 
 
-def _decode_planes(data: bytes | memoryview, raw_len: int, into: memoryview | None = None) -> bytes:
-    import numpy as np
+def byte_planes(data: bytes | memoryview, raw_len: int) -> tuple[int, list[bytes | memoryview]]:
+    """The planes of a BYTEPLANE payload: ``(element size, planes)``; raw planes are views of ``data``.
 
+    Raises:
+        IntegrityError: a damaged header, plane lengths that do not add up, a bad frame.
+    """
     view = memoryview(data)
     if len(view) < 2:
         raise IntegrityError("byte-plane chunk too short")
@@ -145,22 +148,69 @@ def _decode_planes(data: bytes | memoryview, raw_len: int, into: memoryview | No
     if head + sum(lengths) != len(view):
         raise IntegrityError("byte-plane chunk: plane lengths do not add up")
     n = raw_len // item
-    if into is None:
-        out = np.empty((n, item), dtype=np.uint8)
-    else:
-        out = np.frombuffer(into, dtype=np.uint8).reshape(n, item)
+    planes: list[bytes | memoryview] = []
     pos = head
     for i, length in enumerate(lengths):
         part = view[pos : pos + length]
         pos += length
         if mask & (1 << i):
-            plane = decode(ZSTD, part, n)
+            planes.append(decode(ZSTD, part, n))
         else:
             if length != n:
                 raise IntegrityError(f"byte-plane chunk: raw plane {i} has {length} bytes, expected {n}")
-            plane = part
+            planes.append(part)
+    return item, planes
+
+
+def interleave(planes: list, raw_len: int, into: memoryview | bytearray | None = None) -> bytes:
+    """Byte ``i`` of every element from plane ``i``: the inverse of splitting into planes.
+
+    Writes into ``into`` (and returns b"") when given, else returns new bytes.
+    """
+    import numpy as np
+
+    item = len(planes)
+    n = raw_len // item
+    if into is None:
+        out = np.empty((n, item), dtype=np.uint8)
+    else:
+        out = np.frombuffer(into, dtype=np.uint8)[:raw_len].reshape(n, item)
+    for i, plane in enumerate(planes):
         out[:, i] = np.frombuffer(plane, dtype=np.uint8)
     return b"" if into is not None else out.tobytes()
+
+
+def _decode_planes(data: bytes | memoryview, raw_len: int, into: memoryview | None = None) -> bytes:
+    _item, planes = byte_planes(data, raw_len)
+    return interleave(planes, raw_len, into)
+
+
+def xor_delta_planes(payload: bytes | memoryview, raw_len: int, base: list, out: bytearray) -> list | None:
+    """The planes of a DELTA chunk from its base's planes, XORed plane by plane into ``out``.
+
+    XOR commutes with splitting into planes, so a chain of deltas is decoded without
+    interleaving at every level: only the final planes are interleaved once. Returns None when
+    the XOR is not byte planes of the base's element size (the caller then decodes level by
+    level).
+
+    Raises:
+        IntegrityError: a damaged header or XOR encoding.
+    """
+    import numpy as np
+
+    delta_base(payload)
+    if payload[33] != BYTEPLANE:
+        return None
+    item, planes = byte_planes(memoryview(payload)[DELTA_HEAD.size :], raw_len)
+    if item != len(base):
+        return None
+    n = raw_len // item
+    if len(out) < raw_len:
+        raise ValueError("output buffer too small")
+    res = np.frombuffer(out, dtype=np.uint8)[:raw_len].reshape(item, n)
+    for i in range(item):
+        np.bitwise_xor(np.frombuffer(planes[i], dtype=np.uint8), np.frombuffer(base[i], dtype=np.uint8), out=res[i])
+    return [res[i] for i in range(item)]
 
 
 def decode_into(codec: int, data: bytes | memoryview, raw_len: int, out: bytearray) -> memoryview:

@@ -64,7 +64,7 @@ DEFAULTS: dict[str, Any] = {
     # A float tensor piece whose file had the same tensor (name, dtype, shape) in the parent
     # commit is stored as XOR with the parent's piece when that is smaller; chains of deltas
     # are at most max_depth long (then the piece is stored whole), bounding what a read decodes.
-    "delta": {"enabled": False, "max_depth": 8},
+    "delta": {"enabled": True, "max_depth": 8},
     # Deleting or force-moving a ref matching one of these (fnmatch on the short or full name)
     # needs --force-protected and --confirm NAME.
     "protect": {"patterns": ["main", "refs/tags/*"]},

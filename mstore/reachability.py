@@ -105,7 +105,23 @@ def walk(
                     continue
                 for chunk_id, _n in fobj.chunks:
                     live.chunks.add(chunk_id)
+    _follow_delta_bases(store, live)
     return live
+
+
+def _follow_delta_bases(store, live: LiveSet) -> None:
+    """Add the base of every live delta chunk (and its base, down the chain) to ``live``."""
+    bases = store.delta_bases() if hasattr(store, "delta_bases") else {}
+    frontier = [c for c in live.chunks if c.digest in bases]
+    while frontier:
+        nxt = []
+        for c in frontier:
+            b = ObjectId.from_digest(bases[c.digest])
+            if b not in live.chunks:
+                live.chunks.add(b)
+                if b.digest in bases:
+                    nxt.append(b)
+        frontier = nxt
 
 
 # -- the fast path: marking a million objects on raw digests (gc plan / verify / apply) ---------
@@ -344,12 +360,40 @@ def mark(
             chunk_keys += part.data
     keys = np.frombuffer(chunk_keys, dtype=f"S{KEY_SIZE}")
     keys.sort()  # in place; duplicates (chunks shared by files) are harmless below
-    # Edges out of chunks go here, on the sorted keys: once delta chunks exist, look the live
-    # chunks up in the small table keyed by chunk digest, merge their bases into `keys`, and
-    # repeat until nothing new is added (chains are bounded).
     rows = snap.find(keys)
     marked[rows[rows >= 0]] = True
     missing = np.flatnonzero(rows < 0)
-    if len(missing):
-        out.missing_chunks = sorted({keys[i : i + 1].tobytes()[1:] for i in missing})
+    missing_chunks = {keys[i : i + 1].tobytes()[1:] for i in missing}
+    missing_chunks.update(_mark_delta_bases(store, snap, marked))
+    if missing_chunks:
+        out.missing_chunks = sorted(missing_chunks)
     return out
+
+
+def _mark_delta_bases(store, snap: IndexSnapshot, marked: Any) -> set[bytes]:
+    """Mark the base of every marked delta chunk, and theirs, until nothing changes.
+
+    Returns the digests of bases that are not indexed (a live delta that cannot be decoded:
+    callers that delete must keep everything). Works on the ``deltas`` table (chunk → base),
+    which holds only delta chunks, so a store without deltas pays one empty read.
+    """
+    import numpy as np
+
+    bases = store.delta_bases()
+    if not bases:
+        return set()
+    delta_keys = snap.keys_of("c", bases.keys())
+    base_keys = snap.keys_of("c", bases.values())
+    delta_rows = snap.find(delta_keys)
+    missing: set[bytes] = set()
+    while True:  # one round per chain level; chains are bounded, so this ends
+        live = delta_rows >= 0
+        live[live] = marked[delta_rows[live]]
+        base_rows = snap.find(base_keys[live])
+        for i in np.flatnonzero(base_rows < 0):
+            missing.add(base_keys[live][i : i + 1].tobytes()[1:])
+        new = base_rows[base_rows >= 0]
+        new = new[~marked[new]]
+        if not len(new):
+            return missing
+        marked[new] = True

@@ -21,6 +21,7 @@ import os
 import struct
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,10 +171,13 @@ class PackReader:
     # A store with thousands of small packs must not run into the descriptor limit (often 1024).
     MAX_OPEN = 128
 
-    def __init__(self, packs_dir: Path):
+    def __init__(self, packs_dir: Path, resolve_base: Callable[[bytes, int, int], bytes] | None = None):
         self.packs_dir = packs_dir
         self._fds: OrderedDict[str, int] = OrderedDict()
         self._lock = threading.Lock()
+        # (base digest, raw length, chain position) -> the base chunk's verified raw bytes: how
+        # decode() reaches the base of a delta record (the store supplies it from the index).
+        self.resolve_base = resolve_base
 
     def _fd(self, name: str) -> int:
         # Caller holds self._lock.
@@ -208,6 +212,22 @@ class PackReader:
             raise IntegrityError(f"pack {name} offset {offset}: record length {rec.enc_len} != indexed {enc_len}")
         return rec, buf[RECORD.size :]
 
+    def read_head(self, name: str, offset: int, n: int) -> bytes:
+        """The first ``n`` payload bytes of the record at ``offset`` (header checked).
+
+        Raises:
+            IntegrityError: the pack is missing or truncated, or the record header is damaged.
+        """
+        try:
+            with self._lock:
+                buf = pread_exact(self._fd(name), RECORD.size + n, offset)
+        except StorageError:
+            raise IntegrityError(f"pack {name} is truncated at offset {offset}") from None
+        rec = parse_record_header(buf[: RECORD.size], offset)
+        if rec.enc_len < n:
+            raise IntegrityError(f"pack {name} offset {offset}: record too short")
+        return buf[RECORD.size :]
+
     def read_into(self, name: str, offset: int, enc_len: int, buf: bytearray) -> tuple[Record, memoryview]:
         """Like :meth:`read`, into ``buf`` (at least ``RECORD.size + enc_len`` bytes): no allocation.
 
@@ -236,13 +256,24 @@ class PackReader:
             raise IntegrityError(f"pack {name} offset {offset}: record length {rec.enc_len} != indexed {enc_len}")
         return rec, view[RECORD.size :]
 
-    def decode(self, rec: Record, payload: bytes) -> bytes:
+    def decode(self, rec: Record, payload: bytes, chain: int = 0) -> bytes:
         """Decode a payload and check it against the record's check hash.
 
+        A delta record's base is fetched through ``resolve_base`` (at chain position
+        ``chain + 1``, so a reader can bound chains).
+
         Raises:
-            IntegrityError: the payload does not decode or its hash is wrong.
+            IntegrityError: the payload does not decode, its base is unreadable, or its hash is
+                wrong.
         """
-        raw = codecs.decode(rec.codec, payload, rec.raw_len)
+        if rec.codec == codecs.DELTA:
+            if rec.kind != "c" or self.resolve_base is None:
+                raise IntegrityError("a delta record outside a store's chunks")
+            base_digest, _depth = codecs.delta_base(payload)
+            base = self.resolve_base(base_digest, rec.raw_len, chain + 1)
+            raw = codecs.decode_delta(payload, rec.raw_len, base)
+        else:
+            raw = codecs.decode(rec.codec, payload, rec.raw_len)
         if blake3.blake3(raw).digest() != rec.check:
             raise IntegrityError("payload hash does not match its record")
         return raw

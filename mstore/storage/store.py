@@ -15,6 +15,7 @@ verified when that content is read).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -50,9 +51,16 @@ class ObjectStore:
         self.config = config
         self.packs_dir = root / PACKS_DIR
         self.index = Index(root / INDEX_DIR)
-        self.reader = PackReader(self.packs_dir)
+        self.reader = PackReader(self.packs_dir, self._delta_base_bytes)
         self.clock = clock
         self._pack_names: dict[int, str] = {}
+        self._local = threading.local()  # a Scratch per thread for decoding delta chains
+
+    def _scratch(self) -> Scratch:
+        scratch = getattr(self._local, "scratch", None)
+        if scratch is None:
+            scratch = self._local.scratch = Scratch()
+        return scratch
 
     def close(self) -> None:
         """Release file descriptors and the index handle."""
@@ -103,20 +111,21 @@ class ObjectStore:
             entry = self.entry(kind, oid)
             if entry is None:
                 raise ObjectNotFound(f"{KINDS[kind]} {oid} is not in the store", oid)
+        if kind == "c" and entry.codec == codecs.DELTA and _chain == 0:
+            # Decode the chain through reusable buffers and hash the result once; only if that
+            # fails is it decoded level by level, verifying each base, to name the damage.
+            try:
+                view = self.chunk_view(oid, entry, self._scratch())
+                if blake3.blake3(view).digest() == oid.digest:
+                    return bytes(view)
+            except IntegrityError:
+                pass
         name = self.pack_name(entry.pack)
         try:
             rec, payload = self.reader.read(name, entry.offset, entry.enc_len)
             if rec.kind != kind or rec.id != oid.digest or rec.raw_len != entry.raw_len:
                 raise IntegrityError("record header does not match the index")
-            if rec.codec == codecs.DELTA:
-                if kind != "c":
-                    raise IntegrityError("only chunks are stored as deltas")
-                base = self._delta_base_bytes(payload, rec.raw_len, _chain)
-                raw = codecs.decode_delta(payload, rec.raw_len, base)
-                if blake3.blake3(raw).digest() != rec.check:
-                    raise IntegrityError("payload hash does not match its record")
-            else:
-                raw = self.reader.decode(rec, payload)  # checks BLAKE3(raw) == rec.check
+            raw = self.reader.decode(rec, payload, _chain)  # checks BLAKE3(raw) == rec.check
             if kind != "c":  # a chunk's check is its id (compared above): no second hash
                 verify_raw(kind, oid, raw)
             elif rec.check != oid.digest:
@@ -127,10 +136,9 @@ class ObjectStore:
             ) from None
         return raw
 
-    def _delta_base_bytes(self, payload: bytes, raw_len: int, chain: int) -> bytes:
-        """The verified raw bytes of the base a DELTA payload names."""
-        base_digest, _depth = codecs.delta_base(payload)
-        if chain >= MAX_DELTA_CHAIN:
+    def _delta_base_bytes(self, base_digest: bytes, raw_len: int, chain: int) -> bytes:
+        """The verified raw bytes of a delta's base chunk (``chain``: its position in the chain)."""
+        if chain > MAX_DELTA_CHAIN:
             raise IntegrityError(f"delta chain longer than {MAX_DELTA_CHAIN} (a cycle?)")
         base_id = ObjectId.from_digest(base_digest)
         base_entry = self.entry("c", base_id)
@@ -139,46 +147,91 @@ class ObjectStore:
         if base_entry.raw_len != raw_len:
             raise IntegrityError(f"its delta base chunk {base_id} has {base_entry.raw_len} bytes, not {raw_len}")
         try:
-            return self.get("c", base_id, base_entry, chain + 1)
+            return self.get("c", base_id, base_entry, chain)
         except IntegrityError as exc:
             raise IntegrityError(f"its delta base is unreadable: {exc}") from None
+
+    def _delta_base_entry(self, payload: bytes | memoryview, raw_len: int, chain: int) -> tuple[ObjectId, Entry]:
+        base_digest, _depth = codecs.delta_base(payload)
+        if chain >= MAX_DELTA_CHAIN:
+            raise IntegrityError(f"delta chain longer than {MAX_DELTA_CHAIN} (a cycle?)")
+        base_id = ObjectId.from_digest(base_digest)
+        base_entry = self.entry("c", base_id)
+        if base_entry is None or base_entry.raw_len != raw_len:
+            raise IntegrityError(f"its delta base chunk {base_id} is missing or of another size")
+        return base_id, base_entry
+
+    def _chain(self, oid: ObjectId, entry: Entry) -> list[tuple[ObjectId, Entry]]:
+        """A chunk and the bases its decoding needs, down to the one stored whole."""
+        chain = [(oid, entry)]
+        while entry.codec == codecs.DELTA:
+            head = self.reader.read_head(self.pack_name(entry.pack), entry.offset, codecs.DELTA_HEAD.size)
+            oid, entry = self._delta_base_entry(head, entry.raw_len, len(chain))
+            chain.append((oid, entry))
+        return chain
 
     def delta_bases(self) -> dict[bytes, bytes]:
         """Every delta chunk's base, as raw digests (chunk → base), from one read snapshot."""
         with self.index.read() as txn:
             return {k: v[:32] for k, v in txn.db_items("deltas")}
 
-    def chunk_view(self, oid: ObjectId, entry: Entry, scratch: Scratch, _chain: int = 0) -> memoryview:
+    def chunk_view(self, oid: ObjectId, entry: Entry, scratch: Scratch) -> memoryview:
         """A chunk's decoded bytes, read and decoded through ``scratch``: *not* hashed here.
 
         Only for callers that verify the content another way before anyone sees it: checkout
         hashes each whole file against its id (BLAKE3 of the content) before the file gets its
-        name, so hashing every chunk as well would verify every byte twice. The record header is
-        still checked against the index and decoding is bounded by the recorded length. The
-        view is valid until ``scratch`` is used again.
+        name, so hashing every chunk as well would verify every byte twice; :meth:`get` hashes
+        the result once. Record headers are still checked against the index and decoding is
+        bounded by the recorded length. The view is valid until ``scratch`` is used again.
+
+        A delta chain is decoded from its whole base upwards through two alternating buffer
+        pairs, so memory does not grow with the chain; while every level is byte planes, the
+        XOR is taken plane by plane and the result interleaved once at the end.
 
         Raises:
-            IntegrityError: the record is missing, damaged or does not decode (message names the
+            IntegrityError: a record is missing, damaged or does not decode (message names the
                 chunk and pack, as :meth:`get` does).
         """
         name = self.pack_name(entry.pack)
         try:
-            buf = scratch.payload(entry.enc_len, _chain)
-            rec, payload = self.reader.read_into(name, entry.offset, entry.enc_len, buf)
-            if rec.kind != "c" or rec.id != oid.digest or rec.raw_len != entry.raw_len or rec.check != oid.digest:
-                raise IntegrityError("record header does not match the index")
-            out = scratch.output(rec.raw_len, _chain)
-            if rec.codec != codecs.DELTA:
-                return codecs.decode_into(rec.codec, payload, rec.raw_len, out)
-            base_digest, _depth = codecs.delta_base(payload)
-            if _chain >= MAX_DELTA_CHAIN:
-                raise IntegrityError(f"delta chain longer than {MAX_DELTA_CHAIN} (a cycle?)")
-            base_id = ObjectId.from_digest(base_digest)
-            base_entry = self.entry("c", base_id)
-            if base_entry is None or base_entry.raw_len != rec.raw_len:
-                raise IntegrityError(f"its delta base chunk {base_id} is missing or of another size")
-            base = self.chunk_view(base_id, base_entry, scratch, _chain + 1)
-            return codecs.decode_delta_into(payload, rec.raw_len, base, out)
+            chain = self._chain(oid, entry)
+            raw_len = entry.raw_len
+            planes: list | None = None
+            raw: memoryview | None = None
+            for step, (cid, ent) in enumerate(reversed(chain)):
+                slot = step % 2
+                rec, payload = self.reader.read_into(
+                    self.pack_name(ent.pack), ent.offset, ent.enc_len, scratch.payload(ent.enc_len, slot)
+                )
+                if rec.kind != "c" or rec.id != cid.digest or rec.raw_len != raw_len or rec.check != cid.digest:
+                    raise IntegrityError(f"record header of chunk {cid} does not match the index")
+                out = scratch.output(raw_len, slot)
+                if step == 0:
+                    if rec.codec == codecs.DELTA:
+                        raise IntegrityError(f"chunk {cid} changed while its chain was read")
+                    if rec.codec == codecs.BYTEPLANE and len(chain) > 1:
+                        planes = codecs.byte_planes(payload, raw_len)[1]
+                    else:
+                        raw = codecs.decode_into(rec.codec, payload, raw_len, out)
+                    continue
+                if rec.codec != codecs.DELTA:
+                    raise IntegrityError(f"chunk {cid} changed while its chain was read")
+                if planes is not None:
+                    res = codecs.xor_delta_planes(payload, raw_len, planes, out)
+                    if res is not None:
+                        planes = res
+                        continue
+                    final = scratch.final(raw_len)  # this level's XOR is not planes: go bytewise
+                    codecs.interleave(planes, raw_len, final)
+                    raw, planes = memoryview(final)[:raw_len], None
+                assert raw is not None
+                raw = codecs.decode_delta_into(payload, raw_len, raw, out)
+            if planes is not None:
+                final = scratch.final(raw_len)
+                codecs.interleave(planes, raw_len, final)
+                return memoryview(final)[:raw_len]
+            assert raw is not None
+            return raw
         except IntegrityError as exc:
             raise IntegrityError(
                 f"chunk {oid} is damaged (pack {name}, offset {entry.offset}): {exc}"
@@ -219,6 +272,7 @@ class Scratch:
         # One pair per level of a delta chain being decoded (level 0: the chunk itself).
         self._payload: list[bytearray] = []
         self._output: list[bytearray] = []
+        self._final = bytearray()
 
     @staticmethod
     def _get(bufs: list[bytearray], level: int, need: int) -> bytearray:
@@ -235,6 +289,12 @@ class Scratch:
     def output(self, raw_len: int, level: int = 0) -> bytearray:
         """A buffer for ``raw_len`` decoded bytes."""
         return self._get(self._output, level, raw_len)
+
+    def final(self, raw_len: int) -> bytearray:
+        """A buffer for the interleaved result of a chain decoded as byte planes."""
+        if len(self._final) < raw_len:
+            self._final = bytearray(raw_len)
+        return self._final
 
 
 def verify_raw(kind: str, oid: ObjectId, raw: bytes) -> None:

@@ -1,0 +1,277 @@
+"""Delta chunks: a checkpoint series costs the bytes that changed (DESIGN §2, promise 5).
+
+A float tensor piece whose file had the same tensor (name, dtype, shape) in the parent commit is
+stored as XOR with the parent's piece when that is smaller. These tests pin what that must never
+cost: every version reads back bit-exact (NaN, Inf and denormal bit patterns included), chains
+stay within their bound, damage to a base is reported with every version that depends on it,
+and gc never takes a base that a live delta needs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import blake3
+import numpy as np
+import pytest
+
+from mstore import IntegrityError, ObjectId, Repo
+from mstore.codecs import DELTA, delta_base
+from mstore.format import Config, write_config
+from mstore.storage.packs import RECORD
+from tests.conftest import tree_bytes, write_safetensors
+
+DAY = 86400.0
+
+
+def _bf16(x: np.ndarray) -> np.ndarray:
+    """bf16 bit patterns (the top half of float32), as safetensors' numpy API cannot write BF16."""
+    return (x.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+
+class Series:
+    """A fine-tune-like series: every weight moves a little between versions."""
+
+    def __init__(self, repo: Repo, work: Path, dtype: str = "f32", seed: int = 0, shape=(96, 130)):
+        self.repo = repo
+        self.work = work
+        self.rng = np.random.default_rng(seed)
+        self.dtype = dtype
+        self.w = {
+            "embed": self.rng.standard_normal(shape).astype(np.float32) * 0.02,
+            "proj": self.rng.standard_normal((shape[1], 64)).astype(np.float32) * 0.02,
+        }
+        self.commits: list[ObjectId] = []
+        self.dirs: list[Path] = []
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        if self.dtype == "f16":
+            return {k: v.astype(np.float16) for k, v in self.w.items()}
+        return dict(self.w)
+
+    def step(self, branch: str = "run") -> ObjectId:
+        for k in self.w:
+            self.w[k] = self.w[k] - 1e-4 * self.rng.standard_normal(self.w[k].shape).astype(np.float32)
+        d = self.work / f"v{len(self.commits)}"
+        write_safetensors(d / "model.safetensors", self.tensors())
+        cid = self.repo.commit(d, branch, f"step {len(self.commits)}").id
+        self.commits.append(cid)
+        self.dirs.append(d)
+        return cid
+
+
+def chunk_ids(repo: Repo, rev: str) -> list[ObjectId]:
+    with repo.open_file(f"{rev}:model.safetensors") as f:
+        return [cid for cid, _n in f.fobj.chunks]
+
+
+def codec_of(repo: Repo, cid: ObjectId) -> int:
+    return repo.store.entry("c", cid).codec
+
+
+def depth_of(repo: Repo, cid: ObjectId) -> int:
+    entry = repo.store.entry("c", cid)
+    if entry.codec != DELTA:
+        return 0
+    with repo.store.index.read() as txn:
+        return txn.db_get("deltas", cid.digest)[32]
+
+
+def set_delta(repo: Repo, **values) -> Repo:
+    data = repo.config.data
+    data["delta"].update(values)
+    write_config(repo.root, Config(data))
+    root, clock = repo.root, repo.clock
+    repo.close()
+    return Repo.open(root, clock=clock)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_every_version_of_a_series_stored_as_deltas_checks_out_bit_exact(repo, work, tmp_path, dtype):
+    s = Series(repo, work, dtype)
+    for _ in range(5):
+        s.step()
+
+    for i, cid in enumerate(s.commits):
+        dest = tmp_path / f"out{i}"
+        repo.checkout(cid, dest)
+        assert tree_bytes(dest) == tree_bytes(s.dirs[i])
+    later = [c for rev in s.commits[1:] for c in chunk_ids(repo, str(rev))]
+    assert any(codec_of(repo, c) == DELTA for c in later)
+
+
+def test_a_delta_chunk_keeps_its_id_the_blake3_of_its_raw_bytes(repo, work):
+    s = Series(repo, work)
+    s.step()
+    s.step()
+    data = (s.dirs[1] / "model.safetensors").read_bytes()
+
+    deltas = [c for c in chunk_ids(repo, str(s.commits[1])) if codec_of(repo, c) == DELTA]
+    assert deltas
+    for cid in deltas:
+        assert blake3.blake3(repo.store.get("c", cid)).hexdigest() == str(cid)
+    with repo.open_file(f"{s.commits[1]}:model.safetensors") as f:
+        assert f.read() == data
+
+
+def test_a_delta_names_the_parent_version_of_the_same_tensor_as_its_base(repo, work):
+    s = Series(repo, work)
+    s.step()
+    s.step()
+    parent = chunk_ids(repo, str(s.commits[0]))
+    child = chunk_ids(repo, str(s.commits[1]))
+
+    for i, cid in enumerate(child):
+        if codec_of(repo, cid) != DELTA:
+            continue
+        entry = repo.store.entry("c", cid)
+        name = repo.store.pack_name(entry.pack)
+        _rec, payload = repo.store.reader.read(name, entry.offset, entry.enc_len)
+        base, depth = delta_base(payload)
+        assert base == parent[i].digest  # the same piece (tensor, offset) one version earlier
+        assert depth == 1
+
+
+def test_chains_never_exceed_the_configured_depth_and_restart_with_a_whole_piece(repo, work, tmp_path):
+    repo = set_delta(repo, max_depth=3)
+    s = Series(repo, work)
+    for _ in range(9):
+        s.step()
+
+    depths = [depth_of(repo, chunk_ids(repo, str(c))[1]) for c in s.commits]
+    assert max(depths) == 3
+    assert depths[:5] == [0, 1, 2, 3, 0]  # a keyframe after three deltas
+    dest = tmp_path / "last"
+    repo.checkout(s.commits[-1], dest)
+    assert tree_bytes(dest) == tree_bytes(s.dirs[-1])
+    repo.close()
+
+
+def test_nan_inf_and_denormal_bit_patterns_survive_a_delta_chain_bit_exact(repo, work, tmp_path):
+    rng = np.random.default_rng(5)
+    base = rng.integers(0, 1 << 32, (64, 67), dtype=np.uint32)  # every bit pattern, NaNs included
+    special = np.array([0x7F800000, 0xFF800000, 0x7FC00001, 0x00000001, 0x807FFFFF, 0x80000000], np.uint32)
+    dirs = []
+    for v in range(4):
+        x = base.copy()
+        x.flat[: special.size] = np.roll(special, v)
+        x.flat[100 + v] ^= 1  # a small change every version
+        d = work / f"s{v}"
+        write_safetensors(d / "model.safetensors", {"w": x.view(np.float32), "b": _bf16(x.view(np.float32))})
+        repo.commit(d, "special", f"v{v}")
+        dirs.append(d)
+
+    for v, d in enumerate(dirs):
+        dest = tmp_path / f"o{v}"
+        repo.checkout(f"special~{3 - v}", dest)
+        assert tree_bytes(dest) == tree_bytes(d)
+    assert codec_of(repo, chunk_ids(repo, "special")[1]) == DELTA
+
+
+def test_odd_sized_tensors_round_trip_through_deltas(repo, work, tmp_path):
+    s = Series(repo, work, shape=(7, 13))
+    for _ in range(3):
+        s.step()
+    for i, cid in enumerate(s.commits):
+        repo.checkout(cid, tmp_path / f"o{i}")
+        assert tree_bytes(tmp_path / f"o{i}") == tree_bytes(s.dirs[i])
+
+
+def test_an_unrelated_tensor_of_the_same_shape_is_stored_whole_when_a_delta_would_not_be_smaller(repo, work):
+    rng = np.random.default_rng(9)
+    for v in range(2):
+        x = rng.integers(0, 1 << 32, (128, 128), dtype=np.uint32).view(np.float32)  # unrelated noise
+        write_safetensors(work / f"n{v}" / "model.safetensors", {"w": x})
+        repo.commit(work / f"n{v}", "noise", f"v{v}")
+
+    assert codec_of(repo, chunk_ids(repo, "noise")[1]) != DELTA
+
+
+def test_a_series_with_deltas_costs_less_than_without(tmp_path):
+    sizes = {}
+    for enabled in (True, False):
+        repo = Repo.init(tmp_path / f"store-{enabled}")
+        repo = set_delta(repo, enabled=enabled)
+        s = Series(repo, tmp_path / f"work-{enabled}", seed=1, shape=(256, 256))
+        for _ in range(4):
+            s.step()
+        sizes[enabled] = repo.stored_bytes()
+        repo.close()
+    assert sizes[True] < 0.9 * sizes[False]
+
+
+def test_deltas_are_off_in_a_version_1_store(tmp_path):
+    repo = Repo.init(tmp_path / "old")
+    data = repo.config.data
+    data["format"]["version"] = 1
+    write_config(repo.root, Config(data))
+    repo.close()
+    repo = Repo.open(tmp_path / "old")
+    s = Series(repo, tmp_path / "work")
+    s.step()
+    s.step()
+    assert all(codec_of(repo, c) != DELTA for c in chunk_ids(repo, "run"))
+    repo.close()
+
+
+# -- damage and gc -------------------------------------------------------------------------
+
+
+def test_fsck_reports_a_damaged_base_with_every_version_whose_delta_depends_on_it(repo, work, tmp_path):
+    s = Series(repo, work)
+    for _ in range(4):
+        s.step()
+    base = chunk_ids(repo, str(s.commits[0]))[1]  # the keyframe of tensor piece 1
+    assert [depth_of(repo, chunk_ids(repo, str(c))[1]) for c in s.commits] == [0, 1, 2, 3]
+    entry = repo.store.entry("c", base)
+    with open(repo.root / "packs" / repo.store.pack_name(entry.pack), "r+b") as f:
+        f.seek(entry.offset + RECORD.size + entry.enc_len - 3)
+        b = f.read(1)[0]
+        f.seek(entry.offset + RECORD.size + entry.enc_len - 3)
+        f.write(bytes([b ^ 0x10]))
+
+    report = repo.fsck()
+
+    assert not report.ok
+    text = str(report.to_dict())
+    assert str(base) in text
+    for cid in s.commits:  # every version reaches the base through its chain
+        assert str(cid) in text
+    with pytest.raises(IntegrityError):
+        repo.checkout(s.commits[-1], tmp_path / "broken")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_gc_keeps_the_base_of_a_live_delta_whose_own_history_was_deleted(tmp_path):
+    """Branch ``y`` re-uses (by dedup) a delta chunk first stored on ``x``; its base exists only
+    in ``x``'s history. Deleting ``x`` and collecting it must not take the base."""
+    clock = Clock()
+    repo = Repo.init(tmp_path / "store", clock=clock)
+    s = Series(repo, tmp_path / "work")
+    s.step("x")
+    s.step("x")
+    delta = chunk_ids(repo, "x")[1]
+    assert codec_of(repo, delta) == DELTA
+    y = tmp_path / "y"
+    write_safetensors(y / "model.safetensors", s.tensors())  # the same bytes as x's head
+    repo.commit(y, "y", "copy of x's head")
+    assert chunk_ids(repo, "y")[1] == delta
+    repo.delete_branch("x")
+    clock.now += 60 * DAY
+
+    pid, doc = repo.gc_plan()
+    repo.gc_apply(pid)
+    repo.gc_purge(quarantine_days=0)
+
+    dest = tmp_path / "out"
+    repo.checkout("y", dest)
+    assert tree_bytes(dest) == tree_bytes(y)
+    assert repo.fsck().ok
+    repo.close()
