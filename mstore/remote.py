@@ -990,6 +990,11 @@ def _add_deltas(store: ObjectStore, batch: Any, deltas: list[_Received]) -> None
             if blake3.blake3(raw).digest() != r.oid.digest or r.check != r.oid.digest:
                 raise RemoteIntegrityError(f"remote delta chunk {r.oid}: wrong bytes (they hash to another id)")
             if not batch.contains(r.kind, r.oid):
+                if batch.writer is not None and batch.writer.full:
+                    # Roll to a new pack *before* adding a delta: rolling flushes, and a flush
+                    # inside add_encoded would drop this delta's base row (WriteBatch.delta_rows).
+                    batch.flush()
+                    batch._roll()
                 batch.add_encoded(r.kind, r.oid, r.check, r.codec, r.raw_len, r.payload)
         done = {id(r) for r in ready}
         deltas = [r for r in deltas if id(r) not in done]

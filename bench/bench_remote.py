@@ -1,0 +1,183 @@
+"""push and clone of a checkpoint series to a local SeaweedFS, against plain boto3 in the same run.
+
+Targets (issue 8): push and clone at >= 70 % of the throughput of boto3 ``upload_file`` /
+``download_file`` (what ``aws s3 cp`` does) of the same bytes; an incremental push of a
+checkpoint in which half the tensors changed transfers <= its new stored bytes + 5 %.
+
+The series: a base checkpoint of float32 tensors (16 MiB each, values like trained weights),
+then checkpoints in which half the tensors moved, committed with the public API. What is
+compared:
+
+* push: ``Repo.push`` of the whole series to an empty prefix vs ``upload_file`` of one file
+  holding exactly as many bytes as the push sent (random bytes, so nothing can compress
+  them away), alternating, medians of ``--runs``;
+* clone: ``Repo.clone`` of that prefix (download, verify every record, index, check each
+  file's id against its content) vs ``download_file`` of the baseline file;
+* the same figures per logical byte (the checkpoint files' total), which is what a user
+  waiting for a copy sees;
+* an incremental push: the series' next checkpoint, bytes sent vs its commit's stored bytes.
+
+The SeaweedFS server is started by the test helper (tests/remote/s3_server.py) on 127.0.0.1.
+``--quick`` runs a small series once, for a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mstore import Repo  # noqa: E402
+from tests.remote import s3_server  # noqa: E402
+
+TENSOR = (2048, 2048)  # float32: 16 MiB, the default chunk bound
+
+
+def write_checkpoint(path: Path, step: int, tensors: int, base: dict[str, np.ndarray]) -> None:
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(1000 + step)
+    out = dict(base)
+    if step:
+        names = sorted(base)
+        for name in names[(step % 2) :: 2]:  # half of them moved (alternating halves)
+            out[name] = (base[name] + rng.standard_normal(TENSOR, dtype=np.float32) * 1e-3).astype(np.float32)
+        base.update(out)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(path / "model.safetensors"), metadata={"step": str(step)})
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tensors", type=int, default=32, help="tensors per checkpoint (16 MiB each)")
+    ap.add_argument("--checkpoints", type=int, default=2, help="checkpoints in the series")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="a small series, one run")
+    ap.add_argument("--json", type=Path, help="write the figures here too")
+    args = ap.parse_args()
+    if args.quick:
+        args.tensors, args.checkpoints, args.runs = 8, 2, 1
+    tmp = Path(tempfile.mkdtemp(prefix="mstore-bench-remote-"))
+    server = s3_server.start(tmp / "seaweedfs")
+    os.environ.update(server.env())
+    figures: dict = {}
+    try:
+        client = server.client()
+        client.create_bucket(Bucket="bench")
+        rng = np.random.default_rng(7)
+        base = {f"model.layers.{i}.weight": (rng.standard_normal(TENSOR, dtype=np.float32) * 0.02)
+                for i in range(args.tensors)}
+        repo = Repo.init(tmp / "store")
+        logical = 0
+        for step in range(args.checkpoints):
+            ck = tmp / f"ck{step}"
+            write_checkpoint(ck, step, args.tensors, base)
+            logical += (ck / "model.safetensors").stat().st_size
+            repo.commit(ck, "series", f"step {step}", kind="checkpoint", allow_regression=True)
+            shutil.rmtree(ck)
+        stored = sum(e.enc_len for _k, _o, e in repo.store.iter_entries())
+        print(f"series: {args.checkpoints} checkpoints, {logical / 1e9:.2f} GB logical, {stored / 1e9:.2f} GB stored")
+
+        push_s, up_s, clone_s, down_s, sent = [], [], [], [], 0
+        for run in range(args.runs):
+            prefix = f"s3://bench/run{run}"
+            repo.remote_add(f"r{run}", prefix, endpoint_url=server.endpoint)
+            t0 = time.perf_counter()
+            res = repo.push(f"r{run}", ["series"])
+            push_s.append(time.perf_counter() - t0)
+            wire = sum(size for key, size in _list(client, f"run{run}/packs/"))
+            sent = wire
+            blob = tmp / "baseline.bin"
+            if not blob.exists() or blob.stat().st_size != wire:
+                with open(blob, "wb") as f:
+                    left = wire
+                    while left:
+                        n = min(left, 64 << 20)
+                        f.write(os.urandom(n))
+                        left -= n
+            t0 = time.perf_counter()
+            client.upload_file(str(blob), "bench", f"baseline/run{run}.bin")
+            up_s.append(time.perf_counter() - t0)
+
+            dest = tmp / f"clone{run}"
+            t0 = time.perf_counter()
+            c = Repo.clone(prefix, dest, endpoint_url=server.endpoint)
+            clone_s.append(time.perf_counter() - t0)
+            assert c.head("series") == repo.head("series")
+            c.close()
+            shutil.rmtree(dest)
+            t0 = time.perf_counter()
+            client.download_file("bench", f"baseline/run{run}.bin", str(tmp / "down.bin"))
+            down_s.append(time.perf_counter() - t0)
+            os.unlink(tmp / "down.bin")
+            print(f"run {run}: push {push_s[-1]:.2f} s (upload_file {up_s[-1]:.2f} s), "
+                  f"clone {clone_s[-1]:.2f} s (download_file {down_s[-1]:.2f} s), {res.bytes / 1e6:.0f} MB records")
+
+        # Incremental: the next checkpoint, half of its tensors changed.
+        ck = tmp / "ck-next"
+        write_checkpoint(ck, args.checkpoints, args.tensors, base)
+        committed = repo.commit(ck, "series", "next", kind="checkpoint", allow_regression=True)
+        before = sum(size for _k, size in _list(client, "run0/"))
+        inc = repo.push("r0", ["series"])
+        after = sum(size for _k, size in _list(client, "run0/"))
+        figures = {
+            "logical_bytes": logical,
+            "stored_bytes": stored,
+            "wire_bytes": sent,
+            "push_s": median(push_s),
+            "upload_file_s": median(up_s),
+            "push_vs_upload_file": median(up_s) / median(push_s),
+            "push_MBps": sent / median(push_s) / 1e6,
+            "upload_file_MBps": sent / median(up_s) / 1e6,
+            "push_logical_MBps": logical / median(push_s) / 1e6,
+            "clone_s": median(clone_s),
+            "download_file_s": median(down_s),
+            "clone_vs_download_file": median(down_s) / median(clone_s),
+            "clone_MBps": sent / median(clone_s) / 1e6,
+            "download_file_MBps": sent / median(down_s) / 1e6,
+            "incremental_stored_bytes": committed.stored_bytes,
+            "incremental_record_bytes": inc.bytes,
+            "incremental_bucket_growth": after - before,
+            "incremental_ratio": (after - before) / committed.stored_bytes,
+            "runs": args.runs,
+        }
+        print(json.dumps(figures, indent=2))
+        print(
+            f"push  {figures['push_MBps']:.0f} MB/s vs upload_file {figures['upload_file_MBps']:.0f} MB/s: "
+            f"{figures['push_vs_upload_file']:.0%} (target >= 70%)\n"
+            f"clone {figures['clone_MBps']:.0f} MB/s vs download_file {figures['download_file_MBps']:.0f} MB/s: "
+            f"{figures['clone_vs_download_file']:.0%} (target >= 70%)\n"
+            f"incremental push: bucket grew {figures['incremental_bucket_growth'] / 1e6:.1f} MB for "
+            f"{figures['incremental_stored_bytes'] / 1e6:.1f} MB newly stored: {figures['incremental_ratio']:.3f}x "
+            "(target <= 1.05)"
+        )
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=2))
+    finally:
+        server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _list(client, prefix: str):
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket="bench", Prefix=prefix):
+        for item in page.get("Contents", []):
+            yield item["Key"], item["Size"]
+
+
+if __name__ == "__main__":
+    main()
