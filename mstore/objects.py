@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import InvalidName, MalformedObject
+from .errors import InvalidName, MalformedObject, MstoreError
 from .hashing import ObjectId, hash_typed, is_full_id
 
 OBJECT_VERSION = 1
@@ -446,3 +446,96 @@ def tree_child_digests(raw: bytes) -> tuple[list[bytes], list[bytes]]:
         [e.id.digest for e in tree.entries if e.kind == TREE_KIND],
         [e.id.digest for e in tree.entries if e.kind == FILE_KIND],
     )
+
+
+_MANIFEST_FRAME = re.compile(
+    rb'\{"chunker":"[A-Za-z0-9_.\-]*","chunks":\[(.*)\],"size":(0|[1-9][0-9]{0,17}),"v":1\}', re.DOTALL
+)
+
+
+def manifests_chunk_digests(raws: list[bytes]) -> list[bytes | MstoreError]:
+    """:func:`manifest_chunk_digests` of many manifests at once.
+
+    Returns, for each manifest, its chunk digests or the error :meth:`FileObject.parse` raises
+    for it (returned, not raised). Every manifest is validated exactly as the full parser
+    validates it; the chunk lists of all of them are checked together with bulk operations
+    (one pass of C-level byte operations and numpy over their concatenation), and any that is
+    not in the canonical shape is left to :func:`manifest_chunk_digests`.
+    """
+    out: list[bytes | MstoreError | None] = [None] * len(raws)
+    batch: list[tuple[int, bytes, int]] = []
+    for i, raw in enumerate(raws):
+        m = _MANIFEST_FRAME.fullmatch(raw)
+        if m is None or not m.group(1):
+            out[i] = _digests_or_error(raw)
+        else:
+            batch.append((i, m.group(1), int(m.group(2))))
+    if batch:
+        got = _chunk_lists([sec for _i, sec, _size in batch])
+        for j, (i, _sec, size) in enumerate(batch):
+            out[i] = got[j][0] if got is not None and got[j][1] == size else _digests_or_error(raws[i])
+    return out  # type: ignore[return-value]
+
+
+def _digests_or_error(raw: bytes) -> bytes | MstoreError:
+    try:
+        return manifest_chunk_digests(raw)
+    except MstoreError as exc:
+        return exc
+
+
+def _chunk_lists(sections: list[bytes]) -> list[tuple[bytes, int]] | None:
+    """Digests and length totals of non-empty chunk lists ``["<id>",<n>],...``.
+
+    None unless every list is exactly ``_CHUNK_ITEM`` items joined by commas.
+    """
+    import numpy as np
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    big = b",".join(sections)
+    # Without the lowercase hex digits, exactly the structure characters of n items `["",]`
+    # joined by commas: no other byte anywhere, and these in this order.
+    n = big.count(b"[")
+    if n == 0 or big.translate(None, b"0123456789abcdef") != b'["",]' + b',["",]' * (n - 1):
+        return None
+    a = np.frombuffer(big, dtype=np.uint8)
+    # Every structure character, in order: `[`, `"`, `"`, `,`, `]` per item and `,` between.
+    structure = np.flatnonzero((a < ord("0")) | ((a > ord("9")) & (a < ord("a"))))
+    if len(structure) != 6 * n - 1:
+        return None
+    starts, opening, closing, inner, ends = (structure[k::6] for k in range(5))
+    digits_len = ends - inner - 1
+    # Positions: `["` then 64 id characters, `",`, 1-15 digits without a leading zero, `]`, and
+    # items separated by exactly one comma from the first byte to the last.
+    if not (
+        starts[0] == 0
+        and ends[-1] == len(a) - 1
+        and np.array_equal(opening, starts + 1)
+        and np.array_equal(closing, opening + 65)
+        and np.array_equal(inner, closing + 1)
+        and np.array_equal(starts[1:], ends[:-1] + 2)
+        and bool((digits_len >= 1).all())
+        and bool((digits_len <= 15).all())
+        and bool((a[inner + 1] != ord("0")).all())
+    ):
+        return None
+    # The length digits, right-aligned in windows of 15 ending before each `]`.
+    digits = sliding_window_view(a, 15)[ends - 15] - np.uint8(ord("0"))  # wraps below "0"
+    used = np.arange(15) >= (15 - digits_len)[:, None]
+    if bool(((digits > 9) & used).any()):
+        return None  # a hex letter among the digits
+    values = (np.where(used, digits, 0).astype(np.int64) * (10 ** np.arange(14, -1, -1, dtype=np.int64))).sum(axis=1)
+    # Each section must begin exactly at an item (so no item straddles two manifests).
+    offsets = np.cumsum([0] + [len(s) + 1 for s in sections[:-1]])
+    first = np.searchsorted(starts, offsets)
+    if not (bool((first < n).all()) and np.array_equal(starts[np.minimum(first, n - 1)], offsets)):
+        return None
+    # Exact totals whatever the count: sum the high and low halves separately.
+    high = np.add.reduceat(values >> 25, first)
+    low = np.add.reduceat(values & ((1 << 25) - 1), first)
+    digests = binascii.unhexlify(sliding_window_view(a, 64)[opening + 1].tobytes())
+    bounds = [*first.tolist(), n]
+    return [
+        (digests[bounds[j] * 32 : bounds[j + 1] * 32], (int(high[j]) << 25) + int(low[j]))
+        for j in range(len(sections))
+    ]

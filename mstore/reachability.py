@@ -283,7 +283,7 @@ def mark(
     """
     import numpy as np
 
-    from .objects import Commit, manifest_chunk_digests, tree_child_digests
+    from .objects import Commit, manifests_chunk_digests, tree_child_digests
 
     out = Marks(np.zeros(snap.n, dtype=bool) if live is None else live)
     marked = out.live
@@ -343,21 +343,34 @@ def mark(
         file_set.update(tree_files)
     # Chunk ids go straight into one buffer of index keys (b"c" + digest), sorted in place.
     chunk_keys = bytearray()
+    batch: list[tuple[bytes, bytes]] = []
+    batch_bytes = 0
+
+    def parse_batch() -> None:
+        # Manifests are parsed a few MB at a time: the chunk lists of many files are checked
+        # together with bulk byte operations (objects.manifests_chunk_digests).
+        for (d, _raw), got in zip(batch, manifests_chunk_digests([raw for _d, raw in batch]), strict=True):
+            if isinstance(got, MstoreError):
+                out.unreadable[("f", ObjectId.from_digest(d))] = str(got)
+                continue
+            n = len(got) // 32
+            if n:
+                part = np.empty((n, KEY_SIZE), dtype=np.uint8)
+                part[:, 0] = ord("c")
+                part[:, 1:] = np.frombuffer(got, dtype=np.uint8).reshape(n, 32)
+                chunk_keys.extend(part.data)
+        batch.clear()
+
     for d in file_set:
         raw = read("f", d)
         if raw is None:
             continue
-        try:
-            digests = manifest_chunk_digests(raw)
-        except MstoreError as exc:
-            out.unreadable[("f", ObjectId.from_digest(d))] = str(exc)
-            continue
-        n = len(digests) // 32
-        if n:
-            part = np.empty((n, KEY_SIZE), dtype=np.uint8)
-            part[:, 0] = ord("c")
-            part[:, 1:] = np.frombuffer(digests, dtype=np.uint8).reshape(n, 32)
-            chunk_keys += part.data
+        batch.append((d, raw))
+        batch_bytes += len(raw)
+        if batch_bytes >= 4 << 20:
+            parse_batch()
+            batch_bytes = 0
+    parse_batch()
     keys = np.frombuffer(chunk_keys, dtype=f"S{KEY_SIZE}")
     keys.sort()  # in place; duplicates (chunks shared by files) are harmless below
     rows = snap.find(keys)

@@ -23,6 +23,7 @@ from mstore.objects import (
     TreeEntry,
     canonical_json,
     manifest_chunk_digests,
+    manifests_chunk_digests,
     tree_child_digests,
 )
 
@@ -185,4 +186,66 @@ def test_raw_readers_take_the_fast_path_on_what_mstore_writes():
     tree = Tree.build([TreeEntry("model.safetensors", FILE_KIND, 0o644, ObjectId(HEX), 16)]).to_bytes()
     assert objects._MANIFEST_SHAPE.fullmatch(manifest) and objects._TREE_SHAPE.fullmatch(tree)
     assert manifest_chunk_digests(manifest) == bytes.fromhex("cd" * 32 + "ef" * 32)
+    sections = [objects._MANIFEST_FRAME.fullmatch(manifest).group(1)] * 2
+    assert objects._chunk_lists(sections) == [(bytes.fromhex("cd" * 32 + "ef" * 32), 16)] * 2
     assert tree_child_digests(tree) == ([], [bytes.fromhex(HEX)])
+
+
+def _manifest(chunks: str, size: int) -> bytes:
+    return ('{"chunker":"x","chunks":[' + chunks + '],"size":' + str(size) + ',"v":1}').encode()
+
+
+def _each_full(raws: list[bytes]) -> list:
+    out = []
+    for raw in raws:
+        try:
+            out.append(full_manifest(raw))
+        except MstoreError as exc:
+            out.append((type(exc).__name__, str(exc)))
+    return out
+
+
+def _each_batched(raws: list[bytes]) -> list:
+    return [(type(g).__name__, str(g)) if isinstance(g, MstoreError) else g for g in manifests_chunk_digests(raws)]
+
+
+@SETTINGS
+@given(st.lists(mutated(manifests()) | manifests(), max_size=6))
+@example([("{" + '"chunker":"x","chunks":[["' + HEX + '",5],' + '],"size":5,"v":1}').encode()])  # trailing comma
+@example(
+    [
+        ('{"chunker":"x","chunks":[["' + HEX + '",5]],"size":5,"v":1}').encode(),
+        ('{"chunker":"x","chunks":[["' + HEX[:63] + '",5],["' + HEX + "a" + '",7]],"size":12,"v":1}').encode(),
+    ]
+)  # ids of 63 and 65 characters: the total length of the ids is right, each one is not
+@example([('{"chunker":"x","chunks":[["' + HEX + '",5a]],"size":5,"v":1}').encode()])  # hex among the digits
+@example([('{"chunker":"x","chunks":[["' + HEX + '",1' + "0" * 15 + ']],"size":1' + "0" * 15 + ',"v":1}').encode()])
+@example(
+    [
+        (
+            '{"chunker":"x","chunks":['
+            + ",".join(['["' + HEX + '",999999999999999]'] * 20000)
+            + '],"size":'
+            + str(20000 * 999999999999999)
+            + ',"v":1}'
+        ).encode()
+    ]
+)  # totals beyond 64 bits stay exact
+@example([('{"chunker":"x","chunks":[["' + HEX + '",5]' + "]" + ',"size":5,"v":1}').encode()])
+@example([('{"chunker":"x","chunks":[["' + HEX + '",5],"size":5,"v":1}').encode()])
+@example([_manifest('("' + HEX + '",5]', 5)])  # another byte where a structure character belongs
+@example([_manifest('["' + HEX + '":5]', 5)])
+@example([_manifest('ab["' + HEX + '",5]', 5)])  # hex before the first item
+@example([_manifest('["' + HEX + '",5]ab', 5)])  # and after the last
+@example([_manifest('["' + HEX + '"ab,5]', 5)])  # letters between the id and its comma
+@example([_manifest('["' + HEX + '",05]', 5)])  # leading zero
+@example([_manifest('["' + HEX + '",1' + "0" * 15 + "]", 0)])  # 16 digits: the last 15 read 0
+@example([_manifest('["' + HEX + '",5]a,["' + HEX + '",7]', 12)])  # a letter between items
+@example([_manifest('["' + HEX + '",1a]', 59)])  # a hex letter among the digits
+@example([_manifest('["' + HEX + '",33554433]', 1)])  # only the low 25 bits would add up
+@example([_manifest('["' + HEX + '",5 ]', 5)])
+@example(
+    [_manifest('["' + HEX + '",5],["' + HEX + '"', 12), _manifest('7],["' + HEX + '",9]', 9)]
+)  # joined, the two chunk lists would read as three whole items
+def test_batched_manifest_reader_agrees_with_the_full_parser_on_each(raws: list[bytes]):
+    assert _each_batched(raws) == _each_full(raws)
