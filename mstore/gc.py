@@ -253,7 +253,7 @@ def plan(
         )
     young = len(young_rows)
     # Rows are in index key order (kind byte, digest), which is the order the digest is defined in.
-    lh = blake3.blake3(snap.keys[live].tobytes())
+    lh = blake3.blake3(snap.keys[live].view(np.uint8))  # hashed through the buffer: no second copy
     live_bytes = int(snap.enc_len[live].sum())
     live_count = int(live.sum())
     groups = _attribute(store, candidates, reflog_all, roots, now)
