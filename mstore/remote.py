@@ -52,7 +52,7 @@ from .errors import (
 )
 from .fsutil import atomic_write, unique_name
 from .hashing import ObjectId, is_full_id
-from .objects import Commit, FileObject, Tree, load_commit
+from .objects import Commit, FileObject, Tree, load_commit, load_file
 from .reachability import walk
 from .refs import ANY, HEADS, REMOTES, TAGS, RefChange, check_ref_name, set_if_equals, short_name
 from .storage.backends import Backend, BackendNotFound
@@ -505,13 +505,20 @@ def _with_bases(store: ObjectStore, chunks: list[ObjectId], cat: Catalog) -> lis
             want.add(base)
             stack.append(base)
 
-    def depth(c: ObjectId) -> int:
-        n = 0
-        while c in bases and n < 64:
-            c, n = bases[c], n + 1
-        return n
+    out: list[ObjectId] = []
+    emitted: set[ObjectId] = set()
 
-    return sorted(want, key=lambda c: (depth(c), c))
+    def emit(c: ObjectId, depth: int = 0) -> None:
+        base = bases.get(c)
+        if base is not None and base in want and base not in emitted and depth < 64:
+            emit(base, depth + 1)
+        if c not in emitted:
+            emitted.add(c)
+            out.append(c)
+
+    for c in [*chunks, *sorted(want - set(chunks))]:
+        emit(c)
+    return out
 
 
 def push(
@@ -583,7 +590,15 @@ def push(
         raise IntegrityError(f"cannot push: local {KINDS[kind]} {oid} is unreadable ({err})")
     cat = load_catalog(backend, cache_dir)
     hook("catalog-read")
-    data = [("c", o) for o in _with_bases(store, [o for o in sorted(live.chunks) if not cat.has("c", o.digest)], cat)]
+    # Chunks in file order (so a fetch can hash each file's content as its chunks stream in),
+    # then any others the walk found (delta bases); each base before the deltas built on it.
+    order: dict[ObjectId, None] = {}
+    for fid in sorted(live.files):
+        for cid, _n in load_file(store, fid).chunks:
+            order.setdefault(cid, None)
+    for cid in sorted(live.chunks):
+        order.setdefault(cid, None)
+    data = [("c", o) for o in _with_bases(store, [o for o in order if not cat.has("c", o.digest)], cat)]
     meta = [(k, o) for k, s in (("f", live.files), ("t", live.trees), ("m", live.commits)) for o in sorted(s)]
     meta = [(k, o) for k, o in meta if not cat.has(k, o.digest)]
     total = 0
@@ -618,24 +633,42 @@ def push(
         finally:
             packs.put(None)
 
+    def upload(builder: _PackBuilder, pack: bytes, index: bytes) -> _PackBuilder:
+        backend.put(f"packs/{builder.name}.pack", pack)
+        hook("pack-uploaded")
+        backend.put(f"packs/{builder.name}.idx", index)  # R1: only after its pack
+        hook("index-uploaded")
+        return builder
+
+    def done(builder: _PackBuilder) -> None:
+        sent = sum(r[3] for r in builder.records)
+        result.packs += 1
+        result.objects += len(builder.records)
+        result.bytes += sent
+        result.raw_bytes += builder.raw
+        progress(sent)
+
     thread = threading.Thread(target=build, name="mstore-push-build", daemon=True)
     thread.start()
+    # Two packs upload at once (each in parallel parts), so one pack's last parts never leave
+    # the link idle.
+    from collections import deque
+
+    in_flight: deque = deque()
     try:
-        while True:
-            builder = packs.get()
-            if builder is None:
-                break
-            pack, index = builder.seal()
-            hook("pack-built")
-            backend.put(f"packs/{builder.name}.pack", pack)
-            hook("pack-uploaded")
-            backend.put(f"packs/{builder.name}.idx", index)  # R1: only after the pack
-            hook("index-uploaded")
-            result.packs += 1
-            result.objects += len(builder.records)
-            result.bytes += sum(r[3] for r in builder.records)
-            result.raw_bytes += builder.raw
-            progress(sum(r[3] for r in builder.records))
+        with ThreadPoolExecutor(2, thread_name_prefix="mstore-push-upload") as uploads:
+            while True:
+                builder = packs.get()
+                if builder is None:
+                    break
+                pack, index = builder.seal()
+                hook("pack-built")
+                in_flight.append(uploads.submit(upload, builder, pack, index))
+                del pack, index
+                while len(in_flight) >= 2:
+                    done(in_flight.popleft().result())
+            while in_flight:
+                done(in_flight.popleft().result())
     finally:
         stop.set()
         while thread.is_alive():
@@ -910,31 +943,44 @@ def fetch(
         buf = backend.get_range(f"packs/{pack}.pack", start, end - start)
         return [
             _verify_record(
-                buf[loc.offset - start : loc.offset - start + RECORD.size + loc.enc_len], kind, oid, loc, False
+                buf[loc.offset - start : loc.offset - start + RECORD.size + loc.enc_len], kind, oid, loc, True
             )
             for kind, oid, loc in group
         ]
 
     new_files = [r for r in src.received.values() if r.kind == "f"]
+    verifier = _FileVerifier(store, new_files, {o for _k, o, _l in chunks}, chunks)
     with store.batch() as batch, ThreadPoolExecutor(_THREADS, thread_name_prefix="mstore-fetch") as pool:
-        # 1. chunks, verified in the download threads, appended here in order.
+        # 1. chunks, verified in the download threads, appended here in order; each new file's
+        #    content is hashed from them as they stream past (its id is that hash).
         deltas: list[_Received] = []
-        for received in pool.map(download, _ranges(chunks)):
+        for received in _bounded_map(pool, download, _ranges(chunks), 2 * _THREADS):
             for r in received:
                 if r.codec == _DELTA:
-                    deltas.append(r)
-                elif not batch.contains(r.kind, r.oid):
+                    raw = verifier.delta_raw(r)
+                    if raw is None:
+                        deltas.append(r)  # its base is not readable yet: after the flush
+                        continue
+                    r.raw = raw
+                if not batch.contains(r.kind, r.oid):
                     batch.add_encoded(r.kind, r.oid, r.check, r.codec, r.raw_len, r.payload)
+                verifier.chunk(r.oid, r.raw)
+                r.raw = None
                 result.objects += 1
                 result.bytes += len(r.payload)
                 result.raw_bytes += r.raw_len
                 progress(len(r.payload))
-        # 2. index the (verified) chunks so each new file's content can be read back and its id
-        #    checked before its manifest is indexed. A failure below leaves only verified,
-        #    unreachable chunks, which the next fetch re-uses.
+        # 2. index the (verified) chunks; deltas whose base came late and files whose chunks
+        #    did not stay in memory are checked from the store. A failure below leaves only
+        #    verified, unreachable chunks, which the next fetch re-uses.
         batch.flush()
+        for r in deltas:
+            result.objects += 1
+            result.bytes += len(r.payload)
+            result.raw_bytes += r.raw_len
+            progress(len(r.payload))
         _add_deltas(store, batch, deltas)
-        for r in new_files:
+        for r in verifier.remaining():
             _verify_file_content(store, r)
         # 3. manifests, trees, commits; then the tracking refs, in the same transaction.
         for key in sorted(src.received, key=lambda k: "ftm".index(k[0])):
@@ -972,6 +1018,132 @@ def fetch(
         batch.commit(move)
     result.seconds = time.monotonic() - t0
     return result
+
+
+def _bounded_map(pool: ThreadPoolExecutor, fn: Callable, items: list, ahead: int):
+    """``pool.map`` that keeps at most ``ahead`` results in flight (bounded memory), in order."""
+    from collections import deque
+
+    pending: deque = deque()
+    it = iter(items)
+    for item in it:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= ahead:
+            break
+    while pending:
+        yield pending.popleft().result()
+        for item in it:
+            pending.append(pool.submit(fn, item))
+            break
+
+
+class _FileVerifier:
+    """Hashes each received file manifest's content from chunks as they arrive (R4).
+
+    A file's id is BLAKE3 of its content. Chunks stream past in pack order (a push writes them
+    in file order), so each file's hash advances as its next chunk arrives; chunks the local
+    store already had are read from it. Raw chunks are kept in memory only while a file or a
+    delta still needs them, within a budget; a file that cannot be finished this way is
+    checked from the store after the flush (:meth:`remaining`).
+    """
+
+    BUDGET = 512 << 20
+
+    def __init__(self, store: ObjectStore, files: list[_Received], incoming: set[ObjectId], chunks: list):
+        self.store = store
+        self.incoming = incoming
+        self.arrived: set[ObjectId] = set()
+        self.cache: dict[ObjectId, bytes] = {}
+        self.cached = 0
+        self.uses: dict[ObjectId, int] = {}
+        self.waiting: dict[ObjectId, list[ObjectId]] = {}
+        self.states: dict[ObjectId, list] = {}
+        self.records = {r.oid: r for r in files}
+        self.later: list[ObjectId] = []
+        for _k, _o, loc in chunks:
+            if loc.base is not None:
+                b = ObjectId.from_digest(loc.base)
+                if b in incoming:
+                    self.uses[b] = self.uses.get(b, 0) + 1
+        for r in files:
+            fobj = FileObject.parse(r.raw)
+            if len(fobj.chunks) == 1 and fobj.chunks[0][0] == r.oid:
+                continue  # one chunk: its verified id is the content hash
+            for cid, _n in fobj.chunks:
+                if cid in incoming:
+                    self.uses[cid] = self.uses.get(cid, 0) + 1
+            self.states[r.oid] = [blake3.blake3(), fobj.chunks, 0]
+        for fid in list(self.states):
+            self._advance(fid)
+
+    def _release(self, cid: ObjectId) -> None:
+        left = self.uses.get(cid, 0) - 1
+        self.uses[cid] = left
+        if left <= 0:
+            raw = self.cache.pop(cid, None)
+            if raw is not None:
+                self.cached -= len(raw)
+
+    def _read(self, cid: ObjectId) -> bytes | None:
+        raw = self.cache.get(cid)
+        if raw is not None:
+            return raw
+        if self.store.has("c", cid):
+            return self.store.get("c", cid)
+        return None
+
+    def _advance(self, fid: ObjectId) -> None:
+        state = self.states[fid]
+        h, chunks = state[0], state[1]
+        while state[2] < len(chunks):
+            cid, n = chunks[state[2]]
+            raw = self._read(cid)
+            if raw is None:
+                if cid in self.incoming and cid not in self.arrived:
+                    self.waiting.setdefault(cid, []).append(fid)
+                else:  # arrived but neither kept nor indexed yet: check after the flush
+                    self.later.append(fid)
+                    del self.states[fid]
+                return
+            if len(raw) != n:
+                raise RemoteIntegrityError(f"remote file {fid}: chunk {cid} is {len(raw)} bytes, manifest says {n}")
+            h.update(raw)
+            state[2] += 1
+            if cid in self.incoming:
+                self._release(cid)
+        if h.digest() != fid.digest:
+            raise RemoteIntegrityError(f"remote file manifest {fid}: its chunks hash to {h.hexdigest()}, not its id")
+        del self.states[fid]
+
+    def chunk(self, cid: ObjectId, raw: bytes | None) -> None:
+        """A verified chunk arrived (``raw``: its bytes)."""
+        self.arrived.add(cid)
+        if raw is not None and self.uses.get(cid, 0) > 0 and self.cached + len(raw) <= self.BUDGET:
+            self.cache[cid] = raw
+            self.cached += len(raw)
+        for fid in self.waiting.pop(cid, []):
+            if fid in self.states:
+                self._advance(fid)
+
+    def delta_raw(self, r: _Received) -> bytes | None:
+        """Decode and verify a delta chunk if its base is readable now (else None)."""
+        base_id = ObjectId.from_digest(codecs.delta_base(r.payload)[0])
+        base = self._read(base_id)
+        if base is None:
+            return None
+        try:
+            raw = codecs.decode_delta(r.payload, r.raw_len, base)
+        except IntegrityError as exc:
+            raise RemoteIntegrityError(f"remote delta chunk {r.oid}: {exc}") from None
+        if blake3.blake3(raw).digest() != r.oid.digest or r.check != r.oid.digest:
+            raise RemoteIntegrityError(f"remote delta chunk {r.oid}: wrong bytes (they hash to another id)")
+        if base_id in self.incoming:
+            self._release(base_id)
+        return raw
+
+    def remaining(self) -> list[_Received]:
+        """Files still to check, from the store (call after every chunk is indexed)."""
+        return [self.records[f] for f in [*self.later, *self.states]]
 
 
 def _add_deltas(store: ObjectStore, batch: Any, deltas: list[_Received]) -> None:

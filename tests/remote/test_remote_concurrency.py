@@ -49,18 +49,20 @@ for n in range(3):
 """
 
 KILLED_PUSH = """\
-import os, signal, sys
+import os, signal, sys, threading
 from mstore import Repo
 
 store, kill_at = sys.argv[1], int(sys.argv[2])
 calls = 0
+lock = threading.Lock()  # packs upload from two threads
 
 def hook(point):
     global calls
-    calls += 1
-    print(point, flush=True)
-    if calls == kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)
+    with lock:
+        calls += 1
+        print(point, flush=True)
+        if calls == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 repo = Repo.open(store)
 repo.push("origin", ["exp1"], crash_hook=hook, pack_target=400 << 10)
