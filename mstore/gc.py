@@ -46,7 +46,7 @@ from .objects import Commit, canonical_json, manifest_chunk_digests, tree_child_
 from .reachability import IndexSnapshot, mark
 from .refs import short_name
 from .storage.index import KINDS, Entry, Txn
-from .storage.packs import FOOTER, HEADER, RECORD, SUFFIX, PackWriter, Record, parse_record_header, scan_pack
+from .storage.packs import FOOTER, HEADER, RECORD, RECORD_MAGIC, SUFFIX, PackWriter, Record, scan_pack
 from .storage.store import ObjectStore, verify_raw
 
 PROOF_TYPE = "mstore-gc-proof"
@@ -630,18 +630,17 @@ def _packs_bytes(store: ObjectStore) -> int:
     return sum(p.stat().st_size for p in store.packs_dir.glob("*" + SUFFIX))
 
 
-def _record_at(data: bytes, e: Entry) -> Record | None:
-    """The record an index entry points at inside a pack's bytes, or None if it is not there."""
-    end = e.offset + RECORD.size + e.enc_len
-    if end > len(data):
+def _record_at(data: bytes, kind: str, digest: bytes, at: int, n: int) -> tuple[int, int, bytes] | None:
+    """The record an index entry points at in a pack's bytes: ``(codec, raw length, check)``.
+
+    None unless a record of ``kind`` and ``digest`` with an ``n``-byte payload starts at ``at``.
+    """
+    if at + RECORD.size + n > len(data):
         return None
-    try:
-        r = parse_record_header(data[e.offset : e.offset + RECORD.size], e.offset)
-    except IntegrityError:
+    magic, kind_byte, codec, _res, raw_len, enc_len, oid, check = RECORD.unpack_from(data, at)
+    if magic != RECORD_MAGIC or kind_byte != ord(kind) or oid != digest or enc_len != n:
         return None
-    if r.enc_len != e.enc_len:
-        return None
-    return r
+    return codec, raw_len, check
 
 
 def _verify_record(store: ObjectStore, r: Record, payload: bytes) -> None:
@@ -723,7 +722,7 @@ def apply(
     tdir.mkdir(parents=True, exist_ok=True)
     max_pack = int(store.config.get("packs", "max_size", 64 << 20))
     live_writer = trash_writer = None
-    moves: dict[tuple[str, bytes], tuple[PackWriter, int, Entry]] = {}
+    moves: dict[tuple[str, bytes], tuple[PackWriter, int, int, int]] = {}  # writer, offset, old pack, old offset
     missing: list[tuple[str, bytes]] = []
     by_pack = np.argsort(snap.pack, kind="stable")
     pack_sorted = snap.pack[by_pack]
@@ -740,14 +739,17 @@ def apply(
                 data = (store.packs_dir / rec["name"]).read_bytes()
             except FileNotFoundError:
                 data = b""
-            for row in rows:
+            offsets = snap.offset[rows].tolist()
+            lengths = snap.enc_len[rows].tolist()
+            raw_lengths = snap.raw_len[rows].tolist()
+            for row, at, n, raw_n in zip(rows, offsets, lengths, raw_lengths, strict=True):
                 key = (snap.kind(row), snap.digest(row))
-                e = snap.entry(row)
-                r = _record_at(data, e)
-                if r is None:
+                header = _record_at(data, key[0], key[1], at, n)
+                if header is None:
                     missing.append(key)
                     continue
-                payload = data[e.offset + RECORD.size : e.offset + RECORD.size + e.enc_len]
+                codec, raw_len, check = header
+                payload = data[at + RECORD.size : at + RECORD.size + n]
                 if key in cands:
                     if trash_writer is None or trash_writer.full:
                         if trash_writer is not None:
@@ -756,19 +758,21 @@ def apply(
                     w = trash_writer
                 else:
                     try:  # never carry a damaged live object into a new pack silently
-                        _verify_record(store, r, payload)
+                        if raw_len != raw_n:
+                            raise IntegrityError("record header does not match the index")
+                        _verify_record(store, Record(key[0], codec, raw_len, n, key[1], check, at), payload)
                     except IntegrityError as exc:
                         raise GcRefused(
                             f"gc proof {pid[:7]} cannot be applied",
-                            [f"live {KINDS[r.kind]} {r.id.hex()} is damaged: {exc} (run mstore fsck)"],
+                            [f"live {KINDS[key[0]]} {key[1].hex()} is damaged: {exc} (run mstore fsck)"],
                         ) from None
                     if live_writer is None or live_writer.full:
                         if live_writer is not None:
                             live_writer.seal()
                         live_writer = PackWriter(store.packs_dir, max_pack)
                     w = live_writer
-                off = w.add(r.kind, r.id, r.check, r.codec, r.raw_len, payload)
-                moves[key] = (w, off, e)
+                off = w.add(key[0], key[1], check, codec, raw_len, payload)
+                moves[key] = (w, off, num, at)
             del data
         if missing:
             raise GcRefused(
@@ -778,7 +782,7 @@ def apply(
                     f"{KINDS[missing[0][0]]} {missing[0][1].hex()}"
                 ],
             )
-        for w in {w.name: w for w, _o, _e in moves.values()}.values():
+        for w in {m[0].name: m[0] for m in moves.values()}.values():
             w.seal()
         for w in (live_writer, trash_writer):
             if w is not None and not w.sealed:
@@ -788,9 +792,9 @@ def apply(
             if state_digest(txn) != doc["state_digest"]:
                 raise GcRefused(f"gc proof {pid[:7]} cannot be applied", ["refs or reflog changed during apply"])
             numbers: dict[str, int] = {}
-            for key, (w, off, old) in moves.items():
+            for key, (w, off, old_pack, old_offset) in moves.items():
                 cur = txn.get_entry(*key)
-                if cur is None or cur.pack != old.pack or cur.offset != old.offset:
+                if cur is None or cur.pack != old_pack or cur.offset != old_offset:
                     raise GcRefused(f"gc proof {pid[:7]} cannot be applied", ["the index changed during apply"])
                 if key in cands and cur.stored_at >= grace_cut:
                     raise GcRefused(
