@@ -24,9 +24,10 @@ from urllib.parse import urlparse
 from ...errors import InvalidName, MstoreError
 from .base import Backend, BackendError, BackendNotFound, Progress, check_key, check_prefix
 
-# Parts of 16 MiB, 8 in flight: saturates a loopback SeaweedFS and a 10 Gbit/s link to AWS.
-PART_SIZE = 16 << 20
-CONCURRENCY = 8
+# boto3's own defaults for `aws s3 cp`-style transfers (8 MiB parts, 10 in flight); a remote
+# pack of 64 MiB is eight parts, and push keeps two packs in flight.
+PART_SIZE = 8 << 20
+CONCURRENCY = 10
 
 _CONFLICT = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
 _MISSING = {"NoSuchKey", "404", "NotFound"}
