@@ -25,6 +25,17 @@ Codec numbers are part of the on-disk format (docs/format.md); never renumber th
 
       u8 element size | u8 bitmask of compressed planes | u32 encoded length per plane | planes
 
+* ``FLOATPLANE`` (4): what new float pieces use. Like ``BYTEPLANE`` (same payload), but each
+  element is first rotated left by one bit, so the sign bit moves to the bottom and the top
+  byte holds exactly the exponent (bf16, f32; the top 8 exponent bits of f64). A whole
+  exponent per byte has lower entropy than sign + 7 exponent bits: on all-MiniLM-L6-v2 the
+  ratio goes from 1.457x to 1.504x in bf16 and from 1.206x to 1.222x in fp32.
+
+Planes are compressed with zstd tuned towards pure entropy coding (fast strategy, tiny hash
+tables, 7-byte minimum match): plane bytes have almost no long repeats, so match search at
+level 1 costs time and, by splitting literal runs, ratio. Measured on all-MiniLM-L6-v2: 2x
+the speed of level 1 and closer to the planes' order-0 entropy.
+
 Decoding is bounded by the raw length recorded beside the chunk in the pack record: a frame
 that declares a different size, or would expand past it, is refused before any large buffer is
 allocated ("compression bomb").
@@ -43,16 +54,15 @@ RAW = 0
 ZSTD = 1
 BYTEPLANE = 2
 DELTA = 3
+FLOATPLANE = 4
 
-NAMES = {RAW: "raw", ZSTD: "zstd", BYTEPLANE: "byteplane", DELTA: "delta"}
+NAMES = {RAW: "raw", ZSTD: "zstd", BYTEPLANE: "byteplane", DELTA: "delta", FLOATPLANE: "floatplane"}
+PLANE_CODECS = (BYTEPLANE, FLOATPLANE)
 
 # A delta payload: the base chunk's id, the chain depth (1 = the base is stored whole), the
 # codec of the XOR bytes that follow (never DELTA itself).
 DELTA_HEAD = struct.Struct("<32sBB")
 
-# Byte planes are compressed at zstd level 1: the exponent plane reaches within a few percent of
-# what level 3 gives, at twice the speed.
-PLANE_LEVEL = 1
 # A plane whose first SAMPLE bytes do not compress is stored raw without compressing the rest.
 _SAMPLE = 64 * 1024
 
@@ -63,6 +73,28 @@ MIN_SAVING = 0.02
 DEFAULT_LEVEL = 3
 
 _local = threading.local()
+
+
+def _plane_compressor() -> zstandard.ZstdCompressor:
+    comp = getattr(_local, "plane", None)
+    if comp is None:
+        params = zstandard.ZstdCompressionParameters(
+            window_log=17, hash_log=6, chain_log=6, search_log=1, min_match=7, target_length=0,
+            strategy=zstandard.STRATEGY_FAST, write_content_size=True,
+        )
+        comp = _local.plane = zstandard.ZstdCompressor(compression_params=params)
+    return comp
+
+
+def _rotate(raw: bytes | memoryview, item: int, left: bool):
+    """Each little-endian element of ``raw`` rotated by one bit (a new uint8 numpy array)."""
+    import numpy as np
+
+    v = np.frombuffer(raw, dtype=f"<u{item}")
+    bits = 8 * item
+    if left:
+        return ((v << 1) | (v >> (bits - 1))).view(np.uint8)
+    return ((v >> 1) | (v << (bits - 1))).view(np.uint8)
 
 
 def _compressor(level: int) -> zstandard.ZstdCompressor:
@@ -92,9 +124,9 @@ def encode(raw: bytes | memoryview, level: int = DEFAULT_LEVEL, item_size: int =
     if n < 64:
         return RAW, bytes(raw)
     if item_size in (2, 4, 8) and n % item_size == 0 and n >= 16 * item_size:
-        enc = _encode_planes(raw, item_size)
+        enc = _encode_planes(_rotate(raw, item_size, left=True).data, item_size)
         if enc is not None:
-            return BYTEPLANE, enc
+            return FLOATPLANE, enc
         return RAW, bytes(raw)
     enc = _compressor(level).compress(raw)
     if len(enc) <= n * (1 - MIN_SAVING):
@@ -106,7 +138,7 @@ def _encode_planes(raw: bytes | memoryview, item: int) -> bytes | None:
     import numpy as np
 
     planes = np.frombuffer(raw, dtype=np.uint8).reshape(-1, item).T
-    comp = _compressor(PLANE_LEVEL)
+    comp = _plane_compressor()
     mask = 0
     parts = []
     for i in range(item):
@@ -185,13 +217,15 @@ def _decode_planes(data: bytes | memoryview, raw_len: int, into: memoryview | No
     return interleave(planes, raw_len, into)
 
 
-def xor_delta_planes(payload: bytes | memoryview, raw_len: int, base: list, out: bytearray) -> list | None:
+def xor_delta_planes(
+    payload: bytes | memoryview, raw_len: int, base: list, out: bytearray, codec: int = BYTEPLANE
+) -> list | None:
     """The planes of a DELTA chunk from its base's planes, XORed plane by plane into ``out``.
 
-    XOR commutes with splitting into planes, so a chain of deltas is decoded without
-    interleaving at every level: only the final planes are interleaved once. Returns None when
-    the XOR is not byte planes of the base's element size (the caller then decodes level by
-    level).
+    XOR commutes with splitting into planes (and with rotating bits), so a chain of deltas is
+    decoded without interleaving at every level: only the final planes are interleaved once.
+    ``codec`` is the plane codec of the base planes; returns None when the XOR is not planes of
+    that codec and the base's element size (the caller then decodes level by level).
 
     Raises:
         IntegrityError: a damaged header or XOR encoding.
@@ -199,7 +233,7 @@ def xor_delta_planes(payload: bytes | memoryview, raw_len: int, base: list, out:
     import numpy as np
 
     delta_base(payload)
-    if payload[33] != BYTEPLANE:
+    if payload[33] != codec:
         return None
     item, planes = byte_planes(memoryview(payload)[DELTA_HEAD.size :], raw_len)
     if item != len(base):
@@ -228,11 +262,23 @@ def decode_into(codec: int, data: bytes | memoryview, raw_len: int, out: bytearr
     if len(out) < raw_len:
         raise ValueError("output buffer too small")
     view = memoryview(out)[:raw_len]
-    if codec == BYTEPLANE:
-        _decode_planes(data, raw_len, view)
+    if codec in PLANE_CODECS:
+        item, planes = byte_planes(data, raw_len)
+        finish_planes(planes, raw_len, view, codec)
         return view
     view[:] = decode(codec, data, raw_len)
     return view
+
+
+def finish_planes(planes: list, raw_len: int, into: memoryview | bytearray, codec: int) -> None:
+    """Interleave planes of ``codec`` into ``into`` and undo the codec's bit rotation."""
+    import numpy as np
+
+    interleave(planes, raw_len, into)
+    if codec == FLOATPLANE:
+        item = len(planes)
+        v = np.frombuffer(into, dtype=f"<u{item}", count=raw_len // item)
+        np.bitwise_or(v >> 1, v << (8 * item - 1), out=v)
 
 
 def encode_delta(
@@ -261,7 +307,7 @@ def delta_base(payload: bytes | memoryview) -> tuple[bytes, int]:
     base, depth, inner = DELTA_HEAD.unpack_from(payload)
     if depth < 1:
         raise IntegrityError("delta chunk names chain depth 0")
-    if inner not in (RAW, ZSTD, BYTEPLANE):
+    if inner not in (RAW, ZSTD, BYTEPLANE, FLOATPLANE):
         raise IntegrityError(f"delta chunk: the XOR has codec {inner}, which a delta cannot use")
     return base, depth
 
@@ -324,6 +370,10 @@ def decode(codec: int, data: bytes | memoryview, raw_len: int) -> bytes:
         return out
     if codec == BYTEPLANE:
         return _decode_planes(data, raw_len)
+    if codec == FLOATPLANE:
+        out = bytearray(raw_len)
+        decode_into(codec, data, raw_len, out)
+        return bytes(out)
     if codec == DELTA:
         raise IntegrityError("a delta chunk decodes only through the store, which supplies its base")
     raise IntegrityError(f"unknown codec {codec}")

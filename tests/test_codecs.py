@@ -24,11 +24,11 @@ def test_byteplane_round_trips_specials_and_random_values(dtype, item):
     assert codecs.decode(codec, payload, len(raw)) == raw
 
 
-def test_byteplane_is_chosen_for_float_weights_and_beats_plain_zstd():
+def test_floatplane_is_chosen_for_float_weights_and_beats_plain_zstd():
     raw = (np.random.default_rng(0).standard_normal(200_000) * 0.02).astype(np.float32).tobytes()
     codec, payload = codecs.encode(raw, item_size=4)
     _zcodec, zpayload = codecs.encode(raw)
-    assert codec == codecs.BYTEPLANE
+    assert codec == codecs.FLOATPLANE
     assert len(payload) < len(zpayload)
     assert len(raw) / len(payload) > 1.15  # the sign/exponent plane compresses; mantissas do not
 
@@ -53,10 +53,10 @@ def test_every_codec_round_trips_arbitrary_bytes(data, item):
     assert codecs.decode(codec, payload, len(data)) == data
 
 
-def test_byteplane_with_lying_plane_lengths_is_refused():
+def test_floatplane_with_lying_plane_lengths_is_refused():
     raw = (np.random.default_rng(2).standard_normal(10_000) * 0.02).astype(np.float32).tobytes()
     codec, payload = codecs.encode(raw, item_size=4)
-    assert codec == codecs.BYTEPLANE
+    assert codec == codecs.FLOATPLANE
     lengths = list(struct.unpack_from("<4I", payload, 2))
     lengths[0] += 1
     bad = payload[:2] + struct.pack("<4I", *lengths) + payload[18:]
@@ -69,3 +69,30 @@ def test_byteplane_with_a_plane_that_expands_past_its_size_is_refused():
     codec, payload = codecs.encode(raw, item_size=4)
     with pytest.raises(IntegrityError):
         codecs.decode(codec, payload, len(raw) - 4)  # the record claims one element fewer
+
+
+@pytest.mark.parametrize("item", [2, 4, 8])
+def test_floatplane_puts_the_eight_bits_after_the_sign_in_the_top_plane(item):  # bf16/f32: the exponent
+    dtype = {2: np.float16, 4: np.float32, 8: np.float64}[item]
+    values = (np.random.default_rng(4).standard_normal(4096) * 0.02).astype(dtype)
+    rotated = codecs._rotate(values.tobytes(), item, left=True).view(f"<u{item}")
+    bits = 8 * item
+    top = rotated >> (bits - 8)
+    assert np.array_equal(top, (values.view(f"<u{item}") >> (bits - 9)) & 0xFF)  # the bits after the sign
+
+
+def test_byteplane_chunks_written_before_floatplane_still_decode():
+    raw = (np.random.default_rng(5).standard_normal(20_000) * 0.02).astype(np.float32).tobytes()
+    payload = codecs._encode_planes(raw, 4)  # what codec 2 wrote: planes of the unrotated bytes
+    assert payload is not None
+    assert codecs.decode(codecs.BYTEPLANE, payload, len(raw)) == raw
+    out = bytearray(len(raw))
+    assert bytes(codecs.decode_into(codecs.BYTEPLANE, payload, len(raw), out)) == raw
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.binary(min_size=0, max_size=4096), item=st.sampled_from([0, 2, 4, 8]))
+def test_decode_into_gives_what_decode_gives(data, item):
+    codec, payload = codecs.encode(data, item_size=item)
+    out = bytearray(len(data))
+    assert bytes(codecs.decode_into(codec, payload, len(data), out)) == codecs.decode(codec, payload, len(data))

@@ -197,6 +197,7 @@ class ObjectStore:
             chain = self._chain(oid, entry)
             raw_len = entry.raw_len
             planes: list | None = None
+            plane_codec = 0
             raw: memoryview | None = None
             for step, (cid, ent) in enumerate(reversed(chain)):
                 slot = step % 2
@@ -209,26 +210,27 @@ class ObjectStore:
                 if step == 0:
                     if rec.codec == codecs.DELTA:
                         raise IntegrityError(f"chunk {cid} changed while its chain was read")
-                    if rec.codec == codecs.BYTEPLANE and len(chain) > 1:
+                    if rec.codec in codecs.PLANE_CODECS and len(chain) > 1:
                         planes = codecs.byte_planes(payload, raw_len)[1]
+                        plane_codec = rec.codec
                     else:
                         raw = codecs.decode_into(rec.codec, payload, raw_len, out)
                     continue
                 if rec.codec != codecs.DELTA:
                     raise IntegrityError(f"chunk {cid} changed while its chain was read")
                 if planes is not None:
-                    res = codecs.xor_delta_planes(payload, raw_len, planes, out)
+                    res = codecs.xor_delta_planes(payload, raw_len, planes, out, plane_codec)
                     if res is not None:
                         planes = res
                         continue
-                    final = scratch.final(raw_len)  # this level's XOR is not planes: go bytewise
-                    codecs.interleave(planes, raw_len, final)
+                    final = scratch.final(raw_len)  # this level's XOR is not such planes: go bytewise
+                    codecs.finish_planes(planes, raw_len, final, plane_codec)
                     raw, planes = memoryview(final)[:raw_len], None
                 assert raw is not None
                 raw = codecs.decode_delta_into(payload, raw_len, raw, out)
             if planes is not None:
                 final = scratch.final(raw_len)
-                codecs.interleave(planes, raw_len, final)
+                codecs.finish_planes(planes, raw_len, final, plane_codec)
                 return memoryview(final)[:raw_len]
             assert raw is not None
             return raw
