@@ -792,7 +792,8 @@ def apply(
             if state_digest(txn) != doc["state_digest"]:
                 raise GcRefused(f"gc proof {pid[:7]} cannot be applied", ["refs or reflog changed during apply"])
             numbers: dict[str, int] = {}
-            for key, (w, off, old_pack, old_offset) in moves.items():
+            for key in sorted(moves):  # in key order: LMDB touches each page once
+                w, off, old_pack, old_offset = moves[key]
                 cur = txn.get_entry(*key)
                 if cur is None or cur.pack != old_pack or cur.offset != old_offset:
                     raise GcRefused(f"gc proof {pid[:7]} cannot be applied", ["the index changed during apply"])
