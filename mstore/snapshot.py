@@ -28,7 +28,16 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from . import codecs
-from .chunking import SAFETENSORS_NAME, ChunkPlan, plan_file, plan_keyed_pieces, read_header
+from .chunking import (
+    CDC_NAME,
+    SAFETENSORS_NAME,
+    TORCHZIP_NAME,
+    ChunkPlan,
+    plan_file,
+    plan_keyed_pieces,
+    plan_zip_pieces,
+    read_header,
+)
 from .errors import (
     Conflict,
     FormatError,
@@ -188,23 +197,26 @@ class Ingest:
         return codecs.encode_delta(data, raw, base.digest, depth, self.level, item_size)
 
     def _parent_pieces(self, rel: str) -> dict:
-        """The parent version's float pieces of the safetensors file at ``rel``, by what they are.
+        """The parent version's float pieces of the file at ``rel``, by what they are.
 
-        Keys are (tensor, dtype, shape, offset in the tensor); empty if there is nothing to
-        compute deltas against (no parent file there, not safetensors, unreadable).
+        Keys name a tensor of a safetensors file or a storage entry of a torch archive (see
+        ChunkPlan.piece_keys); empty if there is nothing to compute deltas against (no parent
+        file there, chunked by content, unreadable).
         """
         prev = self.previous.get(rel)
         if not self.deltas or prev is None:
             return {}
         try:
             pfobj = load_file(self.store, prev[1])
-            if pfobj.chunker != SAFETENSORS_NAME:
+            if pfobj.chunker not in (SAFETENSORS_NAME, TORCHZIP_NAME):
                 return {}
             with FileReader(self.store, prev[1], pfobj, rel) as f:
-                header = read_header(f, pfobj.size)
+                if pfobj.chunker == SAFETENSORS_NAME:
+                    keyed = plan_keyed_pieces(read_header(f, pfobj.size), pfobj.size, self.tensor_max)
+                else:
+                    keyed = plan_zip_pieces(f, pfobj.size, self.tensor_max)
         except MstoreError:
             return {}
-        keyed = plan_keyed_pieces(header, pfobj.size, self.tensor_max)
         if len(keyed) != len(pfobj.chunks):
             return {}
         return {
@@ -282,7 +294,7 @@ class Ingest:
                         self.batch.add("c", oid, data, item_size=item_size)
                 self.progress(len(data))
 
-            parent = self._parent_pieces(rel) if plan.header is not None else {}
+            parent = self._parent_pieces(rel) if plan.chunker != CDC_NAME else {}
             keys = plan.piece_keys() if parent else []
             for i, (data, item_size) in enumerate(plan.pieces()):
                 if not data:

@@ -3,6 +3,8 @@
 * safetensors files: the header is one chunk and every tensor is its own chunk (tensors above
   ``tensor_max_chunk`` split at element boundaries), so an unchanged tensor is stored once
   whatever moved around it (:mod:`.safetensors`).
+* PyTorch archives (``torch.save``'s zip: optimizer state, ``pytorch_model.bin``): every tensor
+  storage entry its own piece(s), the archive's structure between them (:mod:`.torchzip`).
 * everything else, and any file whose safetensors header is invalid or lies: content-defined
   chunking with FastCDC, ~64 KiB average, so an append or an edit in the middle re-uses the
   untouched chunks (:mod:`.cdc`).
@@ -24,18 +26,21 @@ from .safetensors import (
     SafetensorsHeader,
     TensorInfo,
     plan_keyed_pieces,
-    plan_pieces,
     read_header,
 )
+from .torchzip import TORCHZIP_NAME, plan_zip_pieces
+from .torchzip import is_candidate as is_torch_candidate
 
 __all__ = [
     "CDC_NAME",
     "SAFETENSORS_NAME",
+    "TORCHZIP_NAME",
     "ChunkPlan",
     "SafetensorsHeader",
     "TensorInfo",
     "plan_file",
     "plan_keyed_pieces",
+    "plan_zip_pieces",
     "read_header",
 ]
 
@@ -51,29 +56,37 @@ class ChunkPlan:
     header_error: str | None
     cdc_avg: int
     tensor_max: int
+    # torch archives: (offset, length, hint, key) of every piece (see .torchzip)
+    zip_pieces: list | None = None
 
     def chunks(self) -> Iterator[bytes]:
         """The file's bytes, chunk by chunk, in order (bounded memory)."""
         for data, _hint in self.pieces():
             yield data
 
-    def piece_keys(self) -> list:
-        """What each piece of :meth:`pieces` is: (tensor, dtype, shape, offset), in order.
+    def _keyed(self) -> list:
+        if self.header is not None:
+            return plan_keyed_pieces(self.header, self.size, self.tensor_max)
+        return self.zip_pieces or []
 
-        None for headers and padding; empty for files chunked by content (no tensors).
+    def piece_keys(self) -> list:
+        """What each piece of :meth:`pieces` is, in order.
+
+        A tensor's piece is ``(name, dtype, shape, offset)``, a torch archive's storage entry's
+        ``(name, "zip", (size,), offset)``; None for headers, padding and archive structure;
+        empty for files chunked by content.
         """
-        if self.header is None:
-            return []
-        return [key for _o, _n, _h, key in plan_keyed_pieces(self.header, self.size, self.tensor_max)]
+        return [key for _o, _n, _h, key in self._keyed()]
 
     def pieces(self) -> Iterator[tuple[bytes, int]]:
         """``(chunk bytes, float element size or 0)`` in order: the hint selects the codec."""
-        if self.header is None:
+        keyed = self._keyed()
+        if not keyed:
             for data in cdc_chunks(self.f, self.cdc_avg):
                 yield data, 0
             return
         fd = self.f.fileno()
-        for offset, length, hint in plan_pieces(self.header, self.size, self.tensor_max):
+        for offset, length, hint, _key in keyed:
             data = os.pread(fd, length, offset)
             if len(data) != length:
                 raise FormatError("file changed size while it was being read")
@@ -84,11 +97,23 @@ def plan_file(f: BinaryIO, size: int, name: str, cdc_avg: int, tensor_max: int) 
     """Choose the chunker for an open file; never fails because of the file's content."""
     header = None
     error = None
+    zip_pieces = None
     if name.endswith(".safetensors"):
         try:
             header = read_header(f, size)
         except FormatError as exc:
             error = str(exc)
         f.seek(0)
-    chunker = SAFETENSORS_NAME if header is not None else CDC_NAME
-    return ChunkPlan(f, size, chunker, header, error, cdc_avg, tensor_max)
+    elif is_torch_candidate(name, os.pread(f.fileno(), 4, 0)):
+        try:
+            zip_pieces = plan_zip_pieces(f, size, tensor_max)
+        except FormatError:
+            zip_pieces = None  # an ordinary file, then
+        f.seek(0)
+    if header is not None:
+        chunker = SAFETENSORS_NAME
+    elif zip_pieces is not None:
+        chunker = TORCHZIP_NAME
+    else:
+        chunker = CDC_NAME
+    return ChunkPlan(f, size, chunker, header, error, cdc_avg, tensor_max, zip_pieces)
