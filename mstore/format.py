@@ -136,7 +136,27 @@ def parse_config(text: str, source: str = CONFIG_NAME) -> Config:
     for section, values in loaded.items():
         if not isinstance(values, dict):
             raise FormatError(f"{source}: [{section}] must be a table")
+    _check_remotes(loaded.get("remotes", {}), source)
     return Config(_merge(DEFAULTS, loaded))
+
+
+_REMOTE_KEYS = {"url": str, "endpoint_url": str, "region": str, "profile": str, "pack_size": int}
+
+
+def _check_remotes(remotes: dict[str, Any], source: str) -> None:
+    """``[remotes.NAME]`` tables: a ``url`` string and only known keys (never credentials)."""
+    for name, settings in remotes.items():
+        if not isinstance(settings, dict) or not isinstance(settings.get("url"), str):
+            raise FormatError(f"{source}: [remotes.{name}] must be a table with a url")
+        for key, value in settings.items():
+            kind = _REMOTE_KEYS.get(key)
+            if kind is None:
+                raise FormatError(
+                    f"{source}: [remotes.{name}] has unknown key {key!r} (known: {', '.join(sorted(_REMOTE_KEYS))}; "
+                    "credentials come from the AWS environment or profile, never from config.toml)"
+                )
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise FormatError(f"{source}: [remotes.{name}] {key} must be a {kind.__name__}")
 
 
 def read_config(root: Path) -> Config:

@@ -1296,6 +1296,15 @@ class Repo:
         repo = cls.init(dest)
         try:
             repo.remote_add(name, url, endpoint_url=endpoint_url, region=region, profile=profile)
+            from .errors import RemoteNotFound
+            from .remote import check_layout
+
+            backend = repo._backend(name)
+            try:
+                if not check_layout(backend):
+                    raise RemoteNotFound(f"{url} is not an mstore remote (no mstore-remote.json): nothing to clone")
+            finally:
+                backend.close()
             repo.fetch(name, progress=progress, on_total=on_total)
             change = RefChange(repo.user, "clone", f"cloned from {url}")
             with repo.store.index.write() as txn:
