@@ -780,9 +780,11 @@ class Repo:
         child = scan(path)
         findings = []
         previous: dict[str, tuple[int, ObjectId]] = {}
+        ancestors: list[ObjectId] = []
         if parent is not None:
             pc = load_commit(self.store, parent)
             previous = {p: (e.size, e.id) for p, e in walk_files(self.store, pc.tree)}
+            ancestors = _first_parent_trees(self.store, pc, DELTA_LOOKBACK)
             before = stored_summary(self.store, pc.tree, pc.stats)
             before.metrics = numeric_metrics(pc.meta, pc.metrics)
             child.metrics = numeric_metrics(meta or {}, metrics or {})
@@ -801,7 +803,10 @@ class Repo:
             if child.vocab_size is not None:
                 stats["vocab_size"] = child.vocab_size
             return CommitResult(None, None, branch, parent, ingest.new_bytes, 0, findings, stats, True)
-        with self.store.batch() as batch, Ingest(self.store, batch, progress, previous=previous) as ingest:
+        with (
+            self.store.batch() as batch,
+            Ingest(self.store, batch, progress, previous=previous, ancestors=ancestors) as ingest,
+        ):
             tree_id = ingest.ingest_root(path)
             stats = ingest.stats.to_dict()
             if child.vocab_size is not None:
@@ -1389,6 +1394,25 @@ class Repo:
             "after": after.to_dict(),
             "ok": after.ok,
         }
+
+
+# A file the parent lacks is looked for this many commits further back as a delta source: a
+# LoRA run commits the base, then adapters only, then the merged model, which should be a delta
+# against the base two commits earlier.
+DELTA_LOOKBACK = 8
+
+
+def _first_parent_trees(store: ObjectStore, commit: Commit, n: int) -> list[ObjectId]:
+    """Root trees of up to ``n`` first-parent ancestors of ``commit`` (not itself), nearest first."""
+    out: list[ObjectId] = []
+    c = commit
+    while c.parents and len(out) < n:
+        try:
+            c = load_commit(store, c.parents[0])
+        except MstoreError:
+            break  # an unreadable ancestor only means fewer delta sources
+        out.append(c.tree)
+    return out
 
 
 def _refusal_text(branch: str, parent: ObjectId | None, findings: list, dry_run: bool) -> str:

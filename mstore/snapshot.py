@@ -119,6 +119,7 @@ class Ingest:
         progress: Progress = _no_progress,
         workers: int | None = None,
         previous: dict[str, tuple[int, ObjectId]] | None = None,
+        ancestors: list[ObjectId] | None = None,
     ):
         self.store = store
         self.batch = batch
@@ -126,6 +127,9 @@ class Ingest:
         # path -> (size, file id) in the parent version: a file of the same size is hashed
         # whole first, and if it is unchanged it is neither chunked nor hashed again.
         self.previous = previous or {}
+        # Root trees of earlier first-parent ancestors: where a file the parent lacks is looked
+        # for as a delta source (nearest first).
+        self.ancestors = ancestors or []
         self.cdc_avg = int(store.config.get("chunking", "cdc_avg_size", 64 * 1024))
         self.tensor_max = int(store.config.get("chunking", "tensor_max_chunk", 16 << 20))
         self.level = int(store.config.get("codec", "zstd_level", codecs.DEFAULT_LEVEL))
@@ -196,6 +200,17 @@ class Ingest:
             return None  # a damaged base is fsck's to report; this piece is stored whole
         return codecs.encode_delta(data, raw, base.digest, depth, self.level, item_size)
 
+    def _ancestor_file(self, rel: str) -> ObjectId | None:
+        """The id of the file at ``rel`` in the nearest earlier ancestor that has one."""
+        for tid in self.ancestors:
+            try:
+                entry = resolve_path(self.store, tid, rel)
+            except MstoreError:
+                continue
+            if entry.kind == FILE_KIND:
+                return entry.id
+        return None
+
     def _parent_pieces(self, rel: str) -> dict:
         """The parent version's float pieces of the file at ``rel``, by what they are.
 
@@ -203,14 +218,17 @@ class Ingest:
         ChunkPlan.piece_keys); empty if there is nothing to compute deltas against (no parent
         file there, chunked by content, unreadable).
         """
+        if not self.deltas:
+            return {}
         prev = self.previous.get(rel)
-        if not self.deltas or prev is None:
+        source = prev[1] if prev is not None else self._ancestor_file(rel)
+        if source is None:
             return {}
         try:
-            pfobj = load_file(self.store, prev[1])
+            pfobj = load_file(self.store, source)
             if pfobj.chunker not in (SAFETENSORS_NAME, TORCHZIP_NAME):
                 return {}
-            with FileReader(self.store, prev[1], pfobj, rel) as f:
+            with FileReader(self.store, source, pfobj, rel) as f:
                 if pfobj.chunker == SAFETENSORS_NAME:
                     keyed = plan_keyed_pieces(read_header(f, pfobj.size), pfobj.size, self.tensor_max)
                 else:

@@ -275,3 +275,27 @@ def test_gc_keeps_the_base_of_a_live_delta_whose_own_history_was_deleted(tmp_pat
     assert tree_bytes(dest) == tree_bytes(y)
     assert repo.fsck().ok
     repo.close()
+
+
+def test_a_file_the_parent_lacks_is_a_delta_against_the_nearest_ancestor_that_had_it(repo, work, tmp_path):
+    """A LoRA run: the base model, then adapters only, then the merged model."""
+    rng = np.random.default_rng(11)
+    base = {"q": (rng.standard_normal((128, 128)) * 0.02).astype(np.float32),
+            "k": (rng.standard_normal((128, 128)) * 0.02).astype(np.float32)}
+    write_safetensors(work / "v0" / "model.safetensors", base)
+    repo.commit(work / "v0", "lora", "base")
+    for step in (1, 2):
+        a = (rng.standard_normal((8, 128)) * 0.01).astype(np.float32)
+        write_safetensors(work / f"v{step}" / "adapter_model.safetensors", {"lora_A": a, "lora_B": a.T.copy()})
+        repo.commit(work / f"v{step}", "lora", f"adapter {step}", allow_regression=True)
+    merged = {"q": base["q"] + (rng.standard_normal((128, 128)) * 1e-5).astype(np.float32), "k": base["k"]}
+    write_safetensors(work / "v3" / "model.safetensors", merged)
+    repo.commit(work / "v3", "lora", "merged", allow_regression=True)
+
+    q_chunk = ObjectId(blake3.blake3(merged["q"].tobytes()).hexdigest())
+    k_chunk = ObjectId(blake3.blake3(base["k"].tobytes()).hexdigest())
+    assert q_chunk in chunk_ids(repo, "lora") and k_chunk in chunk_ids(repo, "lora~3")
+    assert codec_of(repo, q_chunk) == DELTA  # against the base's "q", three commits back
+    assert k_chunk in chunk_ids(repo, "lora")  # unchanged: the base's chunk itself
+    repo.checkout("lora", tmp_path / "merged")
+    assert tree_bytes(tmp_path / "merged") == tree_bytes(work / "v3")
