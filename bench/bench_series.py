@@ -43,6 +43,7 @@ from bench_store import (  # noqa: E402  (the house helpers: same measurement, s
     ChildResult,
     Layout,
     b3_file,
+    disk_usage,
     generate_big,
     log,
     machine_info,
@@ -149,6 +150,7 @@ class Run:
     checkout: list[ChildResult] = field(default_factory=list)
     checkout_extra: list[ChildResult] = field(default_factory=list)  # DVC: git checkout of the .dvc file
     stored_bytes: int | None = None
+    metadata_bytes: int | None = None  # mstore: LMDB index (blocks allocated); DVC: the git repo
     error: str | None = None
 
     def commit_wall(self) -> float:
@@ -164,7 +166,7 @@ class Run:
 
         return {"commit": rows(self.commit), "commit_extra": rows(self.commit_extra),
                 "checkout": rows(self.checkout), "checkout_extra": rows(self.checkout_extra),
-                "stored_bytes": self.stored_bytes, "error": self.error}
+                "stored_bytes": self.stored_bytes, "metadata_bytes": self.metadata_bytes, "error": self.error}
 
 
 class Contenders:
@@ -237,6 +239,7 @@ class Contenders:
             run.commit.append(r)
         with Repo.open(store) as repo:
             run.stored_bytes = repo.stored_bytes()
+        run.metadata_bytes = disk_usage(store) - disk_usage(store / "packs")
         for i in range(n):
             dest = base / "out" / f"v{i:02d}"
             rev = f"series~{n - 1 - i}" if i < n - 1 else "series"
@@ -280,6 +283,7 @@ class Contenders:
             shas.append(subprocess.run([self.git, "rev-parse", "HEAD"], cwd=ws, env=self.env, capture_output=True,
                                        text=True, check=True).stdout.strip())
         run.stored_bytes = tree_bytes(ws / ".dvc" / "cache")
+        run.metadata_bytes = disk_usage(ws / ".git")
         for i, sha in enumerate(shas):
             rmtree(data)
             r1 = run_child([self.git, "checkout", "-q", sha, "--", "data.dvc"], ws, self.env)
@@ -580,6 +584,7 @@ def series_figures(s: wl.Series, runs: dict[str, list[Run]]) -> dict[str, Any]:
             "checkout_mb_per_s": summarize([logical / MB / r.checkout_wall() for r in ok]),
             "stored_bytes": [r.stored_bytes for r in ok],
             "stored_over_logical": summarize([r.stored_bytes / logical for r in ok if r.stored_bytes is not None]),
+            "metadata_bytes": [r.metadata_bytes for r in ok],
             "peak_rss_commit_mb": summarize([max(x.maxrss_mb for x in r.commit) for r in ok]),
             "peak_rss_checkout_mb": summarize([max(x.maxrss_mb for x in r.checkout) for r in ok]),
             "cores_busy_commit": summarize([sum(x.cpu for x in r.commit) / max(1e-9, sum(x.wall for x in r.commit))
