@@ -299,3 +299,23 @@ def test_a_file_the_parent_lacks_is_a_delta_against_the_nearest_ancestor_that_ha
     assert k_chunk in chunk_ids(repo, "lora")  # unchanged: the base's chunk itself
     repo.checkout("lora", tmp_path / "merged")
     assert tree_bytes(tmp_path / "merged") == tree_bytes(work / "v3")
+
+
+def test_deltas_in_a_commit_that_spans_many_packs_are_all_indexed_with_their_bases(repo, work, tmp_path):
+    data = repo.config.data
+    data["packs"]["max_size"] = 16 * 1024  # every few chunks fill a pack: the batch rolls often
+    write_config(repo.root, Config(data))
+    repo.close()
+    repo = Repo.open(repo.root)
+    s = Series(repo, work, shape=(64, 64))
+    s.w.update({f"extra{i}": np.random.default_rng(i).standard_normal((64, 64)).astype(np.float32) * 0.02
+                for i in range(6)})
+    for _ in range(3):
+        s.step()
+
+    assert sum(codec_of(repo, c) == DELTA for c in chunk_ids(repo, "run")) >= 6
+    for i, cid in enumerate(s.commits):
+        repo.checkout(cid, tmp_path / f"o{i}")
+        assert tree_bytes(tmp_path / f"o{i}") == tree_bytes(s.dirs[i])
+    assert repo.fsck().ok
+    repo.close()

@@ -412,12 +412,13 @@ class WriteBatch:
             base, depth = codecs.delta_base(payload)
             if not self.contains("c", ObjectId.from_digest(base)):
                 raise StorageError(f"chunk {oid}: its delta base {base.hex()} is not in the store")
-            self.delta_rows[oid.digest] = base + bytes([depth])
         if self.writer is None or self.writer.full:
-            self._roll()
+            self._roll()  # flushes what is pending (and clears its delta rows): not this object
         assert self.writer is not None
         offset = self.writer.add(kind, oid.digest, check, codec, raw_len, payload)
         self.pending[(kind, oid.digest)] = (self.writer, offset, len(payload), raw_len, codec)
+        if codec == codecs.DELTA:
+            self.delta_rows[oid.digest] = base + bytes([depth])
         self.new_bytes += raw_len
         self.stored_bytes += len(payload)
         self._unflushed += len(payload)
