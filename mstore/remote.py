@@ -834,7 +834,8 @@ class _RemoteSource:
         if self.store.has(kind, oid):
             return self.store.get(kind, oid)
         loc = self.locate(kind, oid)
-        if self.cat.packs.get(loc.pack, {}).get("meta"):
+        info = self.cat.packs.get(loc.pack, {})
+        if info.get("meta") and info.get("size", 0) <= 2 * PACK_TARGET:  # whole, if it is small
             pack = self._packs.get(loc.pack)
             if pack is None:
                 pack = self._packs[loc.pack] = self.backend.get(f"packs/{loc.pack}.pack")

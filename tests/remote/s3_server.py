@@ -101,6 +101,16 @@ class S3Server:
                     pass
 
 
+def _die_with_parent() -> None:
+    """In the child: SIGKILL it when the test process dies (a killed worker leaves no server)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def start(workdir: Path, worker: int = 0, timeout: float = 60.0) -> S3Server:
     """Start SeaweedFS with an S3 gateway in ``workdir``; returns once the S3 API answers.
 
@@ -140,7 +150,9 @@ def start(workdir: Path, worker: int = 0, timeout: float = 60.0) -> S3Server:
         "-volume.preStopSeconds=0",
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=_die_with_parent
+    )
     server = S3Server(f"http://127.0.0.1:{s3}", access, secret, proc, workdir, [master, volume, filer, s3])
     deadline = time.monotonic() + timeout
     client = server.client()
