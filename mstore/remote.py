@@ -1219,7 +1219,16 @@ def repair(
             loc = src.locate(kind, oid)
             buf = backend.get_range(f"packs/{loc.pack}.pack", loc.offset, RECORD.size + loc.enc_len)
             r = _verify_record(buf, kind, oid, loc, keep_raw=kind in "tmf")
-            if r.raw is not None:
+            if r.codec == _DELTA:
+                # The local copy is replaced whole: decode through the base (local, verified),
+                # check the id, and store it re-encoded on its own, so nothing repaired hangs
+                # on a base that may itself be the damage.
+                base = store.get("c", ObjectId.from_digest(codecs.delta_base(r.payload)[0]))
+                raw = codecs.decode_delta(r.payload, r.raw_len, base)
+                if blake3.blake3(raw).digest() != oid.digest:
+                    raise RemoteIntegrityError(f"remote delta chunk {oid}: wrong bytes (they hash to another id)")
+                r.codec, r.payload = codecs.encode(raw, int(store.config.get("codec", "zstd_level", 3)))
+            elif r.raw is not None:
                 _parse_received(r)
             got.append(r)
         except MstoreError as exc:
@@ -1243,6 +1252,8 @@ def repair(
             txn.put_entry(
                 r.kind, r.oid.digest, Entry(number, off, len(r.payload), r.raw_len, r.codec, 0, stamp), overwrite=True
             )
+            if r.kind == "c" and "deltas" in txn.dbs:
+                txn.db_delete("deltas", r.oid.digest)  # stored whole now (as WriteBatch does)
     store.forget_pack_names()
     return [(r.kind, r.oid) for r in got], failed
 

@@ -1382,7 +1382,15 @@ class Repo:
         if keys:
             backend = self._backend(remote)
             try:
-                repaired, failed = repair(self.store, backend, keys, self._remote_cache(remote))
+                # A delta is verified through its base: if the base was damaged too, it is
+                # repaired in an earlier round and the delta in the next.
+                todo = keys
+                for _round in range(8):
+                    done, failed = repair(self.store, backend, todo, self._remote_cache(remote))
+                    repaired += done
+                    todo = list(failed)
+                    if not failed or not done:
+                        break
             finally:
                 backend.close()
         after = fsck(self.store) if keys else before

@@ -167,3 +167,26 @@ def test_fsck_repair_from_restores_a_corrupted_local_object_from_a_good_remote(r
     assert report["ok"] and [r["id"] for r in report["repaired"]] == [oid]
     repo.checkout(str(cid), tmp_path / "out")
     assert tree_bytes(tmp_path / "out") == tree_bytes(work / "ck")
+
+
+def test_fsck_repair_from_restores_a_damaged_delta_chunk(repo, work, tmp_path, remote):
+    from mstore import codecs
+
+    add_remote(repo, remote)
+    repo.commit(checkpoint(work / "a", 0), "exp1", "base")
+    second = repo.commit(checkpoint(work / "b", 1, changed=3), "exp1", "moved").id
+    repo.push("origin", ["exp1"])
+    deltas = [(o, e) for _k, o, e in repo.store.iter_entries("c") if e.codec == codecs.DELTA]
+    assert deltas, "the second checkpoint should store moved tensors as deltas"
+    oid, entry = deltas[0]
+    pack = repo.root / "packs" / repo.store.pack_name(entry.pack)
+    pack.chmod(0o644)
+    with open(pack, "r+b") as f:
+        f.seek(entry.offset + 88 + entry.enc_len - 5)
+        f.write(b"\xde\xad\xbe\xef\x00")
+    repo.store.forget_pack_names()
+    assert not repo.fsck().ok
+    report = repo.fsck_repair("origin")
+    assert report["ok"] and oid in [r["id"] for r in report["repaired"]]
+    repo.checkout(str(second), tmp_path / "out")
+    assert tree_bytes(tmp_path / "out") == tree_bytes(work / "b")
