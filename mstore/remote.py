@@ -885,6 +885,7 @@ def fetch(
     max_object: int = MAX_OBJECT,
     cache_dir: Path | None = None,
     tags: bool = True,
+    crash_hook: Hook | None = None,
 ) -> TransferResult:
     """Receive what the local store lacks for remote refs; update ``refs/remotes/NAME/*``.
 
@@ -900,6 +901,7 @@ def fetch(
     from .errors import RefNotFound
 
     progress = progress or _noop
+    hook = crash_hook or _noop
     t0 = time.monotonic()
     result = TransferResult()
     if not check_layout(backend):
@@ -920,9 +922,11 @@ def fetch(
     src = _RemoteSource(store, backend, cat, max_object)
     # Walk the closure through local copies and verified remote metadata; what is not local
     # is exactly what to receive.
+    hook("refs-read")
     live = walk(src, [r.id for r in chosen.values()])
     if src.errors:
         raise src.errors[0]
+    hook("walked")
     if not live.complete:  # a parse error of an object read back from the local store
         (kind, oid), err = next(iter(live.unreadable.items()))
         raise RemoteIntegrityError(f"cannot fetch {KINDS[kind]} {oid}: {err}")
@@ -972,10 +976,12 @@ def fetch(
                 result.bytes += len(r.payload)
                 result.raw_bytes += r.raw_len
                 progress(len(r.payload))
+            hook("range-received")
         # 2. index the (verified) chunks; deltas whose base came late and files whose chunks
         #    did not stay in memory are checked from the store. A failure below leaves only
         #    verified, unreachable chunks, which the next fetch re-uses.
         batch.flush()
+        hook("chunks-indexed")
         for r in deltas:
             result.objects += 1
             result.bytes += len(r.payload)
@@ -984,6 +990,7 @@ def fetch(
         _add_deltas(store, batch, deltas)
         for r in verifier.remaining():
             _verify_file_content(store, r)
+        hook("files-verified")
         # 3. manifests, trees, commits; then the tracking refs, in the same transaction.
         for key in sorted(src.received, key=lambda k: "ftm".index(k[0])):
             r = src.received[key]
@@ -1018,6 +1025,7 @@ def fetch(
                         upd.status, upd.reason = "rejected", "a local tag of that name points elsewhere"
 
         batch.commit(move)
+    hook("committed")
     result.seconds = time.monotonic() - t0
     return result
 

@@ -1206,6 +1206,7 @@ class Repo:
         progress: Progress | None = None,
         on_total: Callable[[int], None] | None = None,
         max_object: int | None = None,
+        crash_hook: Callable[[str], None] | None = None,
     ):
         """Receive the remote's branches (all, or ``refs``) and tags, verified; update ``REMOTE/BRANCH`` refs.
 
@@ -1225,7 +1226,7 @@ class Repo:
         try:
             return fetch(
                 self.store, backend, remote, wanted, self.user, progress=progress, on_total=on_total,
-                max_object=max_object or MAX_OBJECT, cache_dir=self._remote_cache(remote),
+                max_object=max_object or MAX_OBJECT, cache_dir=self._remote_cache(remote), crash_hook=crash_hook,
             )
         finally:
             backend.close()

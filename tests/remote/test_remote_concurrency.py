@@ -196,3 +196,55 @@ def _total_bytes(repo: Repo) -> int:
     return sum(e.enc_len for _k, _o, e in repo.store.iter_entries())
 
 
+
+
+KILLED_FETCH = """\
+import os, signal, sys
+from mstore import Repo
+
+store, kill_at = sys.argv[1], int(sys.argv[2])
+calls = 0
+
+def hook(point):
+    global calls
+    calls += 1
+    print(point, flush=True)
+    if calls == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+repo = Repo.open(store)
+repo.fetch("origin", crash_hook=hook)
+print("done", flush=True)
+"""
+
+
+def test_a_fetch_killed_at_every_step_leaves_a_sound_store_and_completes_when_re_run(repo, work, tmp_path, remote):
+    ids = [repo.commit(checkpoint(work / f"ck{s}", s, changed=3), "exp1", f"s{s}").id for s in range(3)]
+    add_remote(repo, remote)
+    repo.push("origin", ["exp1"], pack_target=400 << 10)
+    points = None
+    k = 1
+    while points is None or k <= len(points):
+        other = Repo.init(tmp_path / (f"f{k}" if points is not None else "probe") / ".mstore")
+        add_remote(other, remote)
+        proc = subprocess.run(
+            [sys.executable, "-c", KILLED_FETCH, str(other.root), str(k if points is not None else 0)],
+            capture_output=True, text=True, env=_env(remote), timeout=120,
+        )
+        if points is None:  # the first run counts the steps
+            assert proc.returncode == 0, proc.stderr
+            points = proc.stdout.split()[:-1]
+            assert len(points) >= 6, points
+            other.close()
+            continue
+        assert proc.returncode == -signal.SIGKILL, (k, proc.stdout, proc.stderr)
+        report = other.fsck()
+        assert not report.damaged and not report.refs, (k, report.to_dict())
+        tracked = other.remote_refs("origin") and dict(other._iter_refs("refs/remotes/"))
+        assert tracked.get("refs/remotes/origin/exp1") in (None, ids[-1])
+        other.fetch("origin")
+        assert other.resolve("origin/exp1") == ids[-1]
+        other.checkout("origin/exp1", tmp_path / f"out{k}")
+        assert tree_bytes(tmp_path / f"out{k}") == tree_bytes(work / "ck2")
+        other.close()
+        k += 1
