@@ -165,3 +165,28 @@ def test_remote_lacks_answers_from_the_pack_indexes(repo, work, remote):
     backend = open_backend(remote["url"], endpoint_url=remote.get("endpoint_url"))
     idx = [k for k, _ in backend.list("packs/") if k.endswith(".idx")]
     assert idx and all(json.loads(backend.get(k))["v"] == 1 for k in idx)
+
+
+def test_fetched_versions_are_gc_roots_through_their_tracking_refs(repo, work, tmp_path, remote):
+    _series(repo, work, [0, 1])
+    add_remote(repo, remote)
+    repo.push("origin", ["exp1"])
+    other = Repo.init(tmp_path / "other", clock=lambda: 4_000_000_000.0)  # far in the future
+    add_remote(other, remote)
+    other.fetch("origin")
+    assert other.branches() == []  # nothing but refs/remotes/origin/exp1 points at them
+    _pid, proof = other.gc_plan(retention_days=0, grace_days=0)
+    assert proof["candidates"]["objects"] == 0
+    assert "refs/remotes/origin/exp1" in proof["roots"]["refs"]
+    other.close()
+
+
+def test_objects_only_in_a_truncated_remote_pack_count_as_lacking(repo, work, remote):
+    ids = _series(repo, work, [0])
+    add_remote(repo, remote)
+    repo.push("origin", ["exp1"])
+    backend = open_backend(remote["url"], endpoint_url=remote.get("endpoint_url"))
+    for key, size in backend.list("packs/"):
+        if key.endswith(".pack"):
+            backend.put(key, backend.get(key)[: size - 1])
+    assert repo.remote_lacks("origin", [("m", ids[0].digest)]) == {("m", ids[0].digest)}
