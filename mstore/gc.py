@@ -719,9 +719,16 @@ def apply(
         if size and live / size < float(policy["compact_below"]) and not in_use(rec):
             rewrite.add(num)
     tdir = trash_dir(store.root) / pid
+    made_tdir = not tdir.exists()
     tdir.mkdir(parents=True, exist_ok=True)
     max_pack = int(store.config.get("packs", "max_size", 64 << 20))
     live_writer = trash_writer = None
+    writers: list[PackWriter] = []
+
+    def new_writer(directory: Path) -> PackWriter:
+        w = PackWriter(directory, max_pack)
+        writers.append(w)
+        return w
     moves: dict[tuple[str, bytes], tuple[PackWriter, int, int, int]] = {}  # writer, offset, old pack, old offset
     missing: list[tuple[str, bytes]] = []
     by_pack = np.argsort(snap.pack, kind="stable")
@@ -754,7 +761,7 @@ def apply(
                     if trash_writer is None or trash_writer.full:
                         if trash_writer is not None:
                             trash_writer.seal()
-                        trash_writer = PackWriter(tdir, max_pack)
+                        trash_writer = new_writer(tdir)
                     w = trash_writer
                 else:
                     try:  # never carry a damaged live object into a new pack silently
@@ -769,7 +776,7 @@ def apply(
                     if live_writer is None or live_writer.full:
                         if live_writer is not None:
                             live_writer.seal()
-                        live_writer = PackWriter(store.packs_dir, max_pack)
+                        live_writer = new_writer(store.packs_dir)
                     w = live_writer
                 off = w.add(key[0], key[1], check, codec, raw_len, payload)
                 moves[key] = (w, off, num, at)
@@ -841,12 +848,36 @@ def apply(
         for w in (live_writer, trash_writer):
             if w is not None and not w.sealed:
                 w.abandon()
+        # A refusal changes nothing on disk: the packs written so far are not registered (the
+        # index transaction did not commit), so nothing can refer to them. (A crash leaves them
+        # for the next apply, as docs/gc.md says.)
+        _discard_unregistered(store, writers, tdir if made_tdir else None)
         raise
     store.forget_pack_names()
     removed = _cleanup_retired(store, hook)
     _remove_dead_packs(store, doc, now)
     after = _packs_bytes(store)
     return ApplyResult(pid, len(cands), sum(o[3] for o in cands.values()), len(rewrite), removed, before, after)
+
+
+def _discard_unregistered(store: ObjectStore, writers: list[PackWriter], tdir: Path | None) -> None:
+    """Unlink the packs an interrupted apply wrote that no index entry can name.
+
+    Also removes ``tdir`` if that leaves it empty. Never raises: the caller is already handling
+    an error.
+    """
+    try:
+        with store.index.read() as txn:
+            registered = {rec["name"] for _num, rec in txn.iter_packs()}
+        for w in writers:
+            if w.name not in registered:
+                w.path.unlink(missing_ok=True)
+        if tdir is not None and not any(tdir.iterdir()):
+            tdir.rmdir()
+            if not any(tdir.parent.iterdir()):
+                tdir.parent.rmdir()
+    except (OSError, MstoreError):
+        pass
 
 
 def _cleanup_retired(store: ObjectStore, hook: Callable[[str], None] | None = None) -> int:
