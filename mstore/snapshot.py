@@ -170,9 +170,9 @@ class Ingest:
         if self.batch is None:
             return data, oid, codecs.RAW, None, False, item_size
         delta = self._delta(data, item_size, base) if base is not None and base != oid else None
-        # Whole float weights never compress to half (byte planes: ~0.83 fp32, ~0.68 bf16), so
-        # a delta below that wins without encoding the piece whole as well.
-        if delta is not None and len(delta) <= len(data) // 2:
+        # A delta clearly smaller than the whole piece would be (estimated from a prefix) wins
+        # without encoding the piece whole as well; a close call encodes both and compares.
+        if delta is not None and len(delta) <= 0.9 * codecs.estimate_size(data, self.level, item_size):
             return data, oid, codecs.DELTA, delta, False, item_size
         codec, payload = codecs.encode(data, self.level, item_size)
         if delta is not None and len(delta) < len(payload):
