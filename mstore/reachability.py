@@ -7,7 +7,6 @@ and callers that delete (gc) must treat any such report as "keep everything".
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,8 +14,8 @@ from typing import Any
 from .errors import MstoreError, StorageError
 from .hashing import ObjectId
 from .objects import TREE_KIND, load_commit, load_file, load_tree
+from .storage.index import ENTRY_SIZE, KEY_SIZE, Entry
 from .storage.index import KINDS as _KIND_NAMES
-from .storage.index import Entry
 
 
 @dataclass
@@ -132,8 +131,6 @@ def _follow_delta_bases(store, live: LiveSet) -> None:
 # commit, tree and file manifest it follows is read through ObjectStore.get, so verified
 # against its id exactly as walk() does; it skips no check, only the objects.
 
-KEY_SIZE = 33  # kind byte + digest (storage/index.py)
-_ENTRY_SIZE = len(Entry(0, 0, 0, 0, 0, 0, 0.0).pack_bytes())
 
 
 class IndexSnapshot:
@@ -148,7 +145,7 @@ class IndexSnapshot:
         import numpy as np
 
         n = len(keys) // KEY_SIZE
-        if len(keys) != n * KEY_SIZE or len(values) != n * _ENTRY_SIZE:
+        if len(keys) != n * KEY_SIZE or len(values) != n * ENTRY_SIZE:
             raise StorageError("the object index holds keys or values of unexpected size")
         self.n = n
         self._keys = keys
@@ -174,24 +171,12 @@ class IndexSnapshot:
 
     @classmethod
     def read(cls, txn) -> IndexSnapshot:
-        """Read the whole ``objects`` table of ``txn`` (a storage.index.Txn) with two cursor passes.
+        """Read the whole ``objects`` table of ``txn`` (a storage.index.Txn).
 
         Raises:
             StorageError: the table is not a well-formed object index.
         """
-        db = txn.dbs["objects"]
-        columns = []
-        for want_keys in (True, False):
-            buf = bytearray()
-            with txn.txn.cursor(db=db) as cur:
-                if cur.first():
-                    it = cur.iternext(keys=want_keys, values=not want_keys)
-                    # Joined in slices: joining a generator at once would first hold a million
-                    # small bytes objects (twice the size of the result).
-                    while part := b"".join(itertools.islice(it, 16384)):
-                        buf += part
-            columns.append(buf)
-        return cls(*columns)
+        return cls(*txn.entries_raw())
 
     def kind(self, row: int) -> str:
         """The kind of the object at ``row``."""
@@ -203,7 +188,7 @@ class IndexSnapshot:
 
     def entry(self, row: int) -> Entry:
         """The index entry at ``row``."""
-        return Entry.unpack(self._values[row * _ENTRY_SIZE : (row + 1) * _ENTRY_SIZE])
+        return Entry.unpack(self._values[row * ENTRY_SIZE : (row + 1) * ENTRY_SIZE])
 
     def find_one(self, kind: str, digest: bytes) -> int:
         """The row of one object, or -1."""

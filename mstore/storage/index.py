@@ -30,6 +30,7 @@ its manifest share the same id (both are BLAKE3 of the content), so the kind is 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import struct
@@ -46,6 +47,8 @@ from ..errors import StorageError
 KINDS = {"c": "chunk", "f": "file", "t": "tree", "m": "commit"}
 
 _ENTRY = struct.Struct("<IQQQBBxxd")
+ENTRY_SIZE = _ENTRY.size  # bytes of one ``objects`` value
+KEY_SIZE = 33  # bytes of one ``objects`` key: kind + digest
 _U32BE = struct.Struct(">I")
 _U64BE = struct.Struct(">Q")
 
@@ -218,6 +221,24 @@ class Txn:
     def count_entries(self) -> int:
         """How many objects are indexed."""
         return self.txn.stat(self.dbs["objects"])["entries"]
+
+    def entries_raw(self) -> tuple[bytearray, bytearray]:
+        """Every object's key and index value, each concatenated, in key order.
+
+        For bulk readers (gc marks a million objects): row ``i``'s key (kind byte + digest) is
+        ``keys[33 * i : 33 * (i + 1)]`` and its value ``values[ENTRY_SIZE * i : ...]``. Two
+        cursor passes, joined a slice at a time, so no Python object per entry outlives it.
+        """
+        columns = []
+        for want_keys in (True, False):
+            buf = bytearray()
+            with self.txn.cursor(db=self.dbs["objects"]) as cur:
+                if cur.first():
+                    it = cur.iternext(keys=want_keys, values=not want_keys)
+                    while part := b"".join(itertools.islice(it, 16384)):
+                        buf += part
+            columns.append(buf)
+        return columns[0], columns[1]
 
     # -- packs ---------------------------------------------------------------------------
     def register_pack(self, name: str, created: float) -> int:
