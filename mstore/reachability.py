@@ -132,7 +132,6 @@ def _follow_delta_bases(store, live: LiveSet) -> None:
 # against its id exactly as walk() does; it skips no check, only the objects.
 
 
-
 class IndexSnapshot:
     """Every entry of the ``objects`` table of one read transaction, as columns in key order.
 
