@@ -291,7 +291,7 @@ def apply_runs(work: Path, store: Path, when: str, repeat: int, delete_every: in
         hooks = res.pop("hooks_s")
         runs.append({"wall": run["wall"], "rss_mb": run["rss_mb"], "cp_s": cp[0], "cp_fsync_s": cp[1],
                      "result": res, "hooks_s": hooks, "copy_s": hooks["after-copy"] - hooks["before-copy"],
-                     "candidates": proof["candidates"]})
+                     "candidates": proof["candidates"], "plan_s": plan_run["wall"], "plan_rss_mb": plan_run["rss_mb"]})
         print(f"apply{' (data deleted)' if delete_every else ''} {i + 1}: {run['wall']:.2f} s "
               f"(copy phase {runs[-1]['copy_s']:.2f} s), {run['rss_mb']:.0f} MB, {len(removed)} packs; "
               f"cp {cp[0]:.3f} s, cp+fsync {cp[1]:.3f} s; load {os.getloadavg()[0]:.1f}", flush=True)
@@ -309,6 +309,8 @@ def apply_runs(work: Path, store: Path, when: str, repeat: int, delete_every: in
         "cp_fsync_median_s": cpf_s, "cp_fsync_all_s": [r["cp_fsync_s"] for r in runs],
         "cp_fsync_mb_s": nbytes / 1e6 / cpf_s, "copy_phase_vs_cp_fsync": cpf_s / copy_s,
         "phases_s": [r["hooks_s"] for r in runs], "result": runs[-1]["result"],
+        # The plan each apply was given (on the copy): how plan scales with the candidates.
+        "plan_median_s": median([r["plan_s"] for r in runs]), "plan_peak_rss_mb": max(r["plan_rss_mb"] for r in runs),
     }
 
 
