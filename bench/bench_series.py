@@ -895,7 +895,7 @@ def main(argv: list[str] | None = None) -> int:
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     try:
-        chart(figs, single, a.png, f"{label}, {doc['date']}")
+        chart(figs, single, a.png, f"{label}, {doc['date']}, revision {info.get('code_revision', '?')[:9]}")
     except ImportError:
         log("matplotlib not installed: no chart (pip install -e '.[bench]')")
     print()
