@@ -32,6 +32,7 @@ import json
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -490,6 +491,34 @@ def _read_local(store: ObjectStore, kind: str, oid: ObjectId) -> tuple[bytes, in
     return rec.check, rec.codec, rec.raw_len, payload, base
 
 
+def _files_oldest_first(store: ObjectStore, live: Any) -> list[ObjectId]:
+    """Live files in the order of their oldest commit, each tree in entry order.
+
+    A delta's base is the same tensor in an older version, so sending older files first puts
+    every base before its deltas and keeps a receiver's per-file hashing in step.
+    """
+    commits = sorted(live.commits, key=lambda c: (load_commit(store, c).time, c))
+    out: dict[ObjectId, None] = {}
+    seen_trees: set[ObjectId] = set()
+    for cid in commits:
+        stack = [load_commit(store, cid).tree]
+        while stack:
+            tid = stack.pop()
+            if tid in seen_trees:
+                continue
+            seen_trees.add(tid)
+            subtrees = []
+            for e in Tree.parse(store.get("t", tid)).entries:
+                if e.kind == "tree":
+                    subtrees.append(e.id)
+                elif e.id in live.files:
+                    out.setdefault(e.id, None)
+            stack.extend(reversed(subtrees))
+    for fid in sorted(live.files):
+        out.setdefault(fid, None)
+    return list(out)
+
+
 def _with_bases(store: ObjectStore, chunks: list[ObjectId], cat: Catalog) -> list[ObjectId]:
     """Add the delta bases the remote lacks, and order every base before the chunks built on it."""
     if _DELTA is None or not hasattr(store, "delta_bases"):
@@ -590,12 +619,17 @@ def push(
         raise IntegrityError(f"cannot push: local {KINDS[kind]} {oid} is unreadable ({err})")
     cat = load_catalog(backend, cache_dir)
     hook("catalog-read")
-    # Chunks in file order (so a fetch can hash each file's content as its chunks stream in),
-    # then any others the walk found (delta bases); each base before the deltas built on it.
+    # Chunk i of every file (oldest version first), then chunk i+1 of every file, ...: a
+    # receiver hashes each file's content as its chunks stream past (a file's id is that hash),
+    # and across a checkpoint series, where chunk i is the same tensor in every version, the
+    # versions advance in step, so it never has to hold one version's bytes for the next.
+    # Then any other chunk the walk found (delta bases); each base before the deltas on it.
     order: dict[ObjectId, None] = {}
-    for fid in sorted(live.files):
-        for cid, _n in load_file(store, fid).chunks:
-            order.setdefault(cid, None)
+    lists = [load_file(store, fid).chunks for fid in _files_oldest_first(store, live)]
+    for pos in range(max((len(c) for c in lists), default=0)):
+        for chunks_of in lists:
+            if pos < len(chunks_of):
+                order.setdefault(chunks_of[pos][0], None)
     for cid in sorted(live.chunks):
         order.setdefault(cid, None)
     data = [("c", o) for o in _with_bases(store, [o for o in order if not cat.has("c", o.digest)], cat)]
@@ -652,7 +686,6 @@ def push(
     thread.start()
     # Two packs upload at once (each in parallel parts), so one pack's last parts never leave
     # the link idle.
-    from collections import deque
 
     in_flight: deque = deque()
     try:
@@ -960,23 +993,38 @@ def fetch(
         # 1. chunks, verified in the download threads, appended here in order; each new file's
         #    content is hashed from them as they stream past (its id is that hash).
         deltas: list[_Received] = []
+        decoding: deque = deque()  # (record, base id, future of its decoded bytes)
+
+        def take(r: _Received) -> None:
+            if not batch.contains(r.kind, r.oid):
+                _append(batch, r)
+            verifier.chunk(r.oid, r.raw)
+            r.raw = None
+            result.objects += 1
+            result.bytes += len(r.payload)
+            result.raw_bytes += r.raw_len
+            progress(len(r.payload))
+
+        def take_decoded(block: bool) -> None:
+            while decoding and (block or decoding[0][2].done()):
+                r, base_id, fut = decoding.popleft()
+                r.raw = fut.result()
+                verifier.release(base_id)
+                take(r)
+
         for received in _bounded_map(pool, download, _ranges(chunks), 2 * _THREADS):
             for r in received:
                 if r.codec == _DELTA:
-                    raw = verifier.delta_raw(r)
-                    if raw is None:
+                    got = verifier.delta_base(r)
+                    if got is None:
                         deltas.append(r)  # its base is not readable yet: after the flush
-                        continue
-                    r.raw = raw
-                if not batch.contains(r.kind, r.oid):
-                    _append(batch, r)
-                verifier.chunk(r.oid, r.raw)
-                r.raw = None
-                result.objects += 1
-                result.bytes += len(r.payload)
-                result.raw_bytes += r.raw_len
-                progress(len(r.payload))
+                    else:  # decoded and verified in a pool thread; taken in order
+                        decoding.append((r, got[0], pool.submit(_decode_delta_checked, r, got[1])))
+                    continue
+                take(r)
+            take_decoded(block=len(decoding) > 2 * _THREADS)
             hook("range-received")
+        take_decoded(block=True)
         # 2. index the (verified) chunks; deltas whose base came late and files whose chunks
         #    did not stay in memory are checked from the store. A failure below leaves only
         #    verified, unreachable chunks, which the next fetch re-uses.
@@ -1030,6 +1078,17 @@ def fetch(
     return result
 
 
+def _decode_delta_checked(r: _Received, base: bytes) -> bytes:
+    """Decode a delta chunk against its base's raw bytes and check the result is its id."""
+    try:
+        raw = codecs.decode_delta(r.payload, r.raw_len, base)
+    except IntegrityError as exc:
+        raise RemoteIntegrityError(f"remote delta chunk {r.oid}: {exc}") from None
+    if blake3.blake3(raw).digest() != r.oid.digest or r.check != r.oid.digest:
+        raise RemoteIntegrityError(f"remote delta chunk {r.oid}: wrong bytes (they hash to another id)")
+    return raw
+
+
 def _append(batch: Any, r: _Received) -> None:
     """Append a verified record to the local batch."""
     if r.codec == _DELTA and batch.writer is not None and batch.writer.full:
@@ -1043,8 +1102,6 @@ def _append(batch: Any, r: _Received) -> None:
 
 def _bounded_map(pool: ThreadPoolExecutor, fn: Callable, items: list, ahead: int):
     """``pool.map`` that keeps at most ``ahead`` results in flight (bounded memory), in order."""
-    from collections import deque
-
     pending: deque = deque()
     it = iter(items)
     for item in it:
@@ -1146,21 +1203,16 @@ class _FileVerifier:
             if fid in self.states:
                 self._advance(fid)
 
-    def delta_raw(self, r: _Received) -> bytes | None:
-        """Decode and verify a delta chunk if its base is readable now (else None)."""
+    def delta_base(self, r: _Received) -> tuple[ObjectId, bytes] | None:
+        """A delta chunk's base id and raw bytes, if readable now (else None)."""
         base_id = ObjectId.from_digest(codecs.delta_base(r.payload)[0])
         base = self._read(base_id)
-        if base is None:
-            return None
-        try:
-            raw = codecs.decode_delta(r.payload, r.raw_len, base)
-        except IntegrityError as exc:
-            raise RemoteIntegrityError(f"remote delta chunk {r.oid}: {exc}") from None
-        if blake3.blake3(raw).digest() != r.oid.digest or r.check != r.oid.digest:
-            raise RemoteIntegrityError(f"remote delta chunk {r.oid}: wrong bytes (they hash to another id)")
+        return None if base is None else (base_id, base)
+
+    def release(self, base_id: ObjectId) -> None:
+        """A delta built on ``base_id`` has been decoded."""
         if base_id in self.incoming:
             self._release(base_id)
-        return raw
 
     def remaining(self) -> list[_Received]:
         """Files still to check, from the store (call after every chunk is indexed)."""
