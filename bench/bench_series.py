@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -201,8 +202,6 @@ class Contenders:
         return None
 
     def _must(self, cmd: list[str], cwd: Path) -> None:
-        import subprocess
-
         p = subprocess.run(cmd, cwd=cwd, env=self.env, capture_output=True, text=True, check=False)
         if p.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd[:3])} exited {p.returncode}: {p.stderr.strip()[-300:]}")
@@ -278,8 +277,6 @@ class Contenders:
             self._ok(r2, "git commit")
             run.commit_extra.append(ChildResult(0, r1.wall + r2.wall, r1.cpu + r2.cpu,
                                                 max(r1.maxrss_mb, r2.maxrss_mb), ""))
-            import subprocess
-
             shas.append(subprocess.run([self.git, "rev-parse", "HEAD"], cwd=ws, env=self.env, capture_output=True,
                                        text=True, check=True).stdout.strip())
         run.stored_bytes = tree_bytes(ws / ".dvc" / "cache")
@@ -877,6 +874,12 @@ def main(argv: list[str] | None = None) -> int:
     info["packages"].update(pk)
     if "code_revision" not in info and a.revision:
         info["code_revision"] = a.revision
+    elif "code_revision" in info:
+        # Uncommitted changes to mstore/ mean the figures are not those of the named revision.
+        st = subprocess.run(["git", "status", "--porcelain", "--", "mstore"], cwd=ROOT, capture_output=True,
+                            text=True, check=False)
+        info["mstore_dirty"] = bool(st.stdout.strip())
+    rev = info.get("code_revision", "?")[:9] + ("+dirty" if info.get("mstore_dirty") else "")
     doc = {
         "date": now_iso(),
         "runtime_s": round(runtime, 1),
@@ -895,11 +898,11 @@ def main(argv: list[str] | None = None) -> int:
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     try:
-        chart(figs, single, a.png, f"{label}, {doc['date']}, revision {info.get('code_revision', '?')[:9]}")
+        chart(figs, single, a.png, f"{label}, {doc['date']}, revision {rev}")
     except ImportError:
         log("matplotlib not installed: no chart (pip install -e '.[bench]')")
     print()
-    print(f"{label}; {doc['date']}; revision {info.get('code_revision', '?')[:9]}")
+    print(f"{label}; {doc['date']}; revision {rev}")
     print(render(figs, single, rows))
     if scale:
         print()
