@@ -20,6 +20,7 @@ Numbers go to bench/out/series.json and a chart to bench/out/series.png.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -783,6 +784,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also: commit time vs store size (1, 10, 50 versions) and peak RSS of a 4 GB checkpoint")
     p.add_argument("--scale-mb", type=int, help="size of each version in the store-size part (default 32; quick 8)")
     p.add_argument("--big-mb", type=int, help="size of the single big checkpoint (default 4000; quick 500)")
+    p.add_argument("--train-steps", type=int,
+                   help="optimizer steps between checkpoints in the model series (default 2; quick 1). Real "
+                        "runs save every few hundred steps: more steps move the weights further apart")
     p.add_argument("--mstore-config", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="set a config.toml value in every mstore store the bench creates (repeatable), "
                         "e.g. delta.enabled=true")
@@ -799,6 +803,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         a.big_mb = 500 if a.quick else 4000
     if a.repeat is None:
         a.repeat = 2 if a.quick else 3
+    if a.train_steps is not None and a.train_steps < 1:
+        p.error("--train-steps must be at least 1")
     if a.repeat < 1:
         p.error("--repeat must be at least 1")
     if not a.quick and a.repeat < 3:
@@ -815,6 +821,8 @@ def main(argv: list[str] | None = None) -> int:
              "the targets)" if a.quick else f"full run, medians of {a.repeat}")
     a.workdir.mkdir(parents=True, exist_ok=True)
     spec, jspec = (QUICK_MODEL, QUICK_JSONL) if a.quick else (wl.ModelSpec(), wl.JsonlSpec())
+    if a.train_steps is not None:
+        spec = dataclasses.replace(spec, steps=a.train_steps)
     log(f"workloads ({'quick' if a.quick else 'full'}) in {a.workdir / 'workloads'} ...")
     series, gen_s = wl.generate_all(a.workdir / "workloads", spec, jspec, a.regenerate, log)
     scratch = Path(tempfile.mkdtemp(prefix="run-", dir=a.workdir))
