@@ -84,6 +84,8 @@ MAX_OBJECT = 256 << 20
 _COALESCE_GAP = 1 << 20
 _RANGE_MAX = 16 << 20
 _THREADS = 8
+#: Packs uploading at once during a push (each in parallel multipart parts).
+_UPLOADS = 2
 
 # Delta chunks (XOR with a base chunk) travel as they are stored, so an incremental push costs
 # the stored delta bytes; their bases travel first. getattr: stores without the codec work too.
@@ -689,7 +691,7 @@ def push(
 
     in_flight: deque = deque()
     try:
-        with ThreadPoolExecutor(2, thread_name_prefix="mstore-push-upload") as uploads:
+        with ThreadPoolExecutor(_UPLOADS, thread_name_prefix="mstore-push-upload") as uploads:
             while True:
                 builder = packs.get()
                 if builder is None:
@@ -698,7 +700,7 @@ def push(
                 hook("pack-built")
                 in_flight.append(uploads.submit(upload, builder, pack, index))
                 del pack, index
-                while len(in_flight) >= 2:
+                while len(in_flight) >= _UPLOADS:
                     done(in_flight.popleft().result())
             while in_flight:
                 done(in_flight.popleft().result())
