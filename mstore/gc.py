@@ -756,13 +756,19 @@ def apply(
     tdir.mkdir(parents=True, exist_ok=True)
     max_pack = int(store.config.get("packs", "max_size", 64 << 20))
     live_writer = trash_writer = None
+    live_index = trash_index = -1
     writers: list[PackWriter] = []
 
     def new_writer(directory: Path) -> PackWriter:
         w = PackWriter(directory, max_pack)
         writers.append(w)
         return w
-    moves: dict[tuple[str, bytes], tuple[PackWriter, int, int, int]] = {}  # writer, offset, old pack, old offset
+
+    # Every record copied: its snapshot row, the writer (index into ``writers``) and its new
+    # offset. Plain lists of ints: a compaction moves hundreds of thousands of records.
+    moved_rows: list[int] = []
+    moved_writer: list[int] = []
+    moved_offset: list[int] = []
     missing: list[tuple[str, bytes]] = []
     by_pack = np.argsort(snap.pack, kind="stable")
     pack_sorted = snap.pack[by_pack]
@@ -795,7 +801,8 @@ def apply(
                         if trash_writer is not None:
                             trash_writer.seal()
                         trash_writer = new_writer(tdir)
-                    w = trash_writer
+                        trash_index = len(writers) - 1
+                    w, wi = trash_writer, trash_index
                 else:
                     try:  # never carry a damaged live object into a new pack silently
                         if raw_len != raw_n:
@@ -810,9 +817,11 @@ def apply(
                         if live_writer is not None:
                             live_writer.seal()
                         live_writer = new_writer(store.packs_dir)
-                    w = live_writer
-                off = w.add(key[0], key[1], check, codec, raw_len, payload)
-                moves[key] = (w, off, num, at)
+                        live_index = len(writers) - 1
+                    w, wi = live_writer, live_index
+                moved_offset.append(w.add(key[0], key[1], check, codec, raw_len, payload))
+                moved_rows.append(row)
+                moved_writer.append(wi)
             del data
         if missing:
             raise GcRefused(
@@ -822,22 +831,27 @@ def apply(
                     f"{KINDS[missing[0][0]]} {missing[0][1].hex()}"
                 ],
             )
-        for w in {m[0].name: m[0] for m in moves.values()}.values():
-            w.seal()
-        for w in (live_writer, trash_writer):
-            if w is not None and not w.sealed:
+        for w in writers:
+            if not w.sealed:
                 w.seal()
         hook("after-copy")
+        # In row order, which is key order: LMDB then touches each page once.
+        order = np.argsort(np.asarray(moved_rows, dtype=np.int64), kind="stable").tolist()
+        rows_in_order = [moved_rows[i] for i in order]
+        old_packs = snap.pack[rows_in_order].tolist()
+        old_offsets = snap.offset[rows_in_order].tolist()
+        trashed = is_cand[rows_in_order].tolist()
         with store.index.write() as txn:
             if state_digest(txn) != doc["state_digest"]:
                 raise GcRefused(f"gc proof {pid[:7]} cannot be applied", ["refs or reflog changed during apply"])
             numbers: dict[str, int] = {}
-            for key in sorted(moves):  # in key order: LMDB touches each page once
-                w, off, old_pack, old_offset = moves[key]
+            for j, i in enumerate(order):
+                row, w, off = moved_rows[i], writers[moved_writer[i]], moved_offset[i]
+                key = (snap.kind(row), snap.digest(row))
                 cur = txn.get_entry(*key)
-                if cur is None or cur.pack != old_pack or cur.offset != old_offset:
+                if cur is None or cur.pack != old_packs[j] or cur.offset != old_offsets[j]:
                     raise GcRefused(f"gc proof {pid[:7]} cannot be applied", ["the index changed during apply"])
-                if key in cands and cur.stored_at >= grace_cut:
+                if trashed[j] and cur.stored_at >= grace_cut:
                     raise GcRefused(
                         f"gc proof {pid[:7]} cannot be applied",
                         [f"{KINDS[key[0]]} {key[1].hex()} was stored again during apply"],
@@ -848,7 +862,7 @@ def apply(
                     if w.path.parent == tdir:
                         txn.put_pack(n, {"name": w.name, "created": now, "dir": f"trash/{pid}"})
                 new = Entry(n, off, cur.enc_len, cur.raw_len, cur.codec, cur.flags, cur.stored_at)
-                if key in cands:
+                if trashed[j]:
                     txn.delete_entry(*key)
                     txn.db_put("trash", key[0].encode() + key[1], new.pack_bytes() + pid.encode())
                     txn.db_put("collected", key[0].encode() + key[1], pid.encode())
