@@ -596,6 +596,8 @@ def push(
         result.refs.append(upd)
         if old == new:
             upd.status = "up-to-date"
+            if store.has("m", new):
+                _set_tracking(store, remote_name, remote, new, RefChange(user, "push", f"{remote_name} has it"))
             continue
         if old is not None and remote.startswith(TAGS):
             upd.status, upd.reason = "rejected", "tags never move (the remote tag points elsewhere)"
