@@ -101,12 +101,17 @@ def _versions_of(*pkgs: str) -> dict[str, str]:
     return out
 
 
+def code_digest() -> str:
+    """SHA-256 of this file: generator code that changed makes every cached series stale."""
+    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()
+
+
 def cache_key(name: str, params: dict[str, Any]) -> str:
     """A hash of everything that decides the bytes: parameters, this file's code, library versions."""
     doc = {
         "name": name,
         "params": params,
-        "code": hashlib.sha256(SOURCE.read_bytes()).hexdigest(),
+        "code": code_digest(),
         "libs": _versions_of("torch", "transformers", "peft", "safetensors", "numpy"),
         "threads": TORCH_THREADS,
     }
@@ -142,6 +147,7 @@ def cached(cache: Path, name: str, params: dict[str, Any], build: Callable[[Path
         versions = [root / v for v in doc["versions"]]
         return Series(name, root, versions, doc["files"], doc["sizes"], doc["info"]), False
     shutil.rmtree(root, ignore_errors=True)
+    drop_stale(cache, name)
     tmp = cache / f".{name}-{key}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -150,10 +156,28 @@ def cached(cache: Path, name: str, params: dict[str, Any], build: Callable[[Path
     versions = sorted(p.name for p in tmp.iterdir() if p.is_dir() and p.name.startswith("v"))
     files = [manifest(tmp / v) for v in versions]
     sizes = [sum(p.stat().st_size for p in (tmp / v).rglob("*") if p.is_file()) for v in versions]
-    doc = {"versions": versions, "files": files, "sizes": sizes, "info": info}
+    doc = {"versions": versions, "files": files, "sizes": sizes, "info": info, "code": code_digest()}
     (tmp / "DONE.json").write_text(json.dumps(doc, indent=1, sort_keys=True))
     os.replace(tmp, root)
     return Series(name, root, [root / v for v in versions], files, sizes, info), True
+
+
+def drop_stale(cache: Path, name: str) -> list[Path]:
+    """Remove cached copies of series ``name`` written by other generator code (they are never used again).
+
+    Copies from the same code with other parameters (``--quick`` beside the full run) are kept.
+    """
+    gone = []
+    current = code_digest()
+    for d in sorted(cache.glob(f"{name}-*")):
+        try:
+            code = json.loads((d / "DONE.json").read_text()).get("code")
+        except (OSError, ValueError):
+            code = None
+        if code != current:
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d)
+    return gone
 
 
 # -- models ------------------------------------------------------------------------------------

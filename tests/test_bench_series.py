@@ -67,6 +67,17 @@ def test_a_finished_series_is_taken_from_the_cache(series, tmp_path):
     assert second.root == first.root and second.files == first.files
 
 
+def test_generating_drops_copies_written_by_other_generator_code(tmp_path):
+    stale = tmp_path / "jsonl-0123456789abcdef"
+    stale.mkdir()
+    (stale / "DONE.json").write_text(json.dumps({"code": "older generator"}))
+    other = tmp_path / "lora-0123456789abcdef"  # another series: not touched
+    other.mkdir()
+    generate(tmp_path, "jsonl")
+    assert not stale.exists() and other.exists()
+    assert [p.name.split("-")[0] for p in tmp_path.glob("jsonl-*")] == ["jsonl"]
+
+
 def test_other_parameters_get_another_cache_entry(tmp_path):
     a = wl.cache_key("jsonl", wl.asdict(TINY_JSONL))
     b = wl.cache_key("jsonl", wl.asdict(wl.JsonlSpec(shards=3, records_per_shard=201)))
