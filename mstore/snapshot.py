@@ -71,6 +71,13 @@ Progress = Callable[[int], None]
 # Files at least this large are hashed whole before chunking (see Ingest._unchanged).
 PREHASH_MIN = 1 << 20
 
+# A delta is stored only if it is smaller than this fraction of the piece stored whole.
+DELTA_MIN_GAIN = 0.95
+# Bytes of a piece XORed and encoded first to see whether a delta can pay at all.
+DELTA_PROBE = 1 << 18
+# _delta's answer when the probe says a delta would not pay.
+DELTA_HOPELESS = b""
+
 # Vocabulary files larger than this are not parsed for the vocabulary guard.
 MAX_VOCAB_FILE = 64 << 20
 
@@ -170,17 +177,25 @@ class Ingest:
         if self.batch is None:
             return data, oid, codecs.RAW, None, False, item_size
         delta = self._delta(data, item_size, base) if base is not None and base != oid else None
+        if delta is DELTA_HOPELESS:
+            delta = None
         # A delta clearly smaller than the whole piece would be (estimated from a prefix) wins
         # without encoding the piece whole as well; a close call encodes both and compares.
-        if delta is not None and len(delta) <= 0.9 * codecs.estimate_size(data, self.level, item_size):
+        elif delta is not None and len(delta) <= 0.9 * codecs.estimate_size(data, self.level, item_size):
             return data, oid, codecs.DELTA, delta, False, item_size
         codec, payload = codecs.encode(data, self.level, item_size)
-        if delta is not None and len(delta) < len(payload):
+        # Every read of a delta decodes its chain, so a delta must save at least 5 % of the
+        # piece stored whole to be worth that (Adam's first moment, say, barely does).
+        if delta is not None and len(delta) < DELTA_MIN_GAIN * len(payload):
             codec, payload = codecs.DELTA, delta
         return data, oid, codec, payload, False, item_size
 
     def _delta(self, data: bytes, item_size: int, base: ObjectId) -> bytes | None:
-        """``data`` as a DELTA payload against ``base``, or None (chain too deep, base unusable)."""
+        """``data`` as a DELTA payload against ``base``.
+
+        None if it cannot be one (chain too deep, base unusable); DELTA_HOPELESS if a prefix
+        shows it would not pay.
+        """
         entry = self.store.entry("c", base)
         if entry is None or entry.raw_len != len(data):
             return None
@@ -198,6 +213,14 @@ class Ingest:
                 return None
         except MstoreError:
             return None  # a damaged base is fsck's to report; this piece is stored whole
+        # Try a prefix first: where the XOR is no smaller than the piece (optimizer moments
+        # that move as much as they are), encoding the whole XOR would be wasted work.
+        if len(data) > 4 * DELTA_PROBE:
+            cut = DELTA_PROBE - DELTA_PROBE % item_size
+            probe = codecs.encode_delta(data[:cut], raw[:cut], base.digest, depth, self.level, item_size)
+            whole = codecs.encode(memoryview(data)[:cut], self.level, item_size)[1]
+            if len(probe) > DELTA_MIN_GAIN * len(whole):
+                return DELTA_HOPELESS
         return codecs.encode_delta(data, raw, base.digest, depth, self.level, item_size)
 
     def _ancestor_file(self, rel: str) -> ObjectId | None:
