@@ -83,17 +83,6 @@ def main() -> None:
         base = {f"model.layers.{i}.weight": (rng.standard_normal(TENSOR, dtype=np.float32) * 0.02)
                 for i in range(args.tensors)}
         repo = Repo.init(tmp / "store")
-        # Local packs as large as the series: WriteBatch.add_encoded (storage/store.py) loses a
-        # delta's base row when the delta starts a new pack (KeyError at the next flush), so a
-        # commit of more than one 64 MiB pack with deltas fails. Reported; this keeps every
-        # commit in one pack until it is fixed. (Remote packs are 64 MiB regardless.)
-        from mstore.format import Config, write_config
-
-        data = dict(repo.config.data)
-        data["packs"] = {**data.get("packs", {}), "max_size": 8 << 30}
-        write_config(repo.root, Config(data))
-        repo.close()
-        repo = Repo.open(tmp / "store")
         logical = 0
         for step in range(args.checkpoints):
             ck = tmp / f"ck{step}"

@@ -1095,12 +1095,6 @@ def _decode_delta_checked(r: _Received, base: bytes) -> bytes:
 
 def _append(batch: Any, r: _Received) -> None:
     """Append a verified record to the local batch."""
-    if r.codec == _DELTA and batch.writer is not None and batch.writer.full:
-        # Roll to a new pack *before* adding a delta: WriteBatch.add_encoded records the delta's
-        # base row and then rolls, and the roll's flush drops that row (KeyError at the next
-        # flush). Rolling first keeps the row. (Reported; remove once add_encoded is fixed.)
-        batch.flush()
-        batch._roll()
     batch.add_encoded(r.kind, r.oid, r.check, r.codec, r.raw_len, r.payload)
 
 
