@@ -59,7 +59,12 @@ POLICY_DEFAULTS: dict[str, Any] = {
     "proof_max_age_seconds": 3600,  # apply refuses an older proof
     "quarantine_days": 7,  # purge only empties trash older than this
     "compact_below": 0.8,  # also rewrite packs whose live fraction is below this
+    "require_remote": None,  # name of a remote that must hold every candidate (checked at plan and apply)
 }
+
+# Given (kind, digest) keys, the subset a named remote does not hold intact (Repo builds it from
+# remote.lacks, so this layer never opens a remote itself).
+RemoteLacks = Callable[[list[tuple[str, bytes]]], set]
 
 _U64BE = struct.Struct(">Q")
 _ENTRY_SIZE = len(Entry(0, 0, 0, 0, 0, 0, 0.0).pack_bytes())
@@ -169,8 +174,12 @@ def plan(
     user: str,
     progress: Callable[[str], None] | None = None,
     verify_data: bool = False,
+    remote_lacks: RemoteLacks | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """Compute and store a proof; returns ``(proof id, proof document)``. Deletes nothing.
+
+    With ``policy["require_remote"]``, ``remote_lacks`` must say which candidates that remote
+    lacks; any at all refuses the plan (push them there first), and the proof records the check.
 
     With ``verify_data`` every live byte is read and verified first (as fsck would); without,
     live chunks must be indexed inside existing packs, and live objects in packs that apply
@@ -264,6 +273,7 @@ def plan(
             dead_packs.append(
                 {"pack": name, "bytes": _size(store.packs_dir / name), "reason": "retired by an applied proof"}
             )
+    remote_check = _require_remote(policy, list(candidates), remote_lacks, "gc plan refused")
     doc = {
         "type": PROOF_TYPE,
         "version": PROOF_VERSION,
@@ -282,12 +292,37 @@ def plan(
         "groups": groups,
         "dead_packs": dead_packs,
     }
+    if remote_check is not None:
+        doc["remote_check"] = remote_check
     raw = canonical_json(doc)
     pid = hash_bytes(raw)
     d = proofs_dir(store.root)
     d.mkdir(parents=True, exist_ok=True)
     atomic_write(d / f"{pid}.json", raw)
     return str(pid), doc
+
+
+def _require_remote(
+    policy: dict[str, Any], keys: list[tuple[str, bytes]], remote_lacks: RemoteLacks | None, refusal: str
+) -> dict[str, Any] | None:
+    """Check that the policy's required remote holds every key; the record a proof keeps of it.
+
+    Raises:
+        GcRefused: the remote lacks some keys, or could not be asked (names them).
+    """
+    remote = policy.get("require_remote")
+    if not remote:
+        return None
+    if remote_lacks is None:
+        raise GcRefused(refusal, [f"the policy requires remote {remote!r}, which was not checked"])
+    lacking = remote_lacks(keys)
+    if lacking:
+        sample = sorted(lacking)[:5]
+        reasons = [f"{len(lacking)} of {len(keys)} candidates are not on remote {remote!r}: "
+                   f"push them there first, or plan without --require-remote"]
+        reasons += [f"{KINDS[k]} {d.hex() if isinstance(d, bytes) else d} is not on {remote!r}" for k, d in sample]
+        raise GcRefused(refusal, reasons)
+    return {"remote": remote, "objects_checked": len(keys), "lacking": 0}
 
 
 def _verify_rows(store: ObjectStore, snap: IndexSnapshot, rows: Any) -> list[str]:
@@ -515,12 +550,16 @@ class Verdict:
         return {"proof": self.proof, "valid": self.valid, "reasons": self.reasons, "status": self.status}
 
 
-def verify(store: ObjectStore, pid: str, doc: dict[str, Any], now: float) -> Verdict:
+def verify(
+    store: ObjectStore, pid: str, doc: dict[str, Any], now: float, remote_lacks: RemoteLacks | None = None
+) -> Verdict:
     """Recompute everything a proof claims; list every reason it no longer holds."""
-    return _verify(store, pid, doc, now)[0]
+    return _verify(store, pid, doc, now, remote_lacks)[0]
 
 
-def _verify(store: ObjectStore, pid: str, doc: dict[str, Any], now: float) -> tuple[Verdict, IndexSnapshot, Any]:
+def _verify(
+    store: ObjectStore, pid: str, doc: dict[str, Any], now: float, remote_lacks: RemoteLacks | None = None
+) -> tuple[Verdict, IndexSnapshot, Any]:
     """:func:`verify`, plus the index snapshot it checked and each candidate's row in it.
 
     Rows are in :func:`proof_candidates` order, -1 for a candidate not indexed; apply works from
@@ -582,6 +621,13 @@ def _verify(store: ObjectStore, pid: str, doc: dict[str, Any], now: float) -> tu
     problems = len(marks.doubt(absent_ok="m")) + len(missing)
     if problems:
         reasons.append(f"{problems} live objects cannot be read; nothing is safe to delete")
+    if policy.get("require_remote") and status is None:
+        try:
+            _require_remote(policy, cands, remote_lacks, "")
+        except GcRefused as exc:
+            reasons.extend(exc.reasons)
+        except MstoreError as exc:  # the remote could not be asked: no evidence, no deletion
+            reasons.append(f"remote {policy['require_remote']!r} could not be checked: {exc}")
     return Verdict(pid, not reasons, reasons, status), snap, rows
 
 
@@ -697,10 +743,12 @@ def apply(
     now: float,
     user: str,
     crash_hook: Callable[[str], None] | None = None,
+    remote_lacks: RemoteLacks | None = None,
 ) -> ApplyResult:
     """Re-check a proof and move its candidates to trash, rewriting the packs that held them.
 
-    ``crash_hook(point)`` is called at each step boundary (tests kill the process there).
+    ``crash_hook(point)`` is called at each step boundary (tests kill the process there). A
+    proof whose policy requires a remote is re-checked against it through ``remote_lacks``.
 
     Raises:
         GcRefused: the proof is not valid now (every reason listed); nothing changed.
@@ -708,7 +756,7 @@ def apply(
     import numpy as np
 
     hook = crash_hook or (lambda point: None)
-    verdict, snap, cand_rows = _verify(store, pid, doc, now)
+    verdict, snap, cand_rows = _verify(store, pid, doc, now, remote_lacks)
     if verdict.status == "applied":
         _cleanup_retired(store)
     if not verdict.valid:

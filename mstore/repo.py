@@ -922,20 +922,35 @@ class Repo:
         retention_days: float | None = None,
         grace_days: float | None = None,
         verify_data: bool = False,
+        require_remote: str | None = None,
         progress: Callable[[str], None] | None = None,
     ) -> tuple[str, dict[str, Any]]:
         """Write a reachability proof of what gc would delete; deletes nothing.
+
+        With ``require_remote`` (or ``[gc] require_remote`` in config.toml), every candidate
+        must already be on that remote, so the copy gc deletes is never the last one; the proof
+        records the check and apply repeats it.
 
         Returns:
             (proof id, proof document).
 
         Raises:
-            GcRefused: a live object cannot be read (nothing is safe to delete).
+            GcRefused: a live object cannot be read (nothing is safe to delete), or the
+                required remote lacks candidates (they are named).
+            NotFound: no such remote.
         """
         from .gc import plan
 
-        policy = self.gc_policy(retention_days=retention_days, grace_days=grace_days)
-        return plan(self.store, self.clock(), policy, self.user, progress, verify_data)
+        policy = self.gc_policy(retention_days=retention_days, grace_days=grace_days, require_remote=require_remote)
+        return plan(self.store, self.clock(), policy, self.user, progress, verify_data, self._gc_remote_check(policy))
+
+    def _gc_remote_check(self, policy: dict[str, Any]):
+        """What gc calls to ask the policy's required remote which candidates it lacks."""
+        remote = policy.get("require_remote")
+        if not remote:
+            return None
+        self._remote_settings(remote)  # an unknown remote is an error before any marking
+        return lambda keys: self.remote_lacks(remote, keys)
 
     def gc_show(self, proof: str) -> tuple[str, dict[str, Any]]:
         """Load a proof by id or prefix, checking it was not edited."""
@@ -948,7 +963,7 @@ class Repo:
         from .gc import load_proof, verify
 
         pid, doc = load_proof(self.root, proof)
-        return verify(self.store, pid, doc, self.clock())
+        return verify(self.store, pid, doc, self.clock(), self._gc_remote_check(doc["policy"]))
 
     def gc_apply(self, proof: str, *, crash_hook: Callable[[str], None] | None = None):
         """Re-check a proof and move its candidates to trash (undo with :meth:`gc_undo` until purge).
@@ -959,7 +974,7 @@ class Repo:
         from .gc import apply, load_proof
 
         pid, doc = load_proof(self.root, proof)
-        return apply(self.store, pid, doc, self.clock(), self.user, crash_hook)
+        return apply(self.store, pid, doc, self.clock(), self.user, crash_hook, self._gc_remote_check(doc["policy"]))
 
     def gc_undo(self, proof: str) -> int:
         """Bring back everything an applied proof moved to trash; returns the object count."""

@@ -63,17 +63,27 @@ def _summary(pid: str, doc: dict, total_stored: int | None = None) -> None:
 @click.option("--retention-days", type=float, help="Reflog entries younger than this are roots (default 30).")
 @click.option("--grace-days", type=float, help="Nothing stored more recently is a candidate (default 14).")
 @click.option("--verify-data", is_flag=True, help="Read and verify every live byte first (slow: like fsck).")
+@click.option(
+    "--require-remote", metavar="REMOTE",
+    help="Every candidate must already be on this remote (checked now and again at apply).",
+)
 @json_option
 @click.pass_context
-def gc_plan(ctx, retention_days, grace_days, verify_data, as_json) -> None:
+def gc_plan(ctx, retention_days, grace_days, verify_data, require_remote, as_json) -> None:
     """Write a proof of what gc would delete and why nothing live needs it. Deletes nothing.
 
     If any live object cannot be read, no proof is written: an incomplete view of what is
     live is never a reason to delete. By default the bytes of live objects are read where gc
     would rewrite their pack; --verify-data reads all of them.
+
+    With --require-remote backup, the plan is refused unless the remote holds every candidate
+    (push the branches there before deleting them), so gc never deletes the last copy.
     """
     with state(ctx).repo() as repo:
-        pid, doc = repo.gc_plan(retention_days=retention_days, grace_days=grace_days, verify_data=verify_data)
+        pid, doc = repo.gc_plan(
+            retention_days=retention_days, grace_days=grace_days, verify_data=verify_data,
+            require_remote=require_remote,
+        )
         if as_json:
             out.emit_json({"proof": pid, **doc})
             return

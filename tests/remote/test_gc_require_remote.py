@@ -1,0 +1,110 @@
+"""gc plan --require-remote: gc never deletes the last copy (DESIGN §5.6, incident 2).
+
+The proof records that the named remote held every candidate, and apply asks the remote again:
+a remote that lost data between plan and apply makes apply refuse and change nothing.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mstore import Repo
+from mstore.gc import GcRefused
+from tests.conftest import tree_bytes
+from tests.remote.conftest import add_remote, checkpoint
+
+DAY = 86400.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def store(tmp_path: Path, remote: dict):
+    clock = Clock()
+    repo = Repo.init(tmp_path / "store", clock=clock)
+    add_remote(repo, remote, "backup")
+    repo.commit(checkpoint(tmp_path / "keep", 0), "keep", "kept")
+    yield repo, clock
+    repo.close()
+
+
+def _old_branch(repo: Repo, tmp_path: Path, name: str, push: bool) -> None:
+    for step in (1, 2):
+        repo.commit(checkpoint(tmp_path / f"{name}{step}", 10 * step + len(name)), name, f"{name} {step}")
+    if push:
+        repo.push("backup", [name])
+        # The tracking ref backup/NAME is a root too (it keeps a local copy); forget it, as a
+        # user does who keeps that branch only on the backup.
+        settings = repo.remotes()["backup"]
+        repo.remote_remove("backup")
+        add_remote(repo, settings, "backup")
+    repo.delete_branch(name)
+
+
+def test_a_plan_requiring_a_remote_that_holds_every_candidate_records_the_check(store, tmp_path):
+    repo, clock = store
+    _old_branch(repo, tmp_path, "old", push=True)
+    clock.now += 40 * DAY
+
+    pid, doc = repo.gc_plan(require_remote="backup")
+
+    assert doc["policy"]["require_remote"] == "backup"
+    assert doc["remote_check"] == {"remote": "backup", "objects_checked": doc["candidates"]["objects"], "lacking": 0}
+    assert doc["candidates"]["objects"] > 0
+    result = repo.gc_apply(pid)
+    assert result.freed > 0
+    assert repo.fsck().ok
+
+
+def test_a_plan_is_refused_when_the_remote_lacks_a_candidate_and_writes_no_proof(store, tmp_path):
+    repo, clock = store
+    _old_branch(repo, tmp_path, "unpushed", push=False)
+    clock.now += 40 * DAY
+    proofs = repo.root / "gc" / "proofs"
+    before = sorted(proofs.iterdir()) if proofs.exists() else []
+
+    with pytest.raises(GcRefused) as info:
+        repo.gc_plan(require_remote="backup")
+
+    assert any("not on remote 'backup'" in r for r in info.value.reasons)
+    assert (sorted(proofs.iterdir()) if proofs.exists() else []) == before
+    repo.restore("unpushed")  # nothing was deleted
+    repo.checkout("unpushed", tmp_path / "out")
+    assert tree_bytes(tmp_path / "out") == tree_bytes(tmp_path / "unpushed2")
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)  # the backup disk loses files
+def test_apply_refuses_and_changes_nothing_when_the_remote_lost_candidates_after_the_plan(store, tmp_path, remote):
+    repo, clock = store
+    _old_branch(repo, tmp_path, "old", push=True)
+    clock.now += 40 * DAY
+    pid, _doc = repo.gc_plan(require_remote="backup")
+    shutil.rmtree(Path(remote["url"][len("file://"):]) / "packs")  # the backup disk lost its packs
+    packs_before = sorted(p.name for p in (repo.root / "packs").iterdir())
+
+    with pytest.raises(GcRefused) as info:
+        repo.gc_apply(pid)
+
+    assert any("not on remote 'backup'" in r for r in info.value.reasons)
+    assert sorted(p.name for p in (repo.root / "packs").iterdir()) == packs_before
+    assert not repo.gc_verify(pid).valid
+    repo.restore("old")
+    repo.checkout("old", tmp_path / "out")
+    assert tree_bytes(tmp_path / "out") == tree_bytes(tmp_path / "old2")
+
+
+def test_requiring_an_unknown_remote_is_a_named_error_before_anything_is_marked(store, tmp_path):
+    repo, _clock = store
+    from mstore.errors import RemoteNotFound
+
+    with pytest.raises(RemoteNotFound, match="nosuch"):
+        repo.gc_plan(require_remote="nosuch")
