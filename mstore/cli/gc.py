@@ -57,6 +57,9 @@ def _summary(pid: str, doc: dict, total_stored: int | None = None) -> None:
         f"  roots: {heads} branches, {tags} tags, {entries} reflog entries within "
         f"{doc['policy']['retention_days']} days, {len(r['pins'])} pins, {len(r['leases'])} leases"
     )
+    check = doc.get("remote_check")
+    if check:
+        out.echo(f"  every candidate is also on remote {check['remote']} ({check['objects_checked']} objects checked)")
 
 
 @gc.command("plan")
