@@ -18,8 +18,8 @@ HEX_LENGTH = 64
 SHORT_LENGTH = 7
 MIN_PREFIX = 7
 
-_HEX_RE = re.compile(r"^[0-9a-f]{64}$")
-_PREFIX_RE = re.compile(r"^[0-9a-f]{7,64}$")
+_HEX_RE = re.compile(r"[0-9a-f]{64}")  # used with fullmatch: "$" would accept a trailing newline
+_PREFIX_RE = re.compile(r"[0-9a-f]{7,64}")
 
 # blake3 releases the GIL and can use several threads for large inputs; below this size
 # threading costs more than it saves.
@@ -38,7 +38,7 @@ class ObjectId(str):
     def __new__(cls, value: str) -> ObjectId:
         if isinstance(value, ObjectId):
             return value
-        if not isinstance(value, str) or not _HEX_RE.match(value):
+        if not isinstance(value, str) or not _HEX_RE.fullmatch(value):
             raise InvalidRevision(f"not an object id (want 64 lowercase hex characters): {value!r}")
         return super().__new__(cls, value)
 
@@ -67,12 +67,12 @@ class ObjectId(str):
 
 def is_full_id(text: str) -> bool:
     """True if ``text`` is a syntactically valid full id."""
-    return bool(_HEX_RE.match(text))
+    return bool(_HEX_RE.fullmatch(text))
 
 
 def is_id_prefix(text: str) -> bool:
     """True if ``text`` could be an abbreviated id (7 to 64 lowercase hex characters)."""
-    return bool(_PREFIX_RE.match(text))
+    return bool(_PREFIX_RE.fullmatch(text))
 
 
 def hash_bytes(data: bytes | bytearray | memoryview) -> ObjectId:

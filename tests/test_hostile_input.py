@@ -23,6 +23,7 @@ from mstore import (
     IntegrityError,
     InvalidName,
     InvalidRevision,
+    MstoreError,
     ObjectId,
     Repo,
     UnsupportedFormat,
@@ -120,6 +121,17 @@ def test_tree_parse_refuses_a_hostile_entry_name_naming_it(name):
         Tree.parse(raw)
 
     assert repr(name) in str(info.value)
+
+
+def test_an_id_with_a_trailing_newline_is_refused_so_no_object_has_two_encodings():
+    fid = "ab" * 32
+    with pytest.raises(MstoreError):
+        Tree.parse(_tree_bytes_with("weights.bin", fid + "\n", 1))
+    with pytest.raises(MstoreError):
+        FileObject.parse(canonical_json({"v": 1, "size": 1, "chunker": "fastcdc", "chunks": [[fid + "\n", 1]]}))
+    with pytest.raises(InvalidRevision):
+        ObjectId(fid + "\n")
+    assert Tree.parse(_tree_bytes_with("weights.bin", fid, 1)).entries[0].id == fid
 
 
 def store_hostile_commit(repo: Repo, name: str, nested: bool) -> ObjectId:
