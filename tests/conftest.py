@@ -61,9 +61,16 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 
 
 def snapshot_dir(root: Path) -> dict[str, tuple[int, int]]:
-    """(size, mtime_ns) of every path under ``root``: to prove a command changed nothing."""
+    """(size, mtime_ns) of every path under ``root``: to prove a command changed nothing.
+
+    LMDB's ``lock.mdb`` is left out: it is the reader table, written through a shared mapping
+    by every read transaction (its mtime moves whenever the kernel writes those pages back),
+    and holds no data. ``data.mdb``, where every object, ref and reflog entry lives, is kept.
+    """
     out = {}
     for p in sorted(Path(root).rglob("*")):
+        if p.name == "lock.mdb":
+            continue
         st = p.lstat()
         out[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns)
     return out
