@@ -36,22 +36,9 @@ from pathlib import Path
 DAY = 86400.0
 START = 1_900_000_000.0
 
-_SPAWN = """
-import json, os, sys, time
-out, cmd = sys.argv[1], sys.argv[2:]
-t0 = time.perf_counter()
-pid = os.fork()
-if pid == 0:
-    try:
-        os.execvp(cmd[0], cmd)
-    finally:
-        os._exit(127)
-_pid, status, ru = os.wait4(pid, 0)
-wall = time.perf_counter() - t0
-with open(out, "w") as f:
-    json.dump({"rc": os.waitstatus_to_exitcode(status), "wall": wall,
-               "cpu": ru.ru_utime + ru.ru_stime, "maxrss_kib": ru.ru_maxrss}, f)
-"""
+# Children are forked by bench_store's tiny wrapper, so each reports its own peak RSS.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_store import _SPAWN  # noqa: E402
 
 # The plan's same-run floor: open the store and walk every index entry once with a raw LMDB
 # cursor (no Python work per entry). Any gc that looks at every object pays at least this.
