@@ -7,6 +7,11 @@ the 30-day retention window (following parents) checks out bit-exact, fsck is cl
 the commits applied proofs collected (and not undone) are missing from the store. A commit a proof
 collected must not have been reachable when the proof was applied, and a proof planned before the
 state changed (or too long ago) is refused without changing anything.
+
+Commits are random files, or safetensors checkpoints whose tensors move a little (stored as
+deltas against the branch's previous checkpoint) or copy a recent checkpoint of any branch (so
+one history re-uses delta chunks whose bases only another, deleted history reaches): gc must
+follow deltas to their bases. (Without that, the machine fails on its first plan and apply.)
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, Phase, event, settings
 from hypothesis import strategies as st
@@ -24,7 +30,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from mstore import Repo
 from mstore.gc import GcRefused, collected_by
 from mstore.hashing import ObjectId
-from tests.conftest import tree_bytes
+from tests.conftest import tree_bytes, write_safetensors
 
 BRANCHES = ("exp", "runs/a", "runs/b")
 DAY = 86400.0
@@ -53,6 +59,8 @@ class GcMachine(RuleBasedStateMachine):
         self.applied: set[str] = set()
         self.epoch = 0  # bumped by every ref change
         self.counter = 0
+        self.weights: dict[str, dict[str, np.ndarray]] = {}  # branch -> its latest checkpoint's tensors
+        self.checkpoints: list[dict[str, np.ndarray]] = []  # every checkpoint's tensors, to copy
 
     def teardown(self):
         self.repo.close()
@@ -102,6 +110,11 @@ class GcMachine(RuleBasedStateMachine):
         self.commit(BRANCHES[0], first)
         self.commit(BRANCHES[1], second)
         self.commit(BRANCHES[2], third)
+        # Two checkpoints on the branch about to be deleted: the second holds deltas whose bases
+        # only that branch's history reaches; a copy of it on another branch re-uses those deltas.
+        self.checkpoint(BRANCHES[2], False, age)
+        self.checkpoint(BRANCHES[2], False, age + 1)
+        self.checkpoint(BRANCHES[0], True, 0)
         self.delete_branch(BRANCHES[2])
         self.advance_time(age)
 
@@ -124,6 +137,38 @@ class GcMachine(RuleBasedStateMachine):
         shutil.rmtree(src)
         cid = str(res.id)
         self.files[cid] = files
+        self.parent[cid] = self.heads.get(branch)
+        self.reflog.append((branch, self.heads.get(branch), cid, self.now))
+        self.heads[branch] = cid
+        self.epoch += 1
+
+    @rule(branch=st.sampled_from(BRANCHES), copy=st.booleans(), seed=st.integers(0, 2**32 - 1))
+    def checkpoint(self, branch, copy, seed):
+        """A safetensors checkpoint: the branch's weights moved a little (stored as deltas
+        against its previous checkpoint), or exactly an earlier checkpoint of any branch (its
+        chunks, deltas included, re-used by a history that does not hold their bases)."""
+        rng = np.random.default_rng(seed)
+        if copy and self.checkpoints:
+            recent = min(3, len(self.checkpoints))  # recent checkpoints are the ones with deltas
+            weights = self.checkpoints[-1 - int(rng.integers(recent))] if seed else self.checkpoints[-1]
+        else:
+            prev = self.weights.get(branch) or {
+                f"w{i}": (rng.standard_normal((24, 40)) * 0.02).astype(np.float32) for i in range(3)
+            }
+            weights = {k: (v - 1e-4 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in prev.items()}
+            self.checkpoints.append(weights)
+        self.weights[branch] = weights
+        self.counter += 1
+        src = self.tmp / f"src{self.counter}"
+        write_safetensors(src / "model.safetensors", weights)
+        data = (src / "model.safetensors").read_bytes()
+        res = self.repo.commit(src, branch, f"checkpoint {self.counter}", allow_regression=True)
+        shutil.rmtree(src)
+        cid = str(res.id)
+        with self.repo.open_file(f"{cid}:model.safetensors") as f:
+            codecs_used = {self.repo.store.entry("c", c).codec for c, _n in f.fobj.chunks}
+        event("a checkpoint holds delta chunks" if 3 in codecs_used else "a checkpoint stored whole")
+        self.files[cid] = {"model.safetensors": data}
         self.parent[cid] = self.heads.get(branch)
         self.reflog.append((branch, self.heads.get(branch), cid, self.now))
         self.heads[branch] = cid
