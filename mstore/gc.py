@@ -220,6 +220,8 @@ def plan(
             k = snap.kind(row)
             if k in by_kind:
                 by_kind[k].append(snap.digest(row))
+            elif k == "c":
+                live[row] = True  # a young delta chunk keeps its bases (mark follows marked chunks)
         # Rows marked so far are not followed again; the young rows themselves are roots.
         kept = mark(store, snap, by_kind["m"], by_kind["t"], by_kind["f"], live=live)
         doubt = kept.doubt(absent_ok="mtf")

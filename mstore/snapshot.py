@@ -45,7 +45,6 @@ from .errors import (
     InvalidName,
     MstoreError,
     PathNotFound,
-    StorageError,
     UserError,
 )
 from .format import DELTA_MIN_VERSION
@@ -64,7 +63,7 @@ from .objects import (
     load_file,
     load_tree,
 )
-from .storage.store import ObjectStore, Scratch, WriteBatch
+from .storage.store import MAX_DELTA_CHAIN, DeltaBaseMissing, ObjectStore, Scratch, WriteBatch
 
 Progress = Callable[[int], None]
 
@@ -147,7 +146,8 @@ class Ingest:
             and store.config.version >= DELTA_MIN_VERSION
             and bool(store.config.get("delta", "enabled", True))
         )
-        self.max_depth = max(1, min(255, int(store.config.get("delta", "max_depth", 8))))
+        # Readers refuse chains of MAX_DELTA_CHAIN links; writers stay below that whatever the config.
+        self.max_depth = max(1, min(MAX_DELTA_CHAIN - 1, int(store.config.get("delta", "max_depth", 8))))
         self._local = threading.local()
         self.delta_chunks = 0  # pieces stored as deltas against the parent
         self.stats = Stats()
@@ -199,9 +199,7 @@ class Ingest:
         entry = self.store.entry("c", base)
         if entry is None or entry.raw_len != len(data):
             return None
-        with self.store.index.read() as txn:
-            row = txn.db_get("deltas", base.digest) if entry.codec == codecs.DELTA else None
-        depth = (row[32] if row is not None else 0) + 1
+        depth = 1 + self._chain_length(base, entry)
         if depth > self.max_depth:
             return None  # a keyframe: the chain restarts with this piece stored whole
         scratch = getattr(self._local, "scratch", None)
@@ -222,6 +220,25 @@ class Ingest:
             if len(probe) > DELTA_MIN_GAIN * len(whole):
                 return DELTA_HOPELESS
         return codecs.encode_delta(data, raw, base.digest, depth, self.level, item_size)
+
+    def _chain_length(self, oid: ObjectId, entry: Any) -> int:
+        """How many deltas lie between ``oid`` and a chunk stored whole.
+
+        Counted on the real edges (the ``deltas`` table's base ids), never on a depth byte a
+        remote could forge; counting stops past ``max_depth``, which is all the caller compares.
+        """
+        if entry.codec != codecs.DELTA:
+            return 0
+        n = 0
+        digest = oid.digest
+        with self.store.index.read() as txn:
+            while n <= self.max_depth:
+                row = txn.db_get("deltas", digest)
+                if row is None:
+                    break
+                n += 1
+                digest = row[:32]
+        return n
 
     def _ancestor_file(self, rel: str) -> ObjectId | None:
         """The id of the file at ``rel`` in the nearest earlier ancestor that has one."""
@@ -324,10 +341,8 @@ class Ingest:
                         if not self.batch.contains("c", oid):
                             try:
                                 self.batch.add_encoded("c", oid, oid.digest, codec, len(data), payload)
-                            except StorageError:
-                                if codec != codecs.DELTA:
-                                    raise
-                                self.batch.add("c", oid, data, item_size=item_size)  # base vanished
+                            except DeltaBaseMissing:  # a concurrent gc took the base: store it whole
+                                self.batch.add("c", oid, data, item_size=item_size)
                             else:
                                 self.delta_chunks += codec == codecs.DELTA
                     elif not self.batch.contains("c", oid):  # marks it re-used (age refresh) ...

@@ -15,7 +15,7 @@ import blake3
 import numpy as np
 import pytest
 
-from mstore import IntegrityError, ObjectId, Repo
+from mstore import IntegrityError, MstoreError, ObjectId, Repo
 from mstore.codecs import DELTA, delta_base
 from mstore.format import Config, write_config
 from mstore.storage.packs import RECORD
@@ -318,4 +318,82 @@ def test_deltas_in_a_commit_that_spans_many_packs_are_all_indexed_with_their_bas
         repo.checkout(cid, tmp_path / f"o{i}")
         assert tree_bytes(tmp_path / f"o{i}") == tree_bytes(s.dirs[i])
     assert repo.fsck().ok
+    repo.close()
+
+
+def test_a_commit_re_using_a_delta_keeps_its_bases_from_a_concurrent_gc(tmp_path):
+    """A large commit re-uses (and refreshes) a delta chunk in an intermediate flush, before any
+    manifest names it; a gc planned and applied meanwhile must not take the delta's base."""
+    clock = Clock()
+    repo = Repo.init(tmp_path / "store", clock=clock)
+    s = Series(repo, tmp_path / "work")
+    s.step("x")
+    s.step("x")
+    delta = chunk_ids(repo, "x")[1]
+    assert codec_of(repo, delta) == DELTA
+    y = tmp_path / "y"
+    write_safetensors(y / "model.safetensors", s.tensors())
+    repo.delete_branch("x")
+    clock.now += 60 * DAY
+
+    with repo.store.batch() as batch:  # the commit, half-way: its first flush re-used the delta
+        assert batch.contains("c", delta)
+        batch.flush()
+        pid, _doc = repo.gc_plan()
+        repo.gc_apply(pid)
+    repo.commit(y, "y", "the commit, finished")
+    repo.gc_purge(quarantine_days=0)
+
+    repo.checkout("y", tmp_path / "out")
+    assert tree_bytes(tmp_path / "out") == tree_bytes(y)
+    assert repo.fsck().ok
+    repo.close()
+
+
+def test_chains_stay_below_the_readers_bound_whatever_max_depth_says(repo, work, tmp_path):
+    from mstore.storage.store import MAX_DELTA_CHAIN
+
+    repo = set_delta(repo, max_depth=255)
+    s = Series(repo, work, shape=(32, 64))
+    for _ in range(MAX_DELTA_CHAIN + 2):
+        s.step()
+
+    depths = [depth_of(repo, chunk_ids(repo, str(c))[1]) for c in s.commits]
+    assert max(depths) == MAX_DELTA_CHAIN - 1
+    deepest = s.commits[depths.index(MAX_DELTA_CHAIN - 1)]
+    repo.checkout(deepest, tmp_path / "deep")  # both readers accept the deepest chain written
+    assert tree_bytes(tmp_path / "deep") == tree_bytes(s.dirs[depths.index(MAX_DELTA_CHAIN - 1)])
+    with repo.open_file(f"{deepest}:model.safetensors") as f:
+        assert f.read() == (s.dirs[depths.index(MAX_DELTA_CHAIN - 1)] / "model.safetensors").read_bytes()
+    repo.close()
+
+
+def test_a_failed_fsync_fails_the_commit_instead_of_being_retried(repo, work, monkeypatch):
+    import errno
+
+    import mstore.storage.packs as packs
+
+    data = repo.config.data
+    data["packs"]["max_size"] = 16 * 1024  # deltas roll packs, so a sync happens inside add_encoded
+    write_config(repo.root, Config(data))
+    repo.close()
+    repo = Repo.open(repo.root)
+    s = Series(repo, work, shape=(64, 64))
+    s.w.update({f"e{i}": np.random.default_rng(i).standard_normal((64, 64)).astype(np.float32) * 0.02
+                for i in range(6)})
+    s.step()
+    head = repo.head("run")
+    real = packs.os.fsync
+    calls = {"n": 0}
+
+    def failing_once(fd):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd)
+
+    monkeypatch.setattr(packs.os, "fsync", failing_once)
+    with pytest.raises(MstoreError, match="fsync"):
+        s.step()
+    assert repo.head("run") == head  # the branch did not move onto bytes that may not be on disk
     repo.close()

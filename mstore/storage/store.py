@@ -138,7 +138,7 @@ class ObjectStore:
 
     def _delta_base_bytes(self, base_digest: bytes, raw_len: int, chain: int) -> bytes:
         """The verified raw bytes of a delta's base chunk (``chain``: its position in the chain)."""
-        if chain > MAX_DELTA_CHAIN:
+        if chain >= MAX_DELTA_CHAIN:
             raise IntegrityError(f"delta chain longer than {MAX_DELTA_CHAIN} (a cycle?)")
         base_id = ObjectId.from_digest(base_digest)
         base_entry = self.entry("c", base_id)
@@ -263,6 +263,10 @@ class ObjectStore:
         return WriteBatch(self)
 
 
+class DeltaBaseMissing(StorageError):
+    """A delta chunk was offered whose base is not stored (a concurrent gc took it)."""
+
+
 class Scratch:
     """Two reusable buffers (encoded payload, decoded output) for :meth:`ObjectStore.chunk_view`.
 
@@ -374,12 +378,35 @@ class WriteBatch:
         if key in self.pending or key in self.reused or key in self.flushed:
             return True
         if txn is not None:
-            found = txn.get_entry(kind, oid.digest) is not None
+            entry = txn.get_entry(kind, oid.digest)
         else:
-            found = self.store.has(kind, oid)
-        if found:
-            self.reused.add(key)
-        return found
+            entry = self.store.entry(kind, oid)
+        if entry is None:
+            return False
+        self.reused.add(key)
+        if entry.codec == codecs.DELTA:
+            self._reuse_bases(oid)
+        return True
+
+    def _reuse_bases(self, oid: ObjectId) -> None:
+        """Mark the bases of a re-used delta chunk re-used too (refreshed, re-checked at commit).
+
+        A delta is only readable with its whole chain: re-using the chunk alone would let a
+        concurrent gc take an old base while the commit that needs it is still being written.
+        """
+        with self.store.index.read() as txn:
+            digest = oid.digest
+            for _ in range(MAX_DELTA_CHAIN):
+                row = txn.db_get("deltas", digest)
+                if row is None:
+                    return
+                digest = row[:32]
+                key = ("c", digest)
+                if key in self.reused or key in self.pending or key in self.flushed:
+                    return  # its chain is re-used already
+                if txn.get_entry("c", digest) is None:
+                    return  # a missing base: the final re-check of the delta's users reports it
+                self.reused.add(key)
 
     def add(
         self, kind: str, oid: ObjectId, raw: bytes | memoryview, check: bytes | None = None, item_size: int = 0
@@ -404,14 +431,15 @@ class WriteBatch:
         treated as re-used, so it is re-checked at commit time like any object a commit needs.
 
         Raises:
-            StorageError: a delta whose base is not in the store.
+            DeltaBaseMissing: a delta whose base is not in the store (nothing was appended).
+            StorageError: the pack could not be written or made durable.
         """
         if codec == codecs.DELTA:
             if kind != "c":
                 raise StorageError("only chunks can be stored as deltas")
             base, depth = codecs.delta_base(payload)
             if not self.contains("c", ObjectId.from_digest(base)):
-                raise StorageError(f"chunk {oid}: its delta base {base.hex()} is not in the store")
+                raise DeltaBaseMissing(f"chunk {oid}: its delta base {base.hex()} is not in the store")
         if self.writer is None or self.writer.full:
             self._roll()  # flushes what is pending (and clears its delta rows): not this object
         assert self.writer is not None
