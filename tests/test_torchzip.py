@@ -14,6 +14,8 @@ from pathlib import Path
 import blake3
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mstore import Repo
 from mstore.chunking.torchzip import TORCHZIP_NAME
@@ -120,3 +122,47 @@ def test_a_pt_file_that_is_not_a_clean_torch_archive_is_stored_as_ordinary_bytes
     assert manifest(repo, "odd").chunker != TORCHZIP_NAME
     repo.checkout("odd", tmp_path / "out")
     assert (tmp_path / "out" / "optimizer.pt").read_bytes() == content
+
+
+def _archive() -> bytes:
+    buf = io.BytesIO()
+    torch.save({"a": torch.randn(50, 50, generator=torch.Generator().manual_seed(0)), "b": torch.arange(30.0)}, buf)
+    return buf.getvalue()
+
+
+ARCHIVE = _archive()
+DIRECTORY = ARCHIVE.rfind(b"PK\x01\x02") - 200  # mostly mutate the headers and central directory
+
+
+EDITS = st.lists(st.tuples(st.integers(max(0, DIRECTORY), len(ARCHIVE) - 1), st.integers(0, 255)), min_size=1, max_size=4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(EDITS)
+def test_a_mutated_archive_is_either_cut_into_pieces_that_tile_it_or_refused_as_format_error(edits):
+    from mstore.chunking.torchzip import plan_zip_pieces
+    from mstore.errors import FormatError
+
+    data = bytearray(ARCHIVE)
+    for pos, value in edits:
+        data[pos] = value
+    try:
+        pieces = plan_zip_pieces(io.BytesIO(bytes(data)), len(data), 1 << 24)
+    except FormatError:
+        return
+    assert pieces[0][0] == 0 and sum(n for _o, n, _h, _k in pieces) == len(data)
+    assert all(a[0] + a[1] == b[0] for a, b in zip(pieces, pieces[1:], strict=False))
+
+
+def test_an_archive_needing_a_newer_zip_version_is_stored_as_ordinary_bytes(repo, work, tmp_path):
+    data = bytearray(ARCHIVE)
+    at = data.find(b"PK\x01\x02")  # the first central directory entry: "version needed" = 10.3
+    data[at + 6 : at + 8] = (103).to_bytes(2, "little")
+    (work / "v").mkdir(parents=True)
+    (work / "v" / "optimizer.pt").write_bytes(bytes(data))
+
+    repo.commit(work / "v", "odd", "newer zip")
+
+    assert manifest(repo, "odd").chunker != TORCHZIP_NAME
+    repo.checkout("odd", tmp_path / "out")
+    assert (tmp_path / "out" / "optimizer.pt").read_bytes() == bytes(data)

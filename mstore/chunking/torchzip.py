@@ -40,7 +40,27 @@ def is_candidate(name: str, prefix: bytes) -> bool:
     return name.endswith(SUFFIXES) and prefix.startswith(_LOCAL_SIG)
 
 
+# What zipfile and struct raise on archives they cannot read (versions they do not support,
+# negative or huge offsets, bad headers): any of them makes the file an ordinary one.
+_ZIP_ERRORS = (
+    zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, struct.error, NotImplementedError,
+    OverflowError, KeyError, IndexError, UnicodeDecodeError, MemoryError,
+)
+
+
 def plan_zip_pieces(f: BinaryIO, size: int, max_chunk: int) -> list[tuple[int, int, int, PieceKey | None]]:
+    """See :func:`_plan`; any way the archive cannot be read raises FormatError.
+
+    Raises:
+        FormatError: not a torch archive this chunker handles (the caller uses FastCDC).
+    """
+    try:
+        return _plan(f, size, max_chunk)
+    except _ZIP_ERRORS as exc:
+        raise FormatError(f"not a readable torch archive: {type(exc).__name__}: {exc}") from None
+
+
+def _plan(f: BinaryIO, size: int, max_chunk: int) -> list[tuple[int, int, int, PieceKey | None]]:
     """Pieces ``(offset, length, float element size or 0, key or None)`` covering the archive.
 
     Storage entries become pieces keyed by name, split at ``max_chunk`` on 4-byte boundaries,
@@ -51,11 +71,7 @@ def plan_zip_pieces(f: BinaryIO, size: int, max_chunk: int) -> list[tuple[int, i
     Raises:
         FormatError: not a torch archive this chunker handles (the caller uses FastCDC).
     """
-    try:
-        zf = zipfile.ZipFile(f)
-        infos = zf.infolist()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, OSError, struct.error) as exc:
-        raise FormatError(f"not a readable zip archive: {exc}") from None
+    infos = zipfile.ZipFile(f).infolist()
     if len(infos) > MAX_ENTRIES:
         raise FormatError(f"zip archive with {len(infos)} entries")
     spans = []
