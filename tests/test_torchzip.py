@@ -134,7 +134,9 @@ ARCHIVE = _archive()
 DIRECTORY = ARCHIVE.rfind(b"PK\x01\x02") - 200  # mostly mutate the headers and central directory
 
 
-EDITS = st.lists(st.tuples(st.integers(max(0, DIRECTORY), len(ARCHIVE) - 1), st.integers(0, 255)), min_size=1, max_size=4)
+EDITS = st.lists(
+    st.tuples(st.integers(max(0, DIRECTORY), len(ARCHIVE) - 1), st.integers(0, 255)), min_size=1, max_size=4
+)
 
 
 @settings(max_examples=300, deadline=None)
