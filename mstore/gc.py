@@ -322,7 +322,8 @@ def _require_remote(
         sample = sorted(lacking)[:5]
         reasons = [f"{len(lacking)} of {len(keys)} candidates are not on remote {remote!r}: "
                    f"push them there first, or plan without --require-remote"]
-        reasons += [f"{KINDS[k]} {d.hex() if isinstance(d, bytes) else d} is not on {remote!r}" for k, d in sample]
+        reasons += [f"{KINDS[k]} {d.hex() if isinstance(d, bytes) else d} is not on {remote!r} in a form it can decode"
+                    for k, d in sample]
         raise GcRefused(refusal, reasons)
     return {"remote": remote, "objects_checked": len(keys), "lacking": 0}
 

@@ -69,7 +69,7 @@ from .storage.packs import (
     PackWriter,
     parse_record_header,
 )
-from .storage.store import ObjectStore, verify_raw
+from .storage.store import MAX_DELTA_CHAIN, ObjectStore, verify_raw
 
 REMOTE_FORMAT = "mstore-remote"
 REMOTE_VERSION = 1
@@ -287,9 +287,28 @@ def lacks(backend: Backend, keys: Iterable[tuple[str, bytes | str]], cache_dir: 
     out = set()
     for kind, d in keys:
         digest = bytes.fromhex(d) if isinstance(d, str) else d
-        if not cat.has(kind, digest):
+        if not _decodable(cat, kind, digest):
             out.add((kind, d))
     return out
+
+
+def _decodable(cat: Catalog, kind: str, digest: bytes) -> bool:
+    """True if the remote holds the object and, for a delta chunk, its whole base chain.
+
+    The remote may hold a chunk as a delta even where the local copy is whole (another store
+    pushed it): a remote copy whose base the remote lost is no copy at all.
+    """
+    seen: set[bytes] = set()
+    while True:
+        loc = cat.objects.get((kind, digest))
+        if loc is None:
+            return False
+        if loc.base is None:
+            return True
+        if digest in seen or len(seen) >= MAX_DELTA_CHAIN:
+            return False  # a cycle or a chain no reader would decode
+        seen.add(digest)
+        kind, digest = "c", loc.base
 
 
 # -- remote refs -----------------------------------------------------------------------------

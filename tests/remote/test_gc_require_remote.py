@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import blake3
 import pytest
 
 from mstore import Repo
@@ -108,3 +109,48 @@ def test_requiring_an_unknown_remote_is_a_named_error_before_anything_is_marked(
 
     with pytest.raises(RemoteNotFound, match="nosuch"):
         repo.gc_plan(require_remote="nosuch")
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)  # the backup disk loses files
+def test_a_remote_copy_that_is_a_delta_on_a_base_the_remote_lost_does_not_count(tmp_path, remote):
+    """Another store pushed the chunk as a delta; this store holds it whole. If the remote lost
+    the delta's base, the remote has no usable copy, and gc must not delete the local one."""
+    import numpy as np
+
+    from tests.conftest import write_safetensors
+
+    rng = np.random.default_rng(1)
+    w = {"w": (rng.standard_normal((96, 128)) * 0.02).astype(np.float32)}
+    other = Repo.init(tmp_path / "other")
+    add_remote(other, remote, "backup")
+    write_safetensors(tmp_path / "v1" / "model.safetensors", w)
+    other.commit(tmp_path / "v1", "x", "v1")
+    other.push("backup", ["x"])
+    first_packs = {p.name for p in (Path(remote["url"][len("file://"):]) / "packs").iterdir()}
+    w2 = {"w": (w["w"] - 1e-4 * rng.standard_normal((96, 128))).astype(np.float32)}
+    write_safetensors(tmp_path / "v2" / "model.safetensors", w2, {"step": "2"})
+    other.commit(tmp_path / "v2", "x", "v2")  # the tensor is a delta on v1's here and on the remote
+    other.push("backup", ["x"])
+    other.close()
+
+    clock = Clock()
+    repo = Repo.init(tmp_path / "store", clock=clock)
+    add_remote(repo, remote, "backup")
+    write_safetensors(tmp_path / "mine" / "model.safetensors", w2, {"copy": "1"})  # own header chunk
+    repo.commit(tmp_path / "mine", "m", "the same tensor, stored whole here")
+    repo.push("backup", ["m"])
+    settings = repo.remotes()["backup"]
+    repo.remote_remove("backup")  # keep it only on the backup
+    add_remote(repo, settings, "backup")
+    repo.delete_branch("m")
+    for name in first_packs:  # the backup loses the pack holding the delta's base
+        (Path(remote["url"][len("file://"):]) / "packs" / name).unlink()
+    clock.now += 40 * DAY
+
+    with pytest.raises(GcRefused) as info:
+        repo.gc_plan(require_remote="backup")
+
+    tensor = blake3.blake3(w2["w"].tobytes()).hexdigest()
+    assert info.value.reasons[0].startswith("1 of ")  # only the tensor: the rest is intact there
+    assert any(tensor in r for r in info.value.reasons)
+    repo.close()
