@@ -237,8 +237,34 @@ def test_fsck_reports_a_damaged_base_with_every_version_whose_delta_depends_on_i
     assert str(base) in text
     for cid in s.commits:  # every version reaches the base through its chain
         assert str(cid) in text
-    with pytest.raises(IntegrityError):
+    with pytest.raises(IntegrityError) as info:  # checkout's fast path, then its diagnosis
         repo.checkout(s.commits[-1], tmp_path / "broken")
+    assert str(base) in str(info.value) and "model.safetensors" in str(info.value)
+    assert not (tmp_path / "broken" / "model.safetensors").exists()
+    assert [p.name for p in (tmp_path / "broken").iterdir()] == []  # no temporary file left
+
+
+def test_checkout_names_the_delta_whose_own_xor_bytes_were_damaged(repo, work, tmp_path):
+    s = Series(repo, work)
+    for _ in range(3):
+        s.step()
+    top = chunk_ids(repo, str(s.commits[-1]))[1]
+    assert depth_of(repo, top) == 2
+    entry = repo.store.entry("c", top)
+    with open(repo.root / "packs" / repo.store.pack_name(entry.pack), "r+b") as f:
+        at = entry.offset + RECORD.size + entry.enc_len - 5  # inside the XOR's last plane
+        f.seek(at)
+        b = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([b ^ 0x21]))
+
+    with pytest.raises(IntegrityError) as info:
+        repo.checkout(s.commits[-1], tmp_path / "out")
+
+    assert str(top) in str(info.value)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    repo.checkout(s.commits[-2], tmp_path / "older")  # the versions below it are intact
+    assert tree_bytes(tmp_path / "older") == tree_bytes(s.dirs[-2])
 
 
 class Clock:
