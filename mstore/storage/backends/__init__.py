@@ -21,6 +21,27 @@ _memory: dict[str, MemoryBackend] = {}
 _memory_lock = threading.Lock()
 
 
+def check_url(url: str) -> None:
+    """Validate a remote URL without opening anything (no client, no I/O).
+
+    Raises:
+        InvalidName: an unknown scheme or a malformed URL.
+    """
+    if not isinstance(url, str) or "://" not in url:
+        raise InvalidName(f"{url!r} is not a remote URL (file:///PATH, s3://BUCKET/PREFIX or memory://NAME)")
+    scheme = url.split("://", 1)[0]
+    if scheme == "file":
+        from .local import path_from_url
+
+        path_from_url(url)
+    elif scheme == "s3":
+        from .s3 import parse_s3_url
+
+        parse_s3_url(url)
+    elif scheme != "memory":
+        raise InvalidName(f"unknown remote scheme {scheme!r} in {url!r} (use file://, s3:// or memory://)")
+
+
 def open_backend(url: str, **options: Any) -> Backend:
     """The backend a URL names; ``options``: ``endpoint_url``, ``region``, ``profile`` (S3 only).
 
@@ -46,4 +67,7 @@ def open_backend(url: str, **options: Any) -> Backend:
     raise InvalidName(f"unknown remote scheme {scheme!r} in {url!r} (use file://, s3:// or memory://)")
 
 
-__all__ = ["Backend", "BackendError", "BackendNotFound", "MemoryBackend", "Properties", "check_key", "open_backend"]
+__all__ = [
+    "Backend", "BackendError", "BackendNotFound", "MemoryBackend", "Properties", "check_key", "check_url",
+    "open_backend",
+]
