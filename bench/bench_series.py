@@ -251,17 +251,22 @@ class Contenders:
                 raise RuntimeError(f"v{i}: {bad}")
             rmtree(dest)
 
-    # DVC: a git repo + dvc init; per version the workspace gets that version's files (untimed,
-    # like a training run writing them), then `dvc add data` and `git add` + `git commit` of the
-    # .dvc file (timed, both). Checkout: the workspace is emptied (untimed), so every byte is
-    # written as for the others, then `git checkout SHA -- data.dvc` + `dvc checkout` (timed).
-    def _run_dvc(self, s: wl.Series, base: Path, run: Run) -> None:
+    def dvc_workspace(self, base: Path) -> Path:
+        """A fresh git + DVC workspace under ``base``: no analytics, no update checks, copies."""
         ws = base / "ws"
         ws.mkdir()
         self._must([self.git, "init", "-q"], ws)
         self._must([*self.dvc, "init", "-q"], ws)
         for key, val in (("core.analytics", "false"), ("core.check_update", "false"), ("cache.type", "copy")):
             self._must([*self.dvc, "config", key, val], ws)
+        return ws
+
+    # DVC: a git repo + dvc init; per version the workspace gets that version's files (untimed,
+    # like a training run writing them), then `dvc add data` and `git add` + `git commit` of the
+    # .dvc file (timed, both). Checkout: the workspace is emptied (untimed), so every byte is
+    # written as for the others, then `git checkout SHA -- data.dvc` + `dvc checkout` (timed).
+    def _run_dvc(self, s: wl.Series, base: Path, run: Run) -> None:
+        ws = self.dvc_workspace(base)
         self._must([self.git, "add", "-A"], ws)
         self._must([self.git, "commit", "-q", "-m", "dvc init"], ws)
         data = ws / "data"
@@ -418,12 +423,7 @@ def scale_phase(con: Contenders, scratch: Path, sizes: list[int], version_mb: in
                 store = base / "store"
                 init_mstore(store).close()
             else:
-                ws = base / "ws"
-                ws.mkdir()
-                con._must([con.git, "init", "-q"], ws)
-                con._must([*con.dvc, "init", "-q"], ws)
-                for key, val in (("core.analytics", "false"), ("core.check_update", "false"), ("cache.type", "copy")):
-                    con._must([*con.dvc, "config", key, val], ws)
+                ws = con.dvc_workspace(base)
             for v in range(n):
                 if cname == "mstore":
                     write_scale_version(src, layout, v, seed)
@@ -490,12 +490,7 @@ def scale_phase(con: Contenders, scratch: Path, sizes: list[int], version_mb: in
                 con._ok(rk, "mstore checkout")
                 got = b3_file(dest / big.name)
             else:
-                ws = base / "ws"
-                ws.mkdir()
-                con._must([con.git, "init", "-q"], ws)
-                con._must([*con.dvc, "init", "-q"], ws)
-                for key, val in (("core.analytics", "false"), ("core.check_update", "false"), ("cache.type", "copy")):
-                    con._must([*con.dvc, "config", key, val], ws)
+                ws = con.dvc_workspace(base)
                 (ws / "data").mkdir()
                 shutil.copyfile(big, ws / "data" / big.name)
                 rc = run_child([*con.dvc, "add", "-q", "data"], ws, con.env)
