@@ -75,7 +75,7 @@ DELTA_MIN_GAIN = 0.95
 # Bytes of a piece XORed and encoded first to see whether a delta can pay at all.
 DELTA_PROBE = 1 << 18
 # _delta's answer when the probe says a delta would not pay.
-DELTA_HOPELESS = b""
+DELTA_HOPELESS: Any = object()  # a sentinel, never bytes
 
 # Vocabulary files larger than this are not parsed for the vocabulary guard.
 MAX_VOCAB_FILE = 64 << 20
@@ -190,7 +190,7 @@ class Ingest:
             codec, payload = codecs.DELTA, delta
         return data, oid, codec, payload, False, item_size
 
-    def _delta(self, data: bytes, item_size: int, base: ObjectId) -> bytes | None:
+    def _delta(self, data: bytes, item_size: int, base: ObjectId) -> Any:
         """``data`` as a DELTA payload against ``base``.
 
         None if it cannot be one (chain too deep, base unusable); DELTA_HOPELESS if a prefix
