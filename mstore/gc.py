@@ -805,6 +805,9 @@ def apply(
     tdir = trash_dir(store.root) / pid
     made_tdir = not tdir.exists()
     tdir.mkdir(parents=True, exist_ok=True)
+    if made_tdir:  # the trash packs' directory entries must survive a power loss too (undo needs them)
+        fsync_dir(tdir.parent)
+        fsync_dir(store.root)
     max_pack = int(store.config.get("packs", "max_size", 64 << 20))
     live_writer = trash_writer = None
     live_index = trash_index = -1
