@@ -14,6 +14,20 @@ import pytest
 from mstore import Repo
 
 ROOT = Path(__file__).resolve().parent.parent
+DAY = 86400.0
+
+
+class Clock:
+    """A settable clock for ``Repo(clock=...)``: ``clock()`` is the current unix time."""
+
+    def __init__(self, start: float = 1_000_000_000.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, days: float = 0.0, seconds: float = 0.0) -> None:
+        self.now += days * DAY + seconds
 
 
 @pytest.fixture

@@ -19,9 +19,7 @@ from mstore import IntegrityError, MstoreError, ObjectId, Repo
 from mstore.codecs import DELTA, delta_base
 from mstore.format import Config, write_config
 from mstore.storage.packs import RECORD
-from tests.conftest import tree_bytes, write_safetensors
-
-DAY = 86400.0
+from tests.conftest import DAY, Clock, tree_bytes, write_safetensors
 
 
 def _bf16(x: np.ndarray) -> np.ndarray:
@@ -267,17 +265,10 @@ def test_checkout_names_the_delta_whose_own_xor_bytes_were_damaged(repo, work, t
     assert tree_bytes(tmp_path / "older") == tree_bytes(s.dirs[-2])
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_gc_keeps_the_base_of_a_live_delta_whose_own_history_was_deleted(tmp_path):
-    """Branch ``y`` re-uses (by dedup) a delta chunk first stored on ``x``; its base exists only
-    in ``x``'s history. Deleting ``x`` and collecting it must not take the base."""
+def _delta_only_a_doomed_history_can_decode(tmp_path: Path) -> tuple[Repo, Clock, ObjectId, Path]:
+    """Branch ``x``: two checkpoints, the second's tensor a delta whose base only ``x``'s
+    history holds; ``y/`` on disk holds the same bytes as ``x``'s head. Returns
+    ``(repo, clock, the delta chunk, y)``."""
     clock = Clock()
     repo = Repo.init(tmp_path / "store", clock=clock)
     s = Series(repo, tmp_path / "work")
@@ -286,7 +277,14 @@ def test_gc_keeps_the_base_of_a_live_delta_whose_own_history_was_deleted(tmp_pat
     delta = chunk_ids(repo, "x")[1]
     assert codec_of(repo, delta) == DELTA
     y = tmp_path / "y"
-    write_safetensors(y / "model.safetensors", s.tensors())  # the same bytes as x's head
+    write_safetensors(y / "model.safetensors", s.tensors())
+    return repo, clock, delta, y
+
+
+def test_gc_keeps_the_base_of_a_live_delta_whose_own_history_was_deleted(tmp_path):
+    """Branch ``y`` re-uses (by dedup) a delta chunk first stored on ``x``; its base exists only
+    in ``x``'s history. Deleting ``x`` and collecting it must not take the base."""
+    repo, clock, delta, y = _delta_only_a_doomed_history_can_decode(tmp_path)
     repo.commit(y, "y", "copy of x's head")
     assert chunk_ids(repo, "y")[1] == delta
     repo.delete_branch("x")
@@ -350,15 +348,7 @@ def test_deltas_in_a_commit_that_spans_many_packs_are_all_indexed_with_their_bas
 def test_a_commit_re_using_a_delta_keeps_its_bases_from_a_concurrent_gc(tmp_path):
     """A large commit re-uses (and refreshes) a delta chunk in an intermediate flush, before any
     manifest names it; a gc planned and applied meanwhile must not take the delta's base."""
-    clock = Clock()
-    repo = Repo.init(tmp_path / "store", clock=clock)
-    s = Series(repo, tmp_path / "work")
-    s.step("x")
-    s.step("x")
-    delta = chunk_ids(repo, "x")[1]
-    assert codec_of(repo, delta) == DELTA
-    y = tmp_path / "y"
-    write_safetensors(y / "model.safetensors", s.tensors())
+    repo, clock, delta, y = _delta_only_a_doomed_history_can_decode(tmp_path)
     repo.delete_branch("x")
     clock.now += 60 * DAY
 

@@ -19,23 +19,9 @@ from mstore.gc import GcRefused, collected_by, load_proof, proofs_dir, trash_dir
 from mstore.hashing import ObjectId
 from mstore.reachability import walk
 from mstore.storage.packs import RECORD
-from tests.conftest import snapshot_dir, tree_bytes
+from tests.conftest import DAY, Clock, snapshot_dir, tree_bytes
 
-DAY = 86400.0
 T0 = 1_000_000_000.0
-
-
-class Clock:
-    """A settable clock: ``clock()`` is the current unix time."""
-
-    def __init__(self, start: float = T0):
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, days: float = 0.0, seconds: float = 0.0) -> None:
-        self.now += days * DAY + seconds
 
 
 class Store:

@@ -14,17 +14,8 @@ from mstore.codecs import DELTA, delta_base
 from mstore.gc import GcRefused, proofs_dir
 from mstore.hashing import ObjectId
 from mstore.storage.packs import RECORD
+from tests.conftest import DAY, Clock
 from tests.test_delta import Series, chunk_ids, codec_of
-
-DAY = 86400.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

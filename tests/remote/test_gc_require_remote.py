@@ -14,18 +14,8 @@ import pytest
 
 from mstore import Repo
 from mstore.gc import GcRefused
-from tests.conftest import tree_bytes
+from tests.conftest import DAY, Clock, tree_bytes
 from tests.remote.conftest import add_remote, checkpoint
-
-DAY = 86400.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
