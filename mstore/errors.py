@@ -181,3 +181,17 @@ class RemoteIntegrityError(IntegrityError):
 
 class OversizedObject(RemoteIntegrityError):
     """A remote object is larger than the configured limit; refused before it is downloaded."""
+
+
+class RemoteBusy(Conflict):
+    """Another operation holds a lock on the remote; nothing was changed, retry later.
+
+    A push meets a remote gc's lock, or a remote gc meets a push's or another gc's
+    (docs/remote-gc.md).
+
+    ``locks`` lists the other operations' lock documents (op, host, pid, user, time, key).
+    """
+
+    def __init__(self, message: str, locks: list):
+        super().__init__(message)
+        self.locks = locks
