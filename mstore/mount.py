@@ -583,11 +583,16 @@ def serve(
     allow_other: bool = False,
     on_ready: Callable[[], None] | None = None,
     label: str = "",
+    workers: int | None = None,
 ) -> MountFS:
     """Mount the commit at ``mountpoint`` and serve it until unmounted (blocks).
 
     Unmounting (``fusermount3 -u``) or SIGTERM, SIGINT or SIGHUP ends it cleanly; the mount is
     gone when this returns. ``on_ready`` runs once the kernel has connected.
+
+    ``store`` is anything with ``get(kind, id) -> verified bytes`` that raises
+    :class:`MstoreError` on failure: the local :class:`ObjectStore`, or a lazy remote source
+    (``mstore.remote_mount``). ``workers`` decode (or download) ahead of a sequential reader.
 
     Returns:
         The file system object (its ``errors`` counts EIO replies, ``cache`` its hit counters).
@@ -597,7 +602,14 @@ def serve(
     """
     check_fuse()
     mfusepy = _binding()
-    fs = MountFS(store, commit_id, cache_bytes=cache_bytes, readahead_bytes=readahead_bytes, on_ready=on_ready)
+    fs = MountFS(
+        store,
+        commit_id,
+        cache_bytes=cache_bytes,
+        readahead_bytes=readahead_bytes,
+        on_ready=on_ready,
+        workers=workers,
+    )
     fs.memory = _MemoryGuard(cache_bytes + MEMORY_SLACK)
     options: dict[str, Any] = {
         "foreground": True,
@@ -735,6 +747,8 @@ class MountInfo:
     proc_start: str | None = None
     alive: bool = True
     mounted: bool = True
+    # The remote whose objects the mount reads (lazily) where the store lacks them; None: local.
+    remote: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
@@ -1029,6 +1043,11 @@ def mount_commit(
     owner_pid: int | None = None,
     on_ready: Callable[[MountInfo], None] | None = None,
     timeout: float = READY_TIMEOUT,
+    commit_id: ObjectId | None = None,
+    objects: Any = None,
+    remote: str | None = None,
+    child_args: list[str] | None = None,
+    workers: int | None = None,
 ) -> Mount:
     """Mount the commit ``rev`` names at ``mountpoint``, read-only (the facade's ``Repo.mount``).
 
@@ -1037,8 +1056,14 @@ def mount_commit(
     mount also ends when this process exits unless ``detach`` (the CLI's ``mstore mount``).
     With ``foreground`` this process serves it and returns only after it is unmounted.
 
-    The serving process holds a gc lease on the commit and registers the mount under
-    ``<store>/mounts/`` while it is mounted.
+    The serving process holds a gc lease on the commit (if the store has it) and registers the
+    mount under ``<store>/mounts/`` while it is mounted.
+
+    A mount of something other than a local revision (``mstore.remote_mount``) passes the
+    resolved ``commit_id`` (``rev`` is then only its label), the ``objects`` to read from in
+    the foreground (default: the store), the ``remote`` it reads from (recorded in the
+    registry), and ``child_args``: what a background child needs on its command line to build
+    the same ``objects`` itself.
 
     Raises:
         RefNotFound, InvalidRevision: ``rev`` names nothing.
@@ -1046,7 +1071,7 @@ def mount_commit(
         UserError: ``mountpoint`` is a file or a non-empty directory; a bad cache size.
         MountError: FUSE is unavailable, or the mount failed (the message quotes why).
     """
-    cid = repo.resolve(rev)
+    cid = commit_id if commit_id is not None else repo.resolve(rev)
     mp = os.path.abspath(mountpoint)
     label = label or str(rev)
     if cache_bytes < MIN_CACHE_BYTES:
@@ -1063,6 +1088,8 @@ def mount_commit(
             allow_other=allow_other,
             owner_pid=None if detach else (owner_pid or os.getpid()),
             timeout=timeout,
+            child_args=child_args or [],
+            remote=remote,
         )
     _check_mountpoint(mp)
     root = Path(repo.root)
@@ -1077,6 +1104,7 @@ def mount_commit(
         cache_bytes=cache_bytes,
         log=str(_mounts_dir(root) / f"{_key(mp)}.log"),
         proc_start=_proc_start(os.getpid()),
+        remote=remote,
     )
     entry_path: list[Path] = []
 
@@ -1105,11 +1133,14 @@ def mount_commit(
         return repo.lease([str(cid)], note=f"mount {mp}", ttl=LEASE_TTL)
 
     with ExitStack() as stack:
-        keeper = stack.enter_context(_LeaseKeeper(take_lease, LEASE_TTL / 2, renewed))
-        info.lease = keeper.lease
+        # A commit the store lacks (read from a remote) has nothing local to protect; a lease
+        # on it would name a commit ``repo.lease`` cannot resolve.
+        if repo.store.has("m", cid):
+            keeper = stack.enter_context(_LeaseKeeper(take_lease, LEASE_TTL / 2, renewed))
+            info.lease = keeper.lease
         try:
             serve(
-                repo.store,
+                repo.store if objects is None else objects,
                 cid,
                 mp,
                 cache_bytes=cache_bytes,
@@ -1117,6 +1148,7 @@ def mount_commit(
                 allow_other=allow_other,
                 on_ready=ready,
                 label=label,
+                workers=workers,
             )
         except MstoreError as exc:
             if ready_fd is not None and not entry_path:
@@ -1158,7 +1190,7 @@ def _child_argv(root: Path, cid: ObjectId, mp: str, label: str, ready_fd: int, *
         argv.append("--allow-other")
     if kw["owner_pid"]:
         argv += ["--exit-with", str(kw["owner_pid"])]
-    return [*argv, str(cid), mp]
+    return [*argv, *kw["child_args"], str(cid), mp]
 
 
 def _spawn(root: Path, cid: ObjectId, mp: str, label: str, *, timeout: float, **kw: Any) -> Mount:
@@ -1214,6 +1246,7 @@ def _spawn(root: Path, cid: ObjectId, mp: str, label: str, *, timeout: float, **
         cache_bytes=kw["cache_bytes"],
         log=str(log_path),
         proc_start=_proc_start(proc.pid),
+        remote=kw["remote"],
     )
     return Mount(Path(root), info)
 

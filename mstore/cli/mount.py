@@ -73,12 +73,36 @@ _readahead_option = click.option(
 @click.option(
     "--allow-other", is_flag=True, help="Let other users read the mount (needs user_allow_other in /etc/fuse.conf)."
 )
+@click.option(
+    "--remote",
+    metavar="NAME",
+    help="Read REV (a branch, tag or commit id) from remote NAME, lazily; REMOTE/BRANCH does the same.",
+)
+@click.option(
+    "--keep-chunks",
+    is_flag=True,
+    help="Remote mounts: also keep the chunks read in the local store (no ref moves).",
+)
 @click.option("--ready-fd", type=int, hidden=True)
 @click.option("--exit-with", type=int, hidden=True)
 @click.option("--label", hidden=True)
 @json_option
 @click.pass_context
-def mount(ctx, rev, directory, foreground, cache_size, readahead, allow_other, ready_fd, exit_with, label, as_json):
+def mount(
+    ctx,
+    rev,
+    directory,
+    foreground,
+    cache_size,
+    readahead,
+    allow_other,
+    remote,
+    keep_chunks,
+    ready_fd,
+    exit_with,
+    label,
+    as_json,
+):
     """Mount version REV read-only at DIRECTORY (created if missing; must be empty).
 
     Files are read lazily from the store, chunk by chunk, and every chunk is verified against
@@ -87,22 +111,45 @@ def mount(ctx, rev, directory, foreground, cache_size, readahead, allow_other, r
     modes are the commit's; every mtime is the commit time. The mount holds a gc lease on the
     commit while it is mounted.
 
+    REMOTE/BRANCH (or a tag), or --remote NAME REV, mounts from a configured remote without
+    fetching: the remote ref is read once (the mount keeps serving that commit), the commit's
+    trees and manifests are read and verified up front, and each chunk is downloaded, verified,
+    the first time it is read; chunks the store already has are read locally. A local branch
+    or tag named like REMOTE/BRANCH wins; refs/remotes/REMOTE/BRANCH mounts the fetched copy.
+
     Returns once the mount answers; `mstore umount DIRECTORY` unmounts, `mstore mounts` lists
     mounts. With --foreground it serves until unmounted, SIGTERM or Ctrl-C.
     """
+    from ..remote_mount import mount_remote, remote_target
+
     options = dict(
         cache_bytes=parse_size(cache_size),
         readahead_bytes=parse_size(readahead),
         allow_other=allow_other,
     )
     with state(ctx).repo() as repo:
+        target = remote_target(repo, rev, remote)
+        if target is None:
+            if keep_chunks:
+                raise UserError("--keep-chunks is for mounts from a remote (REMOTE/BRANCH or --remote NAME)")
+
+            def do_mount(**kw):
+                return repo.mount(rev, directory, **kw)
+
+            where = ""
+        else:
+
+            def do_mount(**kw):
+                return mount_remote(repo, target[0], target[1], directory, keep=keep_chunks, **kw)
+
+            where = f", from remote {target[0]}"
         if not foreground:
-            m = repo.mount(rev, directory, detach=True, **options)
+            m = do_mount(detach=True, **options)
             if as_json:
                 out.emit_json(m.info.to_dict())
             else:
                 out.echo(
-                    f"mounted {rev} ({m.commit[:7]}) at {m.mountpoint} (pid {m.pid}); "
+                    f"mounted {m.info.rev} ({m.commit[:7]}{where}) at {m.mountpoint} (pid {m.pid}); "
                     f"unmount with: mstore umount {m.mountpoint}"
                 )
             return
@@ -110,11 +157,9 @@ def mount(ctx, rev, directory, foreground, cache_size, readahead, allow_other, r
 
         def ready(info) -> None:
             if ready_fd is None:
-                out.echo(f"mounted {info.rev} ({info.commit[:7]}) at {info.mountpoint}; Ctrl-C to unmount")
+                out.echo(f"mounted {info.rev} ({info.commit[:7]}{where}) at {info.mountpoint}; Ctrl-C to unmount")
 
-        m = repo.mount(
-            rev,
-            directory,
+        m = do_mount(
             foreground=True,
             ready_fd=ready_fd,
             owner_pid=exit_with,
@@ -160,9 +205,10 @@ def mounts(ctx, as_json) -> None:
                 status = f"DEAD: run mstore umount {i.mountpoint}"
             else:
                 status = "gone (entry removed)"
-            rows.append((i.mountpoint, i.rev, i.commit[:7], i.pid, out.ago(i.started), status))
+            source = f"remote {i.remote}" if i.remote else "store"
+            rows.append((i.mountpoint, i.rev, i.commit[:7], source, i.pid, out.ago(i.started), status))
         if rows:
-            out.table(rows, ("mount point", "rev", "commit", "pid", "since", "status"))
+            out.table(rows, ("mount point", "rev", "commit", "reads from", "pid", "since", "status"))
         else:
             out.echo("nothing mounted")
 

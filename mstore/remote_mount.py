@@ -1,0 +1,583 @@
+"""Mount a remote's branch, tag or commit lazily: ``mstore mount origin/exp1 /mnt/exp1``.
+
+The glue between :mod:`mstore.mount` (which serves any object source with a verified
+``get(kind, id)``) and :mod:`mstore.remote` (the remote's catalog and its verified record
+reader). It sits in its own layer above both, so neither imports the other.
+
+What a remote mount does (docs/mount.md, "Mounting from a remote"):
+
+1. The remote's ref is read once, when the mount is made: the mount serves that commit id for
+   its whole life, whatever the remote branch does meanwhile.
+2. The commit's metadata closure (the commit, its trees, its file manifests; not its parents,
+   not its chunks) is read through the remote module's verified reader, local copies first,
+   and held in memory. A missing or malformed object fails the mount before anything is
+   mounted.
+3. A chunk is read from the local store if it is there (and reads back verified), else with one
+   ranged GET of its record from the remote, checked against the pack index and its id before
+   a byte of it is returned. A delta chunk needs its base: the chain is followed (through the
+   remote's pack index, down to a base the store has or one stored whole) and every level is
+   verified; the decoded chunk's hash must be its id. Wrong bytes are an error (the mount
+   answers EIO), never data.
+4. With ``keep`` the verified chunks (and the delta bases read for them) are also indexed into
+   the local store, in the background, so the next read, the next mount and a later
+   ``mstore fetch`` take them locally. Nothing else is indexed and no ref moves: file manifests
+   cannot be checked against their id (the hash of the whole content) until every chunk is
+   read, and trees and commits without their chunks would give the store a commit whose
+   closure is incomplete. Unreferenced chunks are ordinary gc candidates.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import blake3
+
+from . import codecs
+from .errors import (
+    IntegrityError,
+    MstoreError,
+    ObjectNotFound,
+    RefNotFound,
+    RemoteIntegrityError,
+    RemoteNotFound,
+    StorageError,
+)
+from .format import TMP_DIR
+from .hashing import ObjectId, is_full_id
+from .mount import DEFAULT_CACHE_BYTES, DEFAULT_READAHEAD_BYTES, READY_TIMEOUT, Mount, mount_commit
+from .objects import FileObject
+from .reachability import walk
+from .refs import HEADS, TAGS
+from .remote import (
+    MAX_OBJECT,
+    Catalog,
+    Location,
+    _append,
+    _Received,
+    _RemoteSource,
+    _verify_record,
+    check_layout,
+    load_catalog,
+    read_ref,
+)
+from .storage.backends import Backend, open_backend
+from .storage.index import KINDS
+from .storage.packs import RECORD
+from .storage.store import MAX_DELTA_CHAIN
+
+log = logging.getLogger("mstore.mount")
+
+#: A remote mount downloads ahead of a sequential reader on this many threads: a GET waits on
+#: the network far more than on the CPU, so more of them overlap than local decodes do.
+REMOTE_WORKERS = 6
+#: Verified chunks waiting to be indexed locally (``keep``) hold at most this many bytes; past
+#: it a chunk is served but not kept (memory stays bounded if the disk is slower than the wire).
+KEEP_QUEUE_BYTES = 32 << 20
+#: The background indexer makes what it appended durable and indexed this often (seconds).
+KEEP_FLUSH_SECONDS = 2.0
+
+# Characters that make a revision an expression the local store resolves (reflog, ancestry,
+# paths): such revisions are never remote.
+_EXPRESSION = set("@~^:")
+
+
+# -- naming the remote ---------------------------------------------------------------------------
+
+
+def remote_target(repo: Any, rev: str, remote: str | None = None) -> tuple[str, str] | None:
+    """``(remote, remote_rev)`` if ``rev`` is to be mounted from a remote, else None (local).
+
+    With ``remote`` given, ``rev`` is that remote's branch, tag or full commit id. Otherwise
+    ``NAME/REST`` names remote ``NAME``'s branch (or tag) ``REST`` when ``NAME`` is a configured
+    remote and no local branch or tag is called ``NAME/REST`` (a local name wins, as git's
+    rules have it). A full ref name (``refs/remotes/origin/exp1``) and any expression with
+    ``@``, ``~``, ``^`` or ``:`` are local revisions.
+
+    Raises:
+        RemoteNotFound: ``remote`` is given and not configured.
+    """
+    remotes = repo.remotes()
+    if remote is not None:
+        if remote not in remotes:
+            known = ", ".join(remotes) or "none configured"
+            raise RemoteNotFound(f"no remote {remote!r} (remotes: {known}; add one with mstore remote add)")
+        return remote, rev
+    rev = str(rev)
+    if rev.startswith("refs/") or _EXPRESSION & set(rev):
+        return None
+    name, sep, rest = rev.partition("/")
+    if not sep or not rest or name not in remotes:
+        return None
+    with repo.store.index.read() as txn:
+        if txn.get_ref(HEADS + rev) is not None or txn.get_ref(TAGS + rev) is not None:
+            return None
+    return name, rest
+
+
+def open_remote(repo: Any, name: str) -> Backend:
+    """The backend of configured remote ``name``.
+
+    Raises:
+        RemoteNotFound: no such remote.
+        InvalidName, BackendError: its settings cannot make a backend.
+    """
+    settings = repo.remotes().get(name)
+    if settings is None:
+        known = ", ".join(repo.remotes()) or "none configured"
+        raise RemoteNotFound(f"no remote {name!r} (remotes: {known}; add one with mstore remote add)")
+    return open_backend(settings["url"], **{k: v for k, v in settings.items() if k != "url"})
+
+
+def _cache_dir(repo: Any, name: str) -> Path | None:
+    """Where the remote's pack indexes are cached (the same place fetch and push keep them)."""
+    cache = getattr(repo, "_remote_cache", None)
+    return cache(name) if cache is not None else Path(repo.root) / TMP_DIR / "remote-cache-mount"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a remote revision named when it was read."""
+
+    remote: str
+    rev: str
+    ref: str | None  # the full remote ref, or None for a commit id
+    commit: ObjectId
+
+
+def _unreachable(name: str, backend: Backend, exc: MstoreError) -> MstoreError:
+    if isinstance(exc, StorageError) and not isinstance(exc, IntegrityError):
+        return type(exc)(f"cannot reach remote {name} ({backend.url}): {exc}")
+    return exc
+
+
+def resolve_remote(name: str, backend: Backend, rev: str) -> Resolved:
+    """The commit remote ``name`` names by ``rev``: a branch, else a tag, or a full commit id.
+
+    Raises:
+        RefNotFound: the remote has no such branch or tag (or is empty), or no such commit.
+        StorageError: the remote cannot be reached (the message names it).
+        RemoteIntegrityError, UnsupportedFormat: it is not a readable mstore remote.
+    """
+    try:
+        if not check_layout(backend):
+            raise RefNotFound(f"remote {name} ({backend.url}) is empty: no {rev} there")
+        if is_full_id(rev):  # whether the remote has it, its catalog says (see mount_remote)
+            return Resolved(name, rev, None, ObjectId(rev))
+        if rev.startswith("refs/"):
+            candidates = [rev]
+        else:
+            candidates = [HEADS + rev, TAGS + rev]
+        for full in candidates:
+            if not full.startswith((HEADS, TAGS)):
+                continue
+            ref = read_ref(backend, full)
+            if ref is not None and ref.id is not None:
+                return Resolved(name, rev, full, ref.id)
+    except MstoreError as exc:
+        raise _unreachable(name, backend, exc) from None
+    raise RefNotFound(f"remote {name} has no branch or tag {rev!r} (see mstore remote show {name})")
+
+
+# -- the object source ---------------------------------------------------------------------------
+
+
+class _Keeper:
+    """Indexes verified chunks into the local store from one background thread.
+
+    Chunks arrive as chains, bases first, so a delta is appended only after its base. The
+    queue is bounded by bytes; what does not fit is dropped (it was served, just not kept).
+    Nothing here moves a ref: the chunks are unreferenced until a fetch or commit names them.
+    """
+
+    def __init__(self, store: Any):
+        self.store = store
+        self._q: queue.Queue = queue.Queue()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.kept = 0
+        self.dropped = 0
+        self.failed = 0
+        self._thread = threading.Thread(target=self._run, name="mstore-mount-keep", daemon=True)
+        self._thread.start()
+
+    def offer(self, records: list[_Received]) -> None:
+        size = sum(len(r.payload) for r in records)
+        with self._lock:
+            if self._bytes + size > KEEP_QUEUE_BYTES:
+                self.dropped += len(records)
+                return
+            self._bytes += size
+        self._q.put((records, size))
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join(timeout=60)
+
+    def _run(self) -> None:
+        done = False
+        while not done:
+            try:
+                with self.store.batch() as batch:
+                    done = self._fill(batch)
+                    batch.commit()
+            except MstoreError as exc:  # a concurrent gc took a base, the disk is full, ...
+                self.failed += 1
+                log.warning("could not keep fetched chunks in the local store: %s", exc)
+
+    def _fill(self, batch: Any) -> bool:
+        """Append queued chains until told to stop (True) or it is time to index (False)."""
+        deadline = time.monotonic() + KEEP_FLUSH_SECONDS
+        while True:
+            try:
+                item = self._q.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                return False
+            if item is None:
+                return True
+            records, size = item
+            try:
+                for r in records:
+                    if not batch.contains(r.kind, r.oid):
+                        _append(batch, r)
+                        self.kept += 1
+            except StorageError as exc:  # a delta whose base is gone (not kept): skip the chain
+                log.warning("not keeping chunk %s: %s", records[-1].oid, exc)
+            finally:
+                with self._lock:
+                    self._bytes -= size
+            if time.monotonic() >= deadline:
+                return False
+
+
+class _Closed:
+    """A closed keeper's counts (for the summary)."""
+
+    def __init__(self, keeper: _Keeper):
+        self.kept, self.dropped, self.failed = keeper.kept, keeper.dropped, keeper.failed
+
+    def offer(self, records: list[_Received]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class RemoteObjects:
+    """The objects of one commit, from the local store where it has them, else from a remote.
+
+    ``get(kind, id)`` returns verified bytes or raises :class:`MstoreError`, like
+    :meth:`ObjectStore.get`, so :func:`mstore.mount.serve` can read from it. Safe to call from
+    many threads at once. Use as a context manager (or call :meth:`close`): with ``keep`` the
+    chunks still queued for the local store are indexed at the end.
+
+    Raises (constructor):
+        RemoteIntegrityError: the commit, a tree or a manifest is missing on the remote, or its
+            bytes are wrong or hostile (nothing is mounted).
+        StorageError: the remote cannot be reached.
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        backend: Backend,
+        remote: str,
+        commit_id: ObjectId,
+        *,
+        keep: bool = False,
+        cache_dir: Path | None = None,
+        max_object: int = MAX_OBJECT,
+        catalog: Catalog | None = None,
+    ):
+        self.store = store
+        self.backend = backend
+        self.remote = remote
+        self.commit_id = commit_id
+        self.max_object = max_object
+        self._lock = threading.Lock()
+        self.gets = 0  # ranged GETs of chunk records
+        self.bytes = 0  # bytes those GETs returned
+        self.remote_chunks = 0  # chunks served from the remote (delta bases not counted)
+        self.local_chunks = 0  # chunks served from the local store
+        self.fallbacks = 0  # local copies that failed to read back, then read from the remote
+        try:
+            self.catalog = catalog if catalog is not None else load_catalog(backend, cache_dir, max_object)
+            self.meta = self._metadata(commit_id)
+        except MstoreError as exc:
+            raise _unreachable(remote, backend, exc) from None
+        self._keeper = _Keeper(store) if keep else None
+
+    # -- metadata: read once, verified, held ----------------------------------------------------
+    def _metadata(self, commit_id: ObjectId) -> dict[tuple[str, bytes], bytes]:
+        src = _RemoteSource(self.store, self.backend, self.catalog, self.max_object)
+        live = walk(src, [commit_id], follow_parents=False)
+        if src.errors:
+            raise src.errors[0]
+        if not live.complete:
+            (kind, oid), err = next(iter(live.unreadable.items()))
+            raise RemoteIntegrityError(f"cannot mount: {KINDS[kind]} {oid}: {err}")
+        meta: dict[tuple[str, bytes], bytes] = {}
+        for (kind, digest), r in src.received.items():
+            if kind == "f":
+                # A manifest's id is the hash of the file's content, which only reading every
+                # chunk could confirm; what can be checked now is: a one-chunk file is that chunk.
+                fobj = FileObject.parse(r.raw)
+                if len(fobj.chunks) == 1 and fobj.chunks[0][0].digest != digest:
+                    raise RemoteIntegrityError(
+                        f"remote file manifest {r.oid}: its one chunk {fobj.chunks[0][0]} is another content"
+                    )
+            meta[(kind, digest)] = bytes(r.raw)
+        return meta  # the source (and whole metadata packs it downloaded) is dropped here
+
+    def get(self, kind: str, oid: ObjectId) -> bytes:
+        """The verified raw bytes of an object of the mounted commit."""
+        try:
+            if kind == "c":
+                return self._chunk(oid)
+            raw = self.meta.get((kind, oid.digest))
+            if raw is not None:
+                return raw
+            return self.store.get(kind, oid)  # a local object the walk read from the store
+        except MstoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a backend's own error must not leave FUSE without a reply
+            raise StorageError(f"reading {KINDS.get(kind, kind)} {oid} from remote {self.remote}: {exc!r}") from None
+
+    # -- chunks ----------------------------------------------------------------------------------
+    def _local(self, oid: ObjectId) -> bytes | None:
+        if not self.store.has("c", oid):
+            return None
+        try:
+            return self.store.get("c", oid)
+        except MstoreError as exc:  # damaged, or collected by a gc since: the remote has it
+            with self._lock:
+                self.fallbacks += 1
+            log.warning("local copy of chunk %s unreadable (%s); reading it from remote %s", oid, exc, self.remote)
+            return None
+
+    def _chunk(self, oid: ObjectId) -> bytes:
+        raw = self._local(oid)
+        if raw is not None:
+            with self._lock:
+                self.local_chunks += 1
+            return raw
+        raw = self._remote_chunk(oid)
+        with self._lock:
+            self.remote_chunks += 1
+        return raw
+
+    def _locate(self, oid: ObjectId) -> Location:
+        loc = self.catalog.objects.get(("c", oid.digest))
+        if loc is None:
+            pack = self.catalog.damaged_keys.get(("c", oid.digest))
+            if pack is not None:
+                raise RemoteIntegrityError(
+                    f"chunk {oid} is only in remote pack {pack}, which is {self.catalog.damaged[pack]}"
+                )
+            raise ObjectNotFound(f"chunk {oid} is neither in the store nor on remote {self.remote}", oid)
+        if loc.raw_len > self.max_object:
+            raise RemoteIntegrityError(f"remote chunk {oid} is {loc.raw_len:,} bytes, above {self.max_object:,}")
+        return loc
+
+    def _fetch(self, oid: ObjectId, loc: Location) -> _Received:
+        n = RECORD.size + loc.enc_len
+        buf = self.backend.get_range(f"packs/{loc.pack}.pack", loc.offset, n)
+        with self._lock:
+            self.gets += 1
+            self.bytes += len(buf)
+        return _verify_record(buf, "c", oid, loc, keep_raw=True)
+
+    def _remote_chunk(self, oid: ObjectId) -> bytes:
+        # The chain from this chunk down to a base the store has, or one stored whole.
+        chain: list[tuple[ObjectId, Location]] = []
+        base_raw: bytes | None = None
+        cur = oid
+        while True:
+            loc = self._locate(cur)
+            chain.append((cur, loc))
+            if loc.base is None:
+                break
+            if len(chain) >= MAX_DELTA_CHAIN:
+                raise RemoteIntegrityError(f"remote chunk {oid}: delta chain longer than {MAX_DELTA_CHAIN}")
+            cur = ObjectId.from_digest(loc.base)
+            if any(cur == c for c, _l in chain):
+                raise RemoteIntegrityError(f"remote chunk {oid}: its delta chain is a cycle")
+            base_raw = self._local(cur)
+            if base_raw is not None:
+                break
+        records = [self._fetch(c, loc) for c, loc in chain]
+        raw = base_raw
+        for r in reversed(records):  # the base first
+            if r.codec == codecs.DELTA:
+                if raw is None:
+                    raise RemoteIntegrityError(f"remote delta chunk {r.oid}: its base is neither local nor remote")
+                raw = _decode_delta(r, raw)
+            else:
+                raw = r.raw
+        assert raw is not None
+        if self._keeper is not None:
+            for r in records:
+                r.raw = None  # only the encoded record is appended
+            self._keeper.offer(list(reversed(records)))
+        return raw
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Index what is still queued (``keep``). The backend stays open: its opener closes it."""
+        if self._keeper is not None:
+            self._keeper.close()
+            self._keeper = _Closed(self._keeper)
+
+    def summary(self) -> str:
+        """What this source read, for the mount's log."""
+        text = (
+            f"remote {self.remote}: {self.remote_chunks} chunks fetched ({self.gets} ranged GETs, "
+            f"{self.bytes:,} bytes), {self.local_chunks} read from the local store"
+        )
+        if self.fallbacks:
+            text += f", {self.fallbacks} local copies unreadable (read from the remote)"
+        if self._keeper is not None:
+            k = self._keeper
+            text += f"; {k.kept} chunks kept in the local store"
+            if k.dropped:
+                text += f", {k.dropped} not kept (queue full)"
+        return text
+
+    def __enter__(self) -> RemoteObjects:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _decode_delta(r: _Received, base: bytes) -> bytes:
+    """A verified delta record decoded against its base's raw bytes; the result must be its id."""
+    try:
+        raw = codecs.decode_delta(r.payload, r.raw_len, base)
+    except IntegrityError as exc:
+        raise RemoteIntegrityError(f"remote delta chunk {r.oid}: {exc}") from None
+    if blake3.blake3(raw).digest() != r.oid.digest or r.check != r.oid.digest:
+        raise RemoteIntegrityError(f"remote delta chunk {r.oid}: wrong bytes (they hash to another id)")
+    return raw
+
+
+# -- mounting (the facade's glue: uses repo.remotes, repo.store, repo.root, repo.lease) -----------
+
+
+@contextmanager
+def _opened(repo: Any, name: str) -> Iterator[Backend]:
+    backend = open_remote(repo, name)
+    try:
+        yield backend
+    finally:
+        backend.close()
+
+
+def mount_remote(
+    repo: Any,
+    remote: str,
+    rev: str,
+    mountpoint: str | os.PathLike,
+    *,
+    keep: bool = False,
+    foreground: bool = False,
+    detach: bool = False,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    readahead_bytes: int = DEFAULT_READAHEAD_BYTES,
+    allow_other: bool = False,
+    label: str | None = None,
+    ready_fd: int | None = None,
+    owner_pid: int | None = None,
+    on_ready: Any = None,
+    timeout: float = READY_TIMEOUT,
+) -> Mount:
+    """Mount what ``rev`` names on ``remote`` (a branch, a tag or a full commit id), lazily.
+
+    The remote ref is read now and the mount serves that commit until it is unmounted. Objects
+    the local store has are read from it; the rest from the remote, verified (module
+    docstring). With ``keep`` the chunks read are also indexed locally (no ref moves). Other
+    options as :func:`mstore.mount.mount_commit`.
+
+    Raises:
+        RemoteNotFound: no such remote.
+        RefNotFound: the remote has no such branch, tag or commit.
+        StorageError: the remote cannot be reached.
+        RemoteIntegrityError: the commit's metadata on the remote is missing or wrong.
+        MountError, Conflict, UserError: as :func:`mstore.mount.mount_commit`.
+    """
+    label = label or f"{remote}/{rev}"
+    child_args = ["--remote", remote, *(["--keep-chunks"] if keep else [])]
+    common = dict(
+        cache_bytes=cache_bytes,
+        readahead_bytes=readahead_bytes,
+        allow_other=allow_other,
+        label=label,
+        timeout=timeout,
+        remote=remote,
+    )
+    with _opened(repo, remote) as backend:
+        target = resolve_remote(remote, backend, rev)
+        try:
+            catalog = load_catalog(backend, _cache_dir(repo, remote))
+        except MstoreError as exc:
+            raise _unreachable(remote, backend, exc) from None
+        if target.ref is None and not catalog.has("m", target.commit.digest) and not repo.store.has("m", target.commit):
+            raise RefNotFound(f"remote {remote} has no commit {target.commit}")
+        if not foreground:
+            # Resolved (and pinned) here, and the metadata checked before a child is started;
+            # the child serves this commit id whatever the remote ref does meanwhile.
+            RemoteObjects(repo.store, backend, remote, target.commit, catalog=catalog).close()
+            return mount_commit(
+                repo,
+                label,
+                mountpoint,
+                detach=detach,
+                owner_pid=owner_pid,
+                commit_id=target.commit,
+                child_args=child_args,
+                **common,
+            )
+        objects = RemoteObjects(repo.store, backend, remote, target.commit, keep=keep, catalog=catalog)
+        try:
+            log.info(
+                "serving %s (%s) from remote %s%s",
+                label,
+                target.commit.short,
+                remote,
+                ", keeping the chunks read" if keep else "",
+            )
+            return mount_commit(
+                repo,
+                label,
+                mountpoint,
+                foreground=True,
+                ready_fd=ready_fd,
+                owner_pid=owner_pid,
+                on_ready=on_ready,
+                commit_id=target.commit,
+                objects=objects,
+                workers=REMOTE_WORKERS,
+                **common,
+            )
+        finally:
+            objects.close()
+            log.info("%s", objects.summary())
+
+
+__all__ = [
+    "REMOTE_WORKERS",
+    "RemoteObjects",
+    "Resolved",
+    "mount_remote",
+    "open_remote",
+    "remote_target",
+    "resolve_remote",
+]
