@@ -66,6 +66,10 @@ DELTA_HEAD = struct.Struct("<32sBB")
 # A plane whose first SAMPLE bytes do not compress is stored raw without compressing the rest.
 _SAMPLE = 64 * 1024
 
+# Elements per block when splitting or interleaving planes: 32 Ki elements (64-256 KiB) keep a
+# block and its temporaries in the L2 cache (measured best of 8, 16, 32 and 128 Ki).
+_BLOCK = 1 << 15
+
 # Keep a compressed form only if it saves at least this fraction; below that, reading raw bytes
 # is cheaper than decompressing them for a gain nobody would notice.
 MIN_SAVING = 0.02
@@ -91,17 +95,6 @@ def _plane_compressor() -> zstandard.ZstdCompressor:
         )
         comp = _local.plane = zstandard.ZstdCompressor(compression_params=params)
     return comp
-
-
-def _rotate(raw: bytes | memoryview, item: int, left: bool):
-    """Each little-endian element of ``raw`` rotated by one bit (a new uint8 numpy array)."""
-    import numpy as np
-
-    v = np.frombuffer(raw, dtype=f"<u{item}")
-    bits = 8 * item
-    if left:
-        return ((v << 1) | (v >> (bits - 1))).view(np.uint8)
-    return ((v >> 1) | (v << (bits - 1))).view(np.uint8)
 
 
 def _compressor(level: int) -> zstandard.ZstdCompressor:
@@ -134,7 +127,7 @@ def encode(
     if n < 64:
         return RAW, bytes(raw)
     if item_size in (2, 4, 8) and n % item_size == 0 and n >= 16 * item_size:
-        enc = _encode_planes(_rotate(raw, item_size, left=True).data, item_size, plane_min_saving)
+        enc = _encode_planes(raw, item_size, plane_min_saving, rotate=True)
         if enc is not None:
             return FLOATPLANE, enc
         return RAW, bytes(raw)
@@ -160,15 +153,47 @@ def estimate_size(
     return int(len(encode(memoryview(raw)[:cut], level, item_size)[1]) * n / cut)
 
 
-def _encode_planes(raw: bytes | memoryview, item: int, min_saving: float = MIN_SAVING) -> bytes | None:
+def split_planes(raw: bytes | memoryview, item: int, rotate: bool) -> list:
+    """Plane ``i`` holds byte ``i`` of every ``item``-byte little-endian element (numpy uint8 arrays).
+
+    With ``rotate`` each element is first rotated left by one bit (FLOATPLANE). Works in blocks
+    that stay in the CPU cache and takes plane ``i`` as the low byte of the element shifted
+    right: 2-3x faster than a strided copy out of a rotated whole copy (16 MiB fp32: ~1.8 ->
+    ~5 GB/s), and no second full-size buffer.
+    """
     import numpy as np
 
-    planes = np.frombuffer(raw, dtype=np.uint8).reshape(-1, item).T
+    bits = 8 * item
+    v = np.frombuffer(raw, dtype=f"<u{item}")
+    m = len(v)
+    planes = [np.empty(m, dtype=np.uint8) for _ in range(item)]
+    tmp = np.empty(min(_BLOCK, m), dtype=v.dtype)
+    tmp2 = np.empty_like(tmp)
+    for s in range(0, m, _BLOCK):
+        e = min(m, s + _BLOCK)
+        vb, t = v[s:e], tmp[: e - s]
+        first = 0
+        if rotate:  # low byte of rotl1(v): (v << 1) | (v >> (bits - 1)); byte i > 0: v >> (8i - 1)
+            t2 = tmp2[: e - s]
+            np.left_shift(vb, 1, out=t)
+            np.right_shift(vb, bits - 1, out=t2)
+            np.bitwise_or(t, t2, out=t)
+            np.copyto(planes[0][s:e], t, casting="unsafe")  # integer casts keep the low byte
+            first = 1
+        for i in range(first, item):
+            np.right_shift(vb, 8 * i - (1 if rotate else 0), out=t)
+            np.copyto(planes[i][s:e], t, casting="unsafe")
+    return planes
+
+
+def _encode_planes(
+    raw: bytes | memoryview, item: int, min_saving: float = MIN_SAVING, rotate: bool = False
+) -> bytes | None:
     comp = _plane_compressor()
     mask = 0
     parts = []
-    for i in range(item):
-        plane = np.ascontiguousarray(planes[i]).data
+    for i, arr in enumerate(split_planes(raw, item, rotate)):
+        plane = arr.data
         head = comp.compress(plane[:_SAMPLE])
         enc = None
         if len(head) <= min(len(plane), _SAMPLE) * (1 - min_saving):
@@ -176,7 +201,7 @@ def _encode_planes(raw: bytes | memoryview, item: int, min_saving: float = MIN_S
             if len(enc) > len(plane) * (1 - min_saving):
                 enc = None
         if enc is None:
-            parts.append(bytes(plane))
+            parts.append(plane)
         else:
             mask |= 1 << i
             parts.append(enc)
@@ -220,22 +245,38 @@ def byte_planes(data: bytes | memoryview, raw_len: int) -> tuple[int, list[bytes
     return item, planes
 
 
-def interleave(planes: list, raw_len: int, into: memoryview | bytearray | None = None) -> bytes:
-    """Byte ``i`` of every element from plane ``i``: the inverse of splitting into planes.
+def interleave(planes: list, raw_len: int, into: memoryview | bytearray | None = None, rotate: bool = False) -> bytes:
+    """Byte ``i`` of every element from plane ``i``: the inverse of :func:`split_planes`.
 
-    Writes into ``into`` (and returns b"") when given, else returns new bytes.
+    With ``rotate`` each element is also rotated right by one bit (undoing FLOATPLANE's
+    rotation) in the same pass. Writes into ``into`` (and returns b"") when given, else returns
+    new bytes. Elements are composed in cache-sized blocks as ``sum(plane_i << 8i)`` (for
+    FLOATPLANE: ``(p0 >> 1) | (p0 << bits-1) | sum(plane_i << 8i-1)``): 2x faster than
+    strided byte stores followed by a separate rotation pass (16 MiB fp32: ~1.9 -> ~3.8 GB/s).
     """
     import numpy as np
 
     item = len(planes)
-    n = raw_len // item
-    if into is None:
-        out = np.empty((n, item), dtype=np.uint8)
-    else:
-        out = np.frombuffer(into, dtype=np.uint8)[:raw_len].reshape(n, item)
-    for i, plane in enumerate(planes):
-        out[:, i] = np.frombuffer(plane, dtype=np.uint8)
-    return b"" if into is not None else out.tobytes()
+    m = raw_len // item
+    buf = bytearray(raw_len) if into is None else into
+    v = np.frombuffer(buf, dtype=f"<u{item}", count=m)
+    ps = [np.frombuffer(p, dtype=np.uint8, count=m) for p in planes]
+    bits = 8 * item
+    tmp = np.empty(min(_BLOCK, m), dtype=v.dtype)
+    for s in range(0, m, _BLOCK):
+        e = min(m, s + _BLOCK)
+        vb, t = v[s:e], tmp[: e - s]
+        np.copyto(vb, ps[0][s:e])
+        if rotate:
+            np.copyto(t, ps[0][s:e])
+            np.left_shift(t, bits - 1, out=t)  # bit 0 of p0 (the sign) back to the top
+            np.right_shift(vb, 1, out=vb)
+            np.bitwise_or(vb, t, out=vb)
+        for i in range(1, item):
+            np.copyto(t, ps[i][s:e])
+            np.left_shift(t, 8 * i - (1 if rotate else 0), out=t)
+            np.bitwise_or(vb, t, out=vb)
+    return b"" if into is not None else bytes(buf)
 
 
 def _decode_planes(data: bytes | memoryview, raw_len: int, into: memoryview | None = None) -> bytes:
@@ -298,13 +339,7 @@ def decode_into(codec: int, data: bytes | memoryview, raw_len: int, out: bytearr
 
 def finish_planes(planes: list, raw_len: int, into: memoryview | bytearray, codec: int) -> None:
     """Interleave planes of ``codec`` into ``into`` and undo the codec's bit rotation."""
-    import numpy as np
-
-    interleave(planes, raw_len, into)
-    if codec == FLOATPLANE:
-        item = len(planes)
-        v = np.frombuffer(into, dtype=f"<u{item}", count=raw_len // item)
-        np.bitwise_or(v >> 1, v << (8 * item - 1), out=v)
+    interleave(planes, raw_len, into, rotate=codec == FLOATPLANE)
 
 
 def encode_delta(

@@ -75,10 +75,33 @@ def test_byteplane_with_a_plane_that_expands_past_its_size_is_refused():
 def test_floatplane_puts_the_eight_bits_after_the_sign_in_the_top_plane(item):  # bf16/f32: the exponent
     dtype = {2: np.float16, 4: np.float32, 8: np.float64}[item]
     values = (np.random.default_rng(4).standard_normal(4096) * 0.02).astype(dtype)
-    rotated = codecs._rotate(values.tobytes(), item, left=True).view(f"<u{item}")
+    top = codecs.split_planes(values.tobytes(), item, rotate=True)[item - 1]
     bits = 8 * item
-    top = rotated >> (bits - 8)
     assert np.array_equal(top, (values.view(f"<u{item}") >> (bits - 9)) & 0xFF)  # the bits after the sign
+
+
+def _planes_by_strided_copy(raw: bytes, item: int, rotate: bool) -> list:
+    """The obvious (slow) definition the blocked plane code must agree with."""
+    v = np.frombuffer(raw, dtype=f"<u{item}")
+    if rotate:
+        v = (v << 1) | (v >> (8 * item - 1))
+    rows = v.view(np.uint8).reshape(-1, item)
+    return [rows[:, i].copy() for i in range(item)]
+
+
+@pytest.mark.parametrize("item", [2, 4, 8])
+@pytest.mark.parametrize("rotate", [False, True])
+@pytest.mark.parametrize("elements", [1, 17, 32768, 32769, 100_003])  # around and across block edges
+def test_planes_split_and_interleave_agree_with_the_strided_definition(item, rotate, elements):
+    raw = np.random.default_rng(elements).integers(0, 256, elements * item, dtype=np.uint8).tobytes()
+    planes = codecs.split_planes(raw, item, rotate)
+    expected = _planes_by_strided_copy(raw, item, rotate)
+    assert all(np.array_equal(p, q) for p, q in zip(planes, expected, strict=True))
+    assert codecs.interleave(planes, len(raw), rotate=rotate) == raw
+    out = bytearray(len(raw) + 8)  # a larger buffer: only the first raw_len bytes are written
+    out[-8:] = b"\xaa" * 8
+    assert codecs.interleave(planes, len(raw), out, rotate=rotate) == b""
+    assert bytes(out[: len(raw)]) == raw and out[-8:] == b"\xaa" * 8
 
 
 def test_byteplane_chunks_written_before_floatplane_still_decode():
