@@ -1,0 +1,346 @@
+"""`mstore mount REMOTE/BRANCH DIR`: a remote's commit served lazily, verified chunk by chunk.
+
+Real FUSE mounts (a background `mstore mount` process, as a user starts it) of what was pushed
+to a real remote: a second directory, or a bucket on the SeaweedFS S3 server. The reading store
+is a fresh, empty one unless a test says otherwise. Without /dev/fuse these tests skip, saying
+why; the object source itself is also tested without FUSE.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mstore import ObjectId, Repo
+from mstore.codecs import DELTA
+from mstore.errors import RemoteIntegrityError
+from mstore.objects import load_file
+from mstore.remote import load_catalog
+from mstore.remote_mount import RemoteObjects, remote_target
+from mstore.snapshot import resolve_path
+from mstore.storage.backends import open_backend
+from mstore.storage.packs import RECORD
+from tests.conftest import write_safetensors
+from tests.fuse_helpers import cli, fuse, mounts_under, requires_fuse  # noqa: F401 - fuse is a fixture
+from tests.remote.conftest import add_remote
+
+MODEL = "model.safetensors"
+N_TENSORS = 24
+SHAPE = (64, 1024)  # 256 KiB of float32 per tensor: one chunk each
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _weights(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {f"layer.{i:02d}.weight": rng.standard_normal(SHAPE).astype(np.float32) * 0.02 for i in range(N_TENSORS)}
+
+
+def _two_checkpoints(repo: Repo, work: Path) -> tuple[list[ObjectId], list[bytes]]:
+    """Two versions of a model on ``exp1``; every tensor of the second moved a little (deltas)."""
+    w = _weights()
+    commits, files = [], []
+    rng = np.random.default_rng(1)
+    for step in range(2):
+        if step:
+            w = {k: (v - 1e-4 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in w.items()}
+        d = work / f"ckpt-{step}"
+        write_safetensors(d / MODEL, w, {"step": str(step)})
+        (d / "config.json").write_text(json.dumps({"step": step}))
+        commits.append(repo.commit(d, "exp1", f"step {step}", kind="checkpoint").id)
+        files.append((d / MODEL).read_bytes())
+    return commits, files
+
+
+def _chunks(repo: Repo, cid: ObjectId) -> list[tuple[ObjectId, int]]:
+    commit = repo.store.get("m", cid)
+    from mstore.objects import Commit
+
+    tree = Commit.parse(commit).tree
+    return list(load_file(repo.store, resolve_path(repo.store, tree, MODEL).id).chunks)
+
+
+@pytest.fixture
+def pushed(repo: Repo, work: Path, remote: dict):
+    """``exp1`` (two checkpoints, the second stored as deltas) pushed to ``remote``."""
+    commits, files = _two_checkpoints(repo, work)
+    chunks = _chunks(repo, commits[1])
+    assert sum(repo.store.entry("c", c).codec == DELTA for c, _n in chunks) >= N_TENSORS // 2
+    add_remote(repo, remote)
+    repo.push("origin", ["exp1"])
+    return commits, files, chunks
+
+
+@pytest.fixture
+def reader(tmp_path: Path, remote: dict) -> Repo:
+    """A fresh, empty store that knows the remote as ``origin``."""
+    r = Repo.init(tmp_path / "reader" / ".mstore")
+    add_remote(r, remote)
+    yield r
+    r.close()
+
+
+def _refs(repo: Repo) -> dict[str, bytes]:
+    with repo.store.index.read() as txn:
+        return dict(txn.iter_refs(""))
+
+
+def _chunk_ids(repo: Repo) -> set[ObjectId]:
+    return {oid for kind, oid, _e in repo.store.iter_entries() if kind == "c"}
+
+
+def _bases(repo: Repo, chunks: set[ObjectId]) -> set[ObjectId]:
+    """Every delta base (down each chain) the source store records for ``chunks``."""
+    out: set[ObjectId] = set()
+    with repo.store.index.read() as txn:
+        for c in chunks:
+            row = txn.db_get("deltas", c.digest)
+            while row is not None:
+                base = ObjectId.from_digest(row[:32])
+                out.add(base)
+                row = txn.db_get("deltas", base.digest)
+    return out
+
+
+def _log(repo: Repo) -> str:
+    return "\n".join(p.read_text() for p in sorted((repo.root / "mounts").glob("*.log")))
+
+
+def _pread_fresh(path: Path, n: int, off: int) -> bytes:
+    """Read exactly this range: the kernel's own read-ahead is turned off for the file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        return os.pread(fd, n, off)
+    finally:
+        os.close(fd)
+
+
+# -- through FUSE ----------------------------------------------------------------------------------
+
+
+@requires_fuse
+@pytest.mark.usefixtures("fuse")
+def test_a_remote_mount_serves_the_pushed_bytes_delta_checkpoint_included_and_moves_no_ref(
+    pushed, reader, tmp_path
+):
+    commits, files, _chunks_v2 = pushed
+    mnt = tmp_path / "mnt"
+    proc = cli(reader.root, "mount", "origin/exp1", str(mnt))
+    assert f"mounted origin/exp1 ({commits[1].short}, from remote origin)" in proc.stdout
+    try:
+        listing = cli(reader.root, "mounts").stdout
+        assert "remote origin" in listing and commits[1].short in listing
+        [info] = json.loads(cli(reader.root, "mounts", "--json").stdout)
+        assert info["remote"] == "origin" and info["commit"] == str(commits[1])
+        assert (mnt / MODEL).read_bytes() == files[1]
+        assert json.loads((mnt / "config.json").read_text()) == {"step": 1}
+        # The first checkpoint, by commit id, at a second mount point.
+        cli(reader.root, "mount", "--remote", "origin", str(commits[0]), str(tmp_path / "v0"))
+        assert (tmp_path / "v0" / MODEL).read_bytes() == files[0]
+        cli(reader.root, "umount", str(tmp_path / "v0"))
+    finally:
+        cli(reader.root, "umount", str(mnt))
+    # Nothing was fetched into the store, no ref or lease exists: a remote mount is read-only here.
+    assert _refs(reader) == {}
+    assert _chunk_ids(reader) == set()
+    with reader.store.index.read() as txn:
+        assert list(txn.db_items("leases")) == []
+    assert "remote origin: " in _log(reader) and "0 read from the local store" in _log(reader)
+
+
+@requires_fuse
+@pytest.mark.usefixtures("fuse")
+def test_only_the_chunks_read_are_downloaded_and_kept_and_a_later_fetch_completes_the_rest(
+    pushed, reader, tmp_path, repo
+):
+    commits, files, chunks = pushed
+    mnt = tmp_path / "mnt"
+    cli(reader.root, "mount", "--keep-chunks", "--readahead", "0", "origin/exp1", str(mnt))
+    try:
+        # Bytes inside tensors 5 and 6 only (chunk 0 is the header).
+        starts = np.cumsum([0] + [n for _c, n in chunks])
+        off, n = int(starts[6]) + 100, int(chunks[6][1])
+        assert _pread_fresh(mnt / MODEL, n, off) == files[1][off : off + n]
+    finally:
+        cli(reader.root, "umount", str(mnt))
+    # The kernel asks for whole pages: the chunks those pages overlap are the ones read.
+    lo, hi = off // PAGE * PAGE, -(-(off + n) // PAGE) * PAGE
+    read = {c for i, (c, k) in enumerate(chunks) if starts[i] < hi and starts[i] + k > lo}
+    assert 2 <= len(read) <= 4
+    log = _log(reader)
+    assert f"remote origin: {len(read)} chunks fetched" in log, log
+    # Kept: exactly those chunks and the bases their deltas needed (the first checkpoint's
+    # tensors); nothing else of either version.
+    assert _chunk_ids(reader) == read | _bases(repo, read)
+    assert _refs(reader) == {}, "keeping chunks must not move any ref"
+    kept = _chunk_ids(reader)
+    # A fetch afterwards sends only what the store still lacks, and leaves a complete closure.
+    result = reader.fetch("origin", ["exp1"])
+    assert result.objects > 0 and kept <= _chunk_ids(reader)
+    dest = tmp_path / "out"
+    reader.checkout("origin/exp1", dest)
+    assert (dest / MODEL).read_bytes() == files[1]
+
+
+@requires_fuse
+@pytest.mark.usefixtures("fuse")
+@pytest.mark.parametrize("remote", ["file"], indirect=True)
+def test_a_corrupted_remote_chunk_fails_that_read_with_eio_and_names_the_chunk(pushed, reader, tmp_path, remote):
+    commits, files, chunks = pushed
+    backend = open_backend(remote["url"])
+    cat = load_catalog(backend)
+    # Damage a whole chunk (a base of the second checkpoint's tensor 3) and a delta (tensor 9).
+    bad_delta = chunks[10][0]
+    loc = cat.objects[("c", bad_delta.digest)]
+    assert loc.codec == DELTA
+    bad_base = ObjectId.from_digest(cat.objects[("c", chunks[4][0].digest)].base)
+    for oid in (bad_delta, bad_base):
+        at = cat.objects[("c", oid.digest)]
+        path = Path(remote["url"].removeprefix("file://")) / "packs" / f"{at.pack}.pack"
+        with open(path, "r+b") as f:
+            f.seek(at.offset + RECORD.size + at.enc_len // 2)
+            byte = f.read(1)[0]
+            f.seek(at.offset + RECORD.size + at.enc_len // 2)
+            f.write(bytes([byte ^ 0x40]))
+    mnt = tmp_path / "mnt"
+    cli(reader.root, "mount", "--readahead", "0", "origin/exp1", str(mnt))
+    try:
+        starts = np.cumsum([0] + [n for _c, n in chunks])
+        for i in (10, 4):
+            with pytest.raises(OSError) as exc:
+                _pread_fresh(mnt / MODEL, 4096, int(starts[i]) + 8192)
+            assert exc.value.errno == errno.EIO
+        # Its neighbours read fine, and equal the pushed bytes.
+        for i in (2, 7, 13):  # not next to a damaged chunk: the kernel reads whole pages
+            off = int(starts[i])
+            assert _pread_fresh(mnt / MODEL, chunks[i][1], off) == files[1][off : off + chunks[i][1]]
+    finally:
+        cli(reader.root, "umount", str(mnt))
+    log = _log(reader)
+    assert f"remote delta chunk {bad_delta}" in log or str(bad_delta) in log
+    assert "returning EIO" in log and str(bad_base) in log
+
+
+@requires_fuse
+@pytest.mark.usefixtures("fuse")
+@pytest.mark.parametrize("remote", ["file"], indirect=True)
+def test_the_mount_serves_the_commit_it_resolved_while_the_remote_branch_moves_on(
+    pushed, reader, tmp_path, repo, work
+):
+    commits, files, _chunks_v2 = pushed
+    mnt = tmp_path / "mnt"
+    cli(reader.root, "mount", "origin/exp1", str(mnt))
+    try:
+        d = work / "ckpt-2"
+        write_safetensors(d / MODEL, _weights(seed=9))
+        newer = repo.commit(d, "exp1", "step 2").id
+        repo.push("origin", ["exp1"])
+        assert (mnt / MODEL).read_bytes() == files[1]
+        [info] = reader.mounts()
+        assert info.commit == str(commits[1]) != str(newer)
+    finally:
+        cli(reader.root, "umount", str(mnt))
+
+
+@requires_fuse
+@pytest.mark.usefixtures("fuse")
+@pytest.mark.parametrize("remote", ["file"], indirect=True)
+def test_with_the_branch_fetched_the_mount_reads_the_store_and_holds_a_lease(pushed, reader, tmp_path):
+    commits, files, _chunks_v2 = pushed
+    reader.fetch("origin", ["exp1"])
+    mnt = tmp_path / "mnt"
+    cli(reader.root, "mount", "origin/exp1", str(mnt))
+    try:
+        assert (mnt / MODEL).read_bytes() == files[1]
+        with reader.store.index.read() as txn:
+            assert len(list(txn.db_items("leases"))) == 1
+    finally:
+        cli(reader.root, "umount", str(mnt))
+    assert "remote origin: 0 chunks fetched (0 ranged GETs" in _log(reader)
+
+
+@requires_fuse
+@pytest.mark.usefixtures("fuse")
+@pytest.mark.parametrize("remote", ["file"], indirect=True)
+def test_unknown_remote_missing_branch_and_unreachable_remote_fail_before_anything_is_mounted(
+    pushed, reader, tmp_path
+):
+    mnt = tmp_path / "mnt"
+    cases = [
+        (["mount", "--remote", "upstream", "exp1", str(mnt)], 3, "no remote 'upstream'"),
+        (["mount", "origin/no-such-branch", str(mnt)], 3, "remote origin has no branch or tag 'no-such-branch'"),
+        (["mount", "--remote", "origin", "0" * 64, str(mnt)], 3, "remote origin has no commit"),
+    ]
+    reader.remote_add("down", "s3://nowhere/x", endpoint_url="http://127.0.0.1:9")
+    cases.append((["mount", "down/exp1", str(mnt)], 7, "cannot reach remote down"))
+    for args, code, message in cases:
+        proc = cli(reader.root, *args, check=False)
+        assert proc.returncode == code, (args, proc.stdout, proc.stderr)
+        assert message in proc.stderr, (args, proc.stderr)
+        assert not mnt.exists() and mounts_under(tmp_path) == []
+
+
+# -- the object source, without FUSE ---------------------------------------------------------------
+
+
+class Counting:
+    """A backend that counts ranged GETs (and may serve a flipped byte at one offset)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.url = inner.url
+        self.ranges: list[tuple[str, int, int]] = []
+        self.flip_at: tuple[str, int] | None = None
+
+    def get_range(self, key, offset, length):
+        self.ranges.append((key, offset, length))
+        data = self.inner.get_range(key, offset, length)
+        if self.flip_at and self.flip_at[0] == key and offset <= self.flip_at[1] < offset + length:
+            i = self.flip_at[1] - offset
+            data = data[:i] + bytes([data[i] ^ 1]) + data[i + 1 :]
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)
+def test_the_source_downloads_one_chain_per_chunk_asked_for_and_refuses_wrong_bytes(pushed, reader, remote):
+    commits, files, chunks = pushed
+    backend = Counting(open_backend(remote["url"]))
+    src = RemoteObjects(reader.store, backend, "origin", commits[1])
+    metadata_gets = len(backend.ranges)
+    cid, n = chunks[8]
+    want = files[1][sum(k for _c, k in chunks[:8]) :][:n]
+    assert src.get("c", cid) == want
+    chain = backend.ranges[metadata_gets:]
+    loc = src.catalog.objects[("c", cid.digest)]
+    assert loc.codec == DELTA and len(chain) == 2  # the delta and its base, nothing else
+    assert src.remote_chunks == 1 and src.gets == 2
+    # A remote that serves one wrong byte of a chunk: an error naming it, never bytes.
+    other, _n = chunks[12]
+    at = src.catalog.objects[("c", other.digest)]
+    backend.flip_at = (f"packs/{at.pack}.pack", at.offset + RECORD.size + at.enc_len - 1)
+    with pytest.raises(RemoteIntegrityError, match=str(other)):
+        src.get("c", other)
+    src.close()
+
+
+def test_remote_target_names_a_remote_only_for_a_plain_remote_slash_branch(repo, tmp_path):
+    repo.remote_add("origin", (tmp_path / "r").as_uri())
+    assert remote_target(repo, "origin/exp1") == ("origin", "exp1")
+    assert remote_target(repo, "origin/runs/a") == ("origin", "runs/a")
+    assert remote_target(repo, "other/exp1") is None
+    assert remote_target(repo, "refs/remotes/origin/exp1") is None
+    assert remote_target(repo, "origin/exp1@{1}") is None
+    assert remote_target(repo, "exp1", "origin") == ("origin", "exp1")
+    d = tmp_path / "w"
+    d.mkdir()
+    (d / "f").write_text("x")
+    repo.commit(d, "origin/exp1", "a local branch of that name wins")
+    assert remote_target(repo, "origin/exp1") is None
