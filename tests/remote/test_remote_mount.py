@@ -125,9 +125,7 @@ def _pread_fresh(path: Path, n: int, off: int) -> bytes:
 
 @requires_fuse
 @pytest.mark.usefixtures("fuse")
-def test_a_remote_mount_serves_the_pushed_bytes_delta_checkpoint_included_and_moves_no_ref(
-    pushed, reader, tmp_path
-):
+def test_a_remote_mount_serves_the_pushed_bytes_delta_checkpoint_included_and_moves_no_ref(pushed, reader, tmp_path):
     commits, files, _chunks_v2 = pushed
     mnt = tmp_path / "mnt"
     proc = cli(reader.root, "mount", "origin/exp1", str(mnt))
@@ -229,9 +227,7 @@ def test_a_corrupted_remote_chunk_fails_that_read_with_eio_and_names_the_chunk(p
 @requires_fuse
 @pytest.mark.usefixtures("fuse")
 @pytest.mark.parametrize("remote", ["file"], indirect=True)
-def test_the_mount_serves_the_commit_it_resolved_while_the_remote_branch_moves_on(
-    pushed, reader, tmp_path, repo, work
-):
+def test_the_mount_serves_the_commit_it_resolved_while_the_remote_branch_moves_on(pushed, reader, tmp_path, repo, work):
     commits, files, _chunks_v2 = pushed
     mnt = tmp_path / "mnt"
     cli(reader.root, "mount", "origin/exp1", str(mnt))
@@ -267,9 +263,7 @@ def test_with_the_branch_fetched_the_mount_reads_the_store_and_holds_a_lease(pus
 @requires_fuse
 @pytest.mark.usefixtures("fuse")
 @pytest.mark.parametrize("remote", ["file"], indirect=True)
-def test_unknown_remote_missing_branch_and_unreachable_remote_fail_before_anything_is_mounted(
-    pushed, reader, tmp_path
-):
+def test_unknown_remote_missing_branch_and_unreachable_remote_fail_before_anything_is_mounted(pushed, reader, tmp_path):
     mnt = tmp_path / "mnt"
     cases = [
         (["mount", "--remote", "upstream", "exp1", str(mnt)], 3, "no remote 'upstream'"),
