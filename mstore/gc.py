@@ -51,6 +51,8 @@ from .storage.store import ObjectStore, verify_raw
 
 PROOF_TYPE = "mstore-gc-proof"
 PROOF_VERSION = 1
+#: A proof about a remote's packs (mstore/remote_gc.py); stored beside local proofs.
+REMOTE_PROOF_TYPE = "mstore-remote-gc-proof"
 DAY = 86400.0
 
 POLICY_DEFAULTS: dict[str, Any] = {
@@ -296,12 +298,21 @@ def plan(
     }
     if remote_check is not None:
         doc["remote_check"] = remote_check
+    return store_proof(store.root, doc), doc
+
+
+def store_proof(root: Path, doc: dict[str, Any]) -> str:
+    """Write a proof document as canonical JSON under ``gc/proofs/<id>.json``; returns the id.
+
+    The id is the BLAKE3 of the file's bytes, so ``b3sum`` of the file prints its name and an
+    edited byte makes :func:`read_proof` refuse it. Used for local and remote gc proofs alike.
+    """
     raw = canonical_json(doc)
     pid = hash_bytes(raw)
-    d = proofs_dir(store.root)
+    d = proofs_dir(root)
     d.mkdir(parents=True, exist_ok=True)
     atomic_write(d / f"{pid}.json", raw)
-    return str(pid), doc
+    return str(pid)
 
 
 def _require_remote(
@@ -483,11 +494,29 @@ def _reason(ref, cid, last_ref, deleted_at, roots: Roots, now: float) -> str:
 
 
 def load_proof(root: Path, prefix: str) -> tuple[str, dict[str, Any]]:
-    """Find a proof by id or prefix (≥ 7) and check that its content still hashes to its id.
+    """Find a local gc proof by id or prefix (≥ 7) and check that its content still hashes to its id.
 
     Raises:
-        UserError: a prefix shorter than 7 or not hex; NotFound: no such proof;
+        UserError: a prefix shorter than 7 or not hex, or a remote gc proof (named: it is applied
+            with ``--remote``); NotFound: no such proof;
         IntegrityError: the file was edited (its hash is not its name).
+    """
+    pid, doc = read_proof(root, prefix, {PROOF_TYPE: PROOF_VERSION, REMOTE_PROOF_TYPE: PROOF_VERSION})
+    if doc["type"] == REMOTE_PROOF_TYPE:
+        remote = doc.get("remote", {}).get("name") if isinstance(doc.get("remote"), dict) else None
+        raise UserError(f"gc proof {pid[:7]} is a proof for remote {remote!r}: use it with --remote {remote}")
+    return pid, doc
+
+
+def read_proof(root: Path, prefix: str, types: dict[str, int]) -> tuple[str, dict[str, Any]]:
+    """Find a proof by id or prefix (≥ 7), check it hashes to its id and is of one of ``types``.
+
+    ``types`` maps each accepted document type to the version this mstore reads.
+
+    Raises:
+        UserError: a prefix shorter than 7 or not hex, or matching several proofs;
+        NotFound: no such proof; IntegrityError: edited, not JSON, or of another type;
+        UnsupportedFormat: a version this mstore does not read.
     """
     if not is_id_prefix(prefix):
         raise UserError(f"give the proof id or a prefix of at least 7 hex characters, not {prefix!r}")
@@ -506,11 +535,11 @@ def load_proof(root: Path, prefix: str) -> tuple[str, dict[str, Any]]:
         doc = json.loads(raw)
     except ValueError:
         raise IntegrityError(f"gc proof {pid[:7]} is not JSON") from None
-    if doc.get("type") != PROOF_TYPE:
+    if not isinstance(doc, dict) or doc.get("type") not in types:
         raise IntegrityError(f"{path.name} is not a gc proof")
-    if doc.get("version") != PROOF_VERSION:
+    if doc.get("version") != types[doc["type"]]:
         raise UnsupportedFormat(
-            f"gc proof {pid[:7]} has version {doc.get('version')}; this mstore reads {PROOF_VERSION}"
+            f"gc proof {pid[:7]} has version {doc.get('version')}; this mstore reads {types[doc['type']]}"
         )
     return pid, doc
 

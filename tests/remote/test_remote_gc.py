@@ -7,12 +7,20 @@ Every test runs against a ``file://`` remote and the real SeaweedFS S3 server.
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 
+import blake3
 import pytest
 
+from mstore import Repo, remote_gc
 from mstore.errors import RemoteBusy, UserError
+from mstore.gc import GcRefused
+from mstore.remote import log_key, read_ref, ref_key
 from mstore.remote_lock import STALE_AFTER, gc_lock, list_locks, push_lock, remove_locks
 from mstore.storage.backends import open_backend
+from tests.conftest import Clock, tree_bytes
+from tests.remote.conftest import add_remote, checkpoint
 
 
 def _backend(settings: dict):
@@ -64,3 +72,265 @@ def test_an_unreadable_lock_blocks_until_forced_away(remote):
     assert [lk.key for lk in remove_locks(backend, force=True)] == [junk]
     with push_lock(backend, "pusher"):
         pass
+
+
+# -- plan / verify / apply / undo ----------------------------------------------------------------
+
+POLICY = {"retention_days": 30, "grace_days": 14, "proof_max_age_seconds": 3600, "quarantine_days": 7}
+
+
+@pytest.fixture
+def store(tmp_path: Path, remote: dict):
+    clock = Clock(time.time())  # remote pack names carry the real time they were made
+    repo = Repo.init(tmp_path / "store", clock=clock)
+    add_remote(repo, remote)
+    yield repo, clock, _backend(remote), remote
+    repo.close()
+
+
+def _packs(backend) -> set[str]:
+    return {k[len("packs/"):-len(".pack")] for k, _s in backend.list("packs/") if k.endswith(".pack")}
+
+
+def _keys(backend, prefix: str = "packs/") -> set[str]:
+    return {k for k, _s in backend.list(prefix)}
+
+
+def _push(repo, backend, refs, force=False) -> set[str]:
+    """Push; return the names of the packs that push created."""
+    before = _packs(backend)
+    repo.push("origin", refs, force=force)
+    return _packs(backend) - before
+
+
+def _plan(repo, backend, settings, clock, **policy):
+    return remote_gc.plan(repo.store, backend, "origin", settings["url"], clock(), {**POLICY, **policy}, "tester")
+
+
+def _apply(repo, backend, settings, clock, pid, doc):
+    return remote_gc.apply(repo.store, backend, pid, doc, clock(), "tester", "origin", settings["url"])
+
+
+def _delete_remote_ref(backend, full: str, when: float) -> None:
+    """What deleting a remote branch writes: a ref document without an id, logged (R3)."""
+    cur = read_ref(backend, full)
+    doc = {"v": 1, "ref": full, "id": None, "old": str(cur.id), "seq": cur.seq + 1, "time": when,
+           "user": "tester", "command": "delete", "message": "deleted"}
+    raw = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    assert backend.put_if_version(ref_key(full), raw, cur.version)
+    backend.put_if_absent(log_key(full, cur.seq + 1), raw)
+
+
+@pytest.fixture
+def series(store, tmp_path):
+    """Remote: keep (step 0); exp pushed at v1 (packs ``a``) and at v2 (packs ``b``)."""
+    repo, clock, backend, settings = store
+    keep = checkpoint(tmp_path / "keep", 0)
+    repo.commit(keep, "keep", "kept")
+    _push(repo, backend, ["keep"])
+    v1 = checkpoint(tmp_path / "v1", 1)
+    repo.commit(v1, "exp", "v1")
+    a = _push(repo, backend, ["exp"])
+    v2 = checkpoint(tmp_path / "v2", 2)
+    repo.commit(v2, "exp", "v2")
+    b = _push(repo, backend, ["exp"])
+    return {"repo": repo, "clock": clock, "backend": backend, "settings": settings, "a": a, "b": b,
+            "dirs": {"keep": keep, "v1": v1, "v2": v2}}
+
+
+def _force_exp_back_to_v1(s) -> None:
+    repo = s["repo"]
+    repo.create_branch("back", "exp~1")
+    _push(repo, s["backend"], ["back:exp"], force=True)
+
+
+def test_a_plan_after_a_force_moved_branch_lists_exactly_the_packs_only_its_old_head_reached(series):
+    s = series
+    _force_exp_back_to_v1(s)
+    s["clock"].advance(days=40)
+    before = _keys(s["backend"], "")
+
+    pid, doc = _plan(s["repo"], s["backend"], s["settings"], s["clock"])
+
+    assert {p["pack"] for p in doc["packs"]} == s["b"]
+    assert doc["candidates"]["bytes"] == sum(p["bytes"] for p in doc["packs"]) > 0
+    assert all("old versions of exp" in p["reason"] for p in doc["packs"])
+    assert [c["message"] for c in doc["dead_commits"]] == ["v2"]
+    assert doc["remote"] == {"name": "origin", "url": s["settings"]["url"]}
+    assert set(doc["roots"]["refs"]) == {"refs/heads/keep", "refs/heads/exp"}
+    stored = (s["repo"].root / "gc" / "proofs" / f"{pid}.json").read_bytes()
+    assert blake3.blake3(stored).hexdigest() == pid
+    assert _keys(s["backend"], "") == before  # a plan deletes nothing
+
+
+def test_a_plan_after_a_deleted_branch_lists_every_pack_only_it_reached(series):
+    s = series
+    _delete_remote_ref(s["backend"], "refs/heads/exp", s["clock"]())
+    s["clock"].advance(days=40)
+
+    _pid, doc = _plan(s["repo"], s["backend"], s["settings"], s["clock"])
+
+    assert {p["pack"] for p in doc["packs"]} == s["a"] | s["b"]
+    assert all("exp (deleted 40 days ago)" in p["reason"] for p in doc["packs"])
+    assert set(doc["roots"]["refs"]) == {"refs/heads/keep"}
+
+
+def test_a_pack_reached_through_a_reflog_entry_inside_the_retention_window_is_not_a_candidate(series):
+    s = series
+    _force_exp_back_to_v1(s)
+    s["clock"].advance(days=10)
+
+    _pid, kept = _plan(s["repo"], s["backend"], s["settings"], s["clock"], grace_days=0)
+    _pid, shorter = _plan(s["repo"], s["backend"], s["settings"], s["clock"], grace_days=0, retention_days=5)
+
+    assert kept["packs"] == []
+    assert any(r[2] == str(s["repo"].resolve("exp")) for r in kept["roots"]["reflog"])
+    assert {p["pack"] for p in shorter["packs"]} == s["b"]  # the same remote, a shorter window
+
+
+def test_packs_younger_than_the_grace_period_are_not_candidates(series):
+    s = series
+    _force_exp_back_to_v1(s)
+    s["clock"].advance(days=40)
+
+    _pid, doc = _plan(s["repo"], s["backend"], s["settings"], s["clock"], grace_days=60)
+
+    assert doc["packs"] == []
+    assert doc["candidates"]["younger_than_grace"] == len(s["b"])
+
+
+def test_a_pack_reached_only_as_a_delta_base_is_not_a_candidate(store, tmp_path):
+    """x: v1, then v2 whose tensor is stored as a delta on v1's; then x is force-moved to a new
+    root commit holding v2's tensor (so it reaches v2's delta chunk, never v1 itself)."""
+    import numpy as np
+
+    from tests.conftest import write_safetensors
+
+    repo, clock, backend, settings = store
+    rng = np.random.default_rng(1)
+    w1 = (rng.standard_normal((96, 128)) * 0.02).astype(np.float32)
+    w2 = (w1 - 1e-4 * rng.standard_normal((96, 128))).astype(np.float32)
+    write_safetensors(tmp_path / "v1" / "model.safetensors", {"w": w1})
+    repo.commit(tmp_path / "v1", "x", "v1")
+    v1_packs = _push(repo, backend, ["x"])
+    write_safetensors(tmp_path / "v2" / "model.safetensors", {"w": w2}, {"step": "2"})
+    repo.commit(tmp_path / "v2", "x", "v2")
+    _push(repo, backend, ["x"])
+    tensor2 = blake3.blake3(w2.tobytes()).hexdigest()
+    idx = [json.loads(backend.get(k)) for k, _s in backend.list("packs/") if k.endswith(".idx")]
+    assert any(len(r) == 7 and r[1] == tensor2 for d in idx for r in d["records"])  # a delta on the remote
+    write_safetensors(tmp_path / "v3" / "model.safetensors", {"w": w2}, {"copy": "1"})
+    repo.commit(tmp_path / "v3", "y", "v2's tensor in a new root commit")
+    _push(repo, backend, ["y:x"], force=True)
+    clock.advance(days=40)
+
+    _pid, doc = _plan(repo, backend, settings, clock)
+
+    (v1_data,) = [n for n in v1_packs if not json.loads(backend.get(f"packs/{n}.idx"))["meta"]]
+    candidates = {p["pack"] for p in doc["packs"]}
+    assert v1_data not in candidates
+    assert v1_packs - {v1_data} <= candidates  # v1's commit, tree and manifest are dead
+    partial = {p["pack"]: p for p in doc["partial_packs"]}
+    assert partial[v1_data]["dead_records"] == partial[v1_data]["records"] - 1  # all but the base
+
+
+# -- apply, refusals, undo -------------------------------------------------------------------------
+
+
+def _clone_matches(settings: dict, dest: Path, branches: dict[str, Path]) -> None:
+    clone = Repo.clone(settings["url"], dest / ".mstore", endpoint_url=settings.get("endpoint_url"))
+    try:
+        assert {b.name for b in clone.branches()} == set(branches)
+        for name, src in branches.items():
+            clone.checkout(name, dest / name)
+            assert tree_bytes(dest / name) == tree_bytes(src)
+        assert clone.fsck().ok
+    finally:
+        clone.close()
+
+
+def test_apply_moves_the_candidates_to_the_remote_trash_and_every_remaining_ref_clones_bit_exact(series, tmp_path):
+    s = series
+    _force_exp_back_to_v1(s)
+    s["clock"].advance(days=40)
+    pid, doc = _plan(s["repo"], s["backend"], s["settings"], s["clock"])
+    assert remote_gc.verify(s["repo"].store, s["backend"], pid, doc, s["clock"](), "origin", s["settings"]["url"]).valid
+
+    result = _apply(s["repo"], s["backend"], s["settings"], s["clock"], pid, doc)
+
+    assert result.packs == len(s["b"]) and result.bytes == doc["candidates"]["bytes"]
+    assert _packs(s["backend"]) & s["b"] == set()
+    assert not any(k.startswith(tuple(f"packs/{n}." for n in s["b"])) for k in _keys(s["backend"]))
+    trash = _keys(s["backend"], f"trash/{pid}/")
+    assert {f"trash/{pid}/packs/{n}.{ext}" for n in s["b"] for ext in ("pack", "idx")} <= trash
+    assert remote_gc.proof_status(s["backend"], pid) == "applied"
+    assert list_locks(s["backend"]) == []
+    _clone_matches(s["settings"], tmp_path / "clone", {"keep": s["dirs"]["keep"], "exp": s["dirs"]["v1"]})
+
+
+def test_apply_refuses_and_deletes_nothing_when_a_ref_moved_so_a_candidate_is_reachable_again(series):
+    s = series
+    _force_exp_back_to_v1(s)
+    s["clock"].advance(days=40)
+    pid, doc = _plan(s["repo"], s["backend"], s["settings"], s["clock"])
+    _push(s["repo"], s["backend"], ["exp"], force=True)  # exp back at v2: nothing to send, the ref moves
+    before = _keys(s["backend"])
+
+    with pytest.raises(GcRefused) as info:
+        _apply(s["repo"], s["backend"], s["settings"], s["clock"], pid, doc)
+
+    assert any("reachable from the remote's current refs" in r for r in info.value.reasons)
+    assert _keys(s["backend"]) == before
+    assert _keys(s["backend"], "trash/") == set()
+    assert list_locks(s["backend"]) == []
+
+
+def test_apply_refuses_with_remote_busy_and_deletes_nothing_while_a_push_lock_is_held(series):
+    s = series
+    _force_exp_back_to_v1(s)
+    s["clock"].advance(days=40)
+    pid, doc = _plan(s["repo"], s["backend"], s["settings"], s["clock"])
+    before = _keys(s["backend"])
+
+    with push_lock(s["backend"], "pusher"), pytest.raises(RemoteBusy, match="push by pusher@"):
+        _apply(s["repo"], s["backend"], s["settings"], s["clock"], pid, doc)
+
+    assert _keys(s["backend"]) == before
+    assert remote_gc.proof_status(s["backend"], pid) is None
+
+
+def test_undo_brings_every_pack_and_index_back_and_the_old_head_clones_again(series, tmp_path):
+    s = series
+    _force_exp_back_to_v1(s)
+    s["clock"].advance(days=40)
+    before = _keys(s["backend"])
+    pid, doc = _plan(s["repo"], s["backend"], s["settings"], s["clock"])
+    _apply(s["repo"], s["backend"], s["settings"], s["clock"], pid, doc)
+
+    assert remote_gc.undo(s["repo"].store, s["backend"], pid, s["clock"](), "tester") == len(s["b"])
+
+    assert _keys(s["backend"]) == before
+    assert remote_gc.proof_status(s["backend"], pid) == "undone"
+    assert not remote_gc.verify(s["repo"].store, s["backend"], pid, doc, s["clock"](), "origin",
+                                s["settings"]["url"]).valid  # an undone proof is not applied again
+    _push(s["repo"], s["backend"], ["exp"], force=True)  # v2 is whole on the remote again
+    _clone_matches(s["settings"], tmp_path / "clone", {"keep": s["dirs"]["keep"], "exp": s["dirs"]["v2"]})
+
+
+def test_purge_deletes_the_trash_only_after_the_quarantine_period(series):
+    s = series
+    _force_exp_back_to_v1(s)
+    s["clock"].advance(days=40)
+    pid, doc = _plan(s["repo"], s["backend"], s["settings"], s["clock"])
+    _apply(s["repo"], s["backend"], s["settings"], s["clock"], pid, doc)
+    store = s["repo"].store
+
+    assert remote_gc.purge(store, s["backend"], s["clock"](), 7, "tester") == []
+    s["clock"].advance(days=8)
+    (done,) = remote_gc.purge(store, s["backend"], s["clock"](), 7, "tester")
+
+    assert done["proof"] == pid and done["packs"] == len(s["b"])
+    assert _keys(s["backend"], f"trash/{pid}/packs/") == set()
+    assert remote_gc.proof_status(s["backend"], pid) == "purged"
+    with pytest.raises(GcRefused):
+        remote_gc.undo(store, s["backend"], pid, s["clock"](), "tester")

@@ -1,0 +1,847 @@
+"""Remote gc: the plan / verify / apply protocol of local gc, against a remote's refs and packs.
+
+(docs/remote-gc.md.) The unit of deletion on a remote is a *pack*: remote packs are immutable
+and shared by nobody, so a pack whose every record is unreachable is deleted whole, and a pack
+with some live records is only reported (with its dead bytes).
+
+* :func:`plan` reads the remote's refs and every remote reflog; the roots are the current refs
+  and the old and new value of every reflog entry inside the retention window. It marks
+  everything those reach (commit → parents → tree → file → chunk, and each delta chunk → its
+  base, from every pack index that lists it), reading metadata through the verified reader the
+  fetch path uses (local copies first, else the remote's, verified against their ids). A pack
+  is a candidate if none of its records is live and it is older than the grace period (its
+  name starts with the time it was created), or if it has no index at all (a push killed before
+  it wrote one) and is older than the grace period. The proof, canonical JSON named by its
+  BLAKE3, is stored locally beside local gc proofs. Plan deletes nothing, and refuses if the
+  remote lacks or cannot serve any live object (keep on doubt).
+* :func:`verify` re-reads the remote's refs, reflogs and pack indexes and re-marks.
+* :func:`apply` takes the remote's gc lock (mstore/remote_lock.py), re-verifies *under* it, and
+  moves each candidate pack to ``trash/<proof>/packs/`` on the remote: copy the pack and its
+  index there, delete the index from ``packs/`` (so no reader or pusher sees the pack's
+  records any more), then the pack. :func:`undo` copies them back (pack before index, R1);
+  :func:`purge` deletes the trash of proofs applied longer ago than the quarantine period.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import blake3
+
+from .errors import IntegrityError, MstoreError, NotFound, RemoteIntegrityError, RemoteNotFound, UserError
+from .gc import (
+    DAY,
+    POLICY_DEFAULTS,
+    PROOF_TYPE,
+    PROOF_VERSION,
+    REMOTE_PROOF_TYPE,
+    GcRefused,
+    Verdict,
+    read_proof,
+    store_proof,
+)
+from .hashing import ObjectId, is_full_id
+from .objects import Commit, canonical_json
+from .reachability import walk
+from .refs import short_name
+from .remote import (
+    MAX_OBJECT,
+    Catalog,
+    Location,
+    RemoteRef,
+    _RemoteSource,
+    check_layout,
+    parse_index,
+    read_ref,
+    ref_from_key,
+    remote_reflog,
+)
+from .remote_lock import gc_lock
+from .storage.backends import Backend, BackendNotFound, open_backend
+from .storage.index import KINDS
+from .storage.packs import RECORD
+
+REMOTE_PROOF_VERSION = 1
+POLICY_KEYS = ("retention_days", "grace_days", "proof_max_age_seconds", "quarantine_days")
+#: Remote pack names are ``<time_ns hex>-<pid hex>-<64 random bits hex>`` (fsutil.unique_name).
+_PACK_NAME = re.compile(r"([0-9a-f]{1,16})-[0-9a-f]{1,16}-[0-9a-f]{16}")
+_MARKERS = ("applied", "undone", "purged")
+
+Hook = Callable[[str], None]
+
+
+def _noop(_point: str) -> None:
+    return None
+
+
+def open_remote(settings: dict[str, Any]) -> Backend:
+    """The backend of a remote's settings (a ``[remotes.NAME]`` table of config.toml)."""
+    return open_backend(settings["url"], **{k: v for k, v in settings.items() if k != "url"})
+
+
+def remote_settings(remotes: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:
+    """The settings of remote ``name``.
+
+    Raises:
+        RemoteNotFound: no remote of that name is configured.
+    """
+    settings = remotes.get(name)
+    if settings is None:
+        known = ", ".join(remotes) or "none configured"
+        raise RemoteNotFound(f"no remote {name!r} (remotes: {known}; add one with mstore remote add)")
+    return settings
+
+
+def pack_created(name: str) -> float | None:
+    """When a remote pack was created, from its name (None if the name does not say)."""
+    m = _PACK_NAME.fullmatch(name)
+    return int(m.group(1), 16) / 1e9 if m else None
+
+
+# -- the remote's state: refs and reflogs ------------------------------------------------------
+
+
+@dataclass
+class RemoteState:
+    """Every remote ref (current document) and every remote reflog, as read now."""
+
+    refs: dict[str, RemoteRef] = field(default_factory=dict)  # refs that point at a commit
+    logs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # full ref -> entries, oldest first
+
+    def digest(self) -> str:
+        """BLAKE3 over every ref (name, id, change number) and every reflog entry."""
+        doc = {
+            "refs": {n: [str(r.id), r.seq] for n, r in sorted(self.refs.items())},
+            "logs": {n: [[e.get("seq"), e.get("id"), e.get("old"), e.get("time")] for e in es]
+                     for n, es in sorted(self.logs.items())},
+        }
+        return blake3.blake3(canonical_json(doc)).hexdigest()
+
+    def roots(self, now: float, retention_days: float) -> dict[str, Any]:
+        """``{"refs": {full: id}, "reflog": [[ref, seq, id, time], ...]}``.
+
+        Reflog entries younger than the retention window give their old and new value; an
+        entry whose time is not a number counts as young (keep on doubt).
+        """
+        cutoff = now - retention_days * DAY
+        reflog = []
+        for name, entries in sorted(self.logs.items()):
+            for e in entries:
+                t = e.get("time")
+                young = not isinstance(t, (int, float)) or isinstance(t, bool) or t >= cutoff
+                if not young:
+                    continue
+                for key in ("id", "old"):
+                    if e.get(key):
+                        reflog.append([name, e["seq"], e[key], t])
+        return {"refs": {n: str(r.id) for n, r in sorted(self.refs.items())}, "reflog": reflog}
+
+
+def read_state(backend: Backend) -> RemoteState:
+    """Read every remote ref and reflog (deleted refs' reflogs included).
+
+    Raises:
+        RemoteIntegrityError: a ref or reflog key or document is malformed.
+    """
+    names: set[str] = set()
+    for prefix, strip in (("refs/", ""), ("logs/", "logs/")):
+        for key, _size in backend.list(prefix):
+            refkey = key[len(strip):]
+            if strip:
+                refkey = refkey.rsplit("/", 1)[0]
+            try:
+                names.add(ref_from_key(refkey))
+            except MstoreError as exc:
+                raise RemoteIntegrityError(f"{backend.url}: {exc}") from None
+    state = RemoteState()
+    for full in sorted(names):
+        ref = read_ref(backend, full)
+        if ref is not None and ref.id is not None:
+            state.refs[full] = ref
+        state.logs[full] = remote_reflog(backend, full)
+    return state
+
+
+# -- the remote's packs ------------------------------------------------------------------------
+
+
+@dataclass
+class Survey:
+    """Every pack on the remote: its size, its parsed index (if any), and the catalog they make."""
+
+    sizes: dict[str, int] = field(default_factory=dict)  # pack name -> bytes
+    indexes: dict[str, dict[str, Any]] = field(default_factory=dict)  # pack name -> parsed .idx
+    index_digest: dict[str, str] = field(default_factory=dict)  # pack name -> BLAKE3 of its .idx bytes
+    catalog: Catalog = field(default_factory=Catalog)
+    bases: dict[bytes, set[bytes]] = field(default_factory=dict)  # delta chunk -> every base a record names
+
+    @property
+    def orphans(self) -> list[str]:
+        """Packs without an index (a push killed between its pack and its index, R1)."""
+        return sorted(n for n in self.sizes if n not in self.indexes)
+
+
+def survey(backend: Backend, cache_dir: Path | None = None) -> Survey:
+    """List ``packs/`` and read every pack index (from ``cache_dir`` when cached).
+
+    Builds the same catalog as :func:`mstore.remote.load_catalog` from the same documents, so
+    the packs judged and the catalog marked through are one view of the remote.
+
+    Raises:
+        RemoteIntegrityError, OversizedObject: a malformed index.
+    """
+    sv = Survey()
+    names: list[str] = []
+    for key, size in backend.list("packs/"):
+        name = key[len("packs/"):]
+        if "/" in name:
+            continue
+        if name.endswith(".pack"):
+            sv.sizes[name[: -len(".pack")]] = size
+        elif name.endswith(".idx"):
+            names.append(name[: -len(".idx")])
+    cat = sv.catalog
+    for name in names:
+        raw = _read_index(backend, name, cache_dir)
+        if raw is None:
+            continue
+        doc = parse_index(raw, name, MAX_OBJECT)
+        keys = [(r[0], bytes.fromhex(r[1])) for r in doc["records"]]
+        actual = sv.sizes.get(name)
+        if actual != doc["size"]:
+            cat.damaged[name] = "missing" if actual is None else f"truncated: {actual:,} of {doc['size']:,} bytes"
+            for k in keys:
+                cat.damaged_keys.setdefault(k, name)
+            if actual is None:
+                continue
+        sv.indexes[name] = doc
+        sv.index_digest[name] = blake3.blake3(raw).hexdigest()
+        if name in cat.damaged:
+            continue
+        cat.packs[name] = {"size": doc["size"], "meta": bool(doc.get("meta"))}
+        for k, r in zip(keys, doc["records"], strict=True):
+            base = bytes.fromhex(r[6]) if len(r) == 7 else None
+            cat.objects.setdefault(k, Location(name, r[2], r[3], r[4], r[5], base))
+            if base is not None:
+                sv.bases.setdefault(k[1], set()).add(base)
+    return sv
+
+
+def _read_index(backend: Backend, name: str, cache_dir: Path | None) -> bytes | None:
+    cached = cache_dir / f"{name}.idx" if cache_dir is not None else None
+    if cached is not None and cached.is_file():
+        raw = cached.read_bytes()
+        try:
+            parse_index(raw, name, MAX_OBJECT)
+            return raw
+        except MstoreError:
+            pass  # a damaged cache: read the remote's copy
+    try:
+        return backend.get(f"packs/{name}.idx")
+    except BackendNotFound:
+        return None  # removed between the listing and the read
+
+
+# -- marking -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Marks:
+    """What is live on the remote, and why marking is in doubt (if it is)."""
+
+    live: set[tuple[str, bytes]]
+    absent: list[str]  # reflog roots stored nowhere (collected before): no doubt
+    problems: list[str]
+
+
+def mark(store: Any, backend: Backend, sv: Survey, roots: dict[str, Any]) -> Marks:
+    """Mark everything the roots reach; list every live object the remote cannot serve."""
+    src = _RemoteSource(store, backend, sv.catalog, MAX_OBJECT)
+    ref_ids = set(roots["refs"].values())
+    ids = ref_ids | {r[2] for r in roots["reflog"]}
+    bad = sorted(i for i in ids if not is_full_id(i))
+    live_set = walk(src, [ObjectId(i) for i in sorted(ids) if is_full_id(i)])
+    live: set[tuple[str, bytes]] = set()
+    for kind, objs in (("m", live_set.commits), ("t", live_set.trees), ("f", live_set.files), ("c", live_set.chunks)):
+        live.update((kind, o.digest) for o in objs)
+    # Delta chunks keep their bases: every base any record of a live chunk names, down the chain.
+    stack = [d for k, d in live if k == "c" and d in sv.bases]
+    while stack:
+        for base in sv.bases.get(stack.pop(), ()):
+            if ("c", base) not in live:
+                live.add(("c", base))
+                stack.append(base)
+    problems = [f"remote ref or reflog entry names {i!r}, which is not an id" for i in bad]
+    absent = []
+    for (kind, oid), err in sorted(live_set.unreadable.items()):
+        key = (kind, oid.digest)
+        stored = key in sv.catalog.objects or key in sv.catalog.damaged_keys or store.has(kind, oid)
+        if kind == "m" and str(oid) not in ref_ids and not stored:
+            absent.append(str(oid))  # a reflog entry whose commit is gone: collected by design
+            live.discard(key)
+            continue
+        problems.append(f"{KINDS[kind]} {oid}: {err}")
+    unreadable = {(k, o.digest) for k, o in live_set.unreadable}
+    for kind, digest in sorted(live - unreadable):
+        if (kind, digest) not in sv.catalog.objects:
+            where = sv.catalog.damaged_keys.get((kind, digest))
+            why = f"only in pack {where}, which is {sv.catalog.damaged[where]}" if where else "not on the remote"
+            problems.append(f"live {KINDS[kind]} {digest.hex()} is {why}")
+    return Marks(live, sorted(absent), problems)
+
+
+def _live_digest(live: set[tuple[str, bytes]]) -> str:
+    h = blake3.blake3()
+    for kind, digest in sorted(live):
+        h.update(kind.encode() + digest)
+    return h.hexdigest()
+
+
+# -- plan ----------------------------------------------------------------------------------------
+
+
+def _policy(policy: dict[str, Any]) -> dict[str, Any]:
+    return {k: policy.get(k, POLICY_DEFAULTS[k]) for k in POLICY_KEYS}
+
+
+def _dead_bytes(records: list[list[Any]]) -> int:
+    return sum(RECORD.size + r[3] for r in records)
+
+
+def plan(
+    store: Any,
+    backend: Backend,
+    remote: str,
+    url: str,
+    now: float,
+    policy: dict[str, Any],
+    user: str,
+    cache_dir: Path | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """Compute and store a remote gc proof; returns ``(proof id, document)``. Deletes nothing.
+
+    Raises:
+        GcRefused: a live object cannot be read or is not on the remote (all are listed); no
+            proof is written.
+        UserError: the remote is not an mstore remote yet (nothing pushed).
+    """
+    policy = _policy(policy)
+    if not check_layout(backend):
+        raise UserError(f"remote {remote!r} ({url}) is empty: nothing to collect")
+    state = read_state(backend)
+    sv = survey(backend, cache_dir)
+    roots = state.roots(now, float(policy["retention_days"]))
+    marks = mark(store, backend, sv, roots)
+    if marks.problems:
+        raise GcRefused(
+            f"remote gc plan for {remote!r} refused: some live objects cannot be read, so nothing is safe to delete",
+            marks.problems[:20] + ([f"... and {len(marks.problems) - 20} more"] if len(marks.problems) > 20 else []),
+        )
+    grace_cut = now - float(policy["grace_days"]) * DAY
+    candidates, partial, young = [], [], 0
+    dead_records: dict[str, list[list[Any]]] = {}
+    for name in sorted(sv.sizes):
+        created = pack_created(name)
+        old_enough = created is not None and created < grace_cut
+        doc = sv.indexes.get(name)
+        if name in sv.catalog.damaged:
+            continue  # reported below; never judged from an index its pack does not match
+        if doc is None:
+            if old_enough:
+                candidates.append({
+                    "pack": name, "bytes": sv.sizes[name], "records": None, "index": None, "meta": None,
+                    "created": created, "refs": [],
+                    "reason": "no index: left by a push killed before it finished; never visible to readers",
+                })
+            else:
+                young += 1
+            continue
+        dead = [r for r in doc["records"] if (r[0], bytes.fromhex(r[1])) not in marks.live]
+        if len(dead) < len(doc["records"]):
+            if dead:
+                partial.append({"pack": name, "bytes": sv.sizes[name], "records": len(doc["records"]),
+                                "dead_records": len(dead), "dead_bytes": _dead_bytes(dead)})
+            continue
+        if not old_enough:
+            young += 1
+            continue
+        dead_records[name] = dead
+        candidates.append({
+            "pack": name, "bytes": sv.sizes[name], "records": len(dead), "index": sv.index_digest[name],
+            "meta": bool(doc.get("meta")), "created": created, "refs": [], "reason": "",
+        })
+    commits = _attribute(store, backend, sv, state, roots, marks, candidates, dead_records, now, policy)
+    doc = {
+        "type": REMOTE_PROOF_TYPE,
+        "version": REMOTE_PROOF_VERSION,
+        "remote": {"name": remote, "url": url},
+        "created": now,
+        "created_by": f"{user}@{socket.gethostname()}",
+        "policy": policy,
+        "state_digest": state.digest(),
+        "roots": {**roots, "absent": marks.absent},
+        "live": {"objects": len(marks.live), "digest": _live_digest(marks.live)},
+        "candidates": {
+            "packs": len(candidates),
+            "bytes": sum(c["bytes"] for c in candidates),
+            "records": sum(c["records"] or 0 for c in candidates),
+            "younger_than_grace": young,
+        },
+        "packs": candidates,
+        "partial_packs": partial,
+        "damaged_packs": [{"pack": n, "problem": p} for n, p in sorted(sv.catalog.damaged.items())],
+        "dead_commits": commits,
+    }
+    return store_proof(store.root, doc), doc
+
+
+def _attribute(store, backend, sv, state, roots, marks, candidates, dead_records, now, policy) -> list[dict[str, Any]]:
+    """Say why each candidate pack is dead: which remote refs' old versions its records belong to.
+
+    Walks, newest first, each reflog value outside the window (a version a ref had once); the
+    first ref whose old versions reach a dead record claims it. What cannot be read here is only
+    left unattributed: marking, not this, decides what is live.
+    """
+    if not candidates:
+        return []
+    dead_keys = {(r[0], bytes.fromhex(r[1])): name for name, rs in dead_records.items() for r in rs}
+    in_window = {(r[0], r[1]) for r in roots["reflog"]}
+    versions: list[tuple[float, str, int, str, dict]] = []
+    for name, entries in state.logs.items():
+        for e in entries:
+            for key in ("id", "old"):
+                v = e.get(key)
+                if v and is_full_id(v) and (name, e["seq"]) not in in_window:
+                    t = e.get("time") if isinstance(e.get("time"), (int, float)) else 0.0
+                    versions.append((t, name, e["seq"], v, e))
+    versions.sort(key=lambda x: (-x[0], x[1], -x[2]))
+    last: dict[str, tuple[str, float]] = {}  # commit id -> (ref, time last referenced)
+    for t, name, _seq, v, _e in versions:
+        last.setdefault(v, (name, t))
+    deleted = {n: es[-1].get("time") for n, es in state.logs.items() if n not in state.refs and es}
+    claimed: dict[tuple[str, bytes], str] = {}
+    src = _RemoteSource(store, backend, sv.catalog, MAX_OBJECT)
+    for ref in dict.fromkeys(name for _t, name, _s, _v, _e in versions):
+        heads = [ObjectId(v) for _t, n, _s, v, _e in versions
+                 if n == ref and ("m", ObjectId(v).digest) not in marks.live]
+        if not heads:
+            continue
+        reached = walk(src, heads)
+        for kind, objs in (("m", reached.commits), ("t", reached.trees), ("f", reached.files), ("c", reached.chunks)):
+            for o in objs:
+                claimed.setdefault((kind, o.digest), ref)
+    for key in list(dead_keys):  # a dead delta's base belongs with it
+        if key[0] == "c" and key in claimed:
+            for base in sv.bases.get(key[1], ()):
+                claimed.setdefault(("c", base), claimed[key])
+    retention = policy["retention_days"]
+    for c in candidates:
+        if c["records"] is None:
+            continue
+        refs = sorted({claimed[k] for k in dead_keys if dead_keys[k] == c["pack"] and k in claimed})
+        c["refs"] = [short_name(r) for r in refs]
+        unclaimed = sum(1 for k in dead_keys if dead_keys[k] == c["pack"] and k not in claimed)
+        parts = []
+        for r in refs:
+            if r in deleted and isinstance(deleted[r], (int, float)):
+                parts.append(f"{short_name(r)} (deleted {(now - deleted[r]) / DAY:.0f} days ago)")
+            else:
+                t = max((v[0] for v in versions if v[1] == r), default=None)
+                ago = f", last referenced {(now - t) / DAY:.0f} days ago" if t else ""
+                parts.append(f"old versions of {short_name(r)}{ago}")
+        what = f"holds only {', '.join(parts)}" if parts else "holds nothing any remote ref ever named"
+        if parts and unclaimed:
+            what += f", and {unclaimed} records no remote ref ever named"
+        c["reason"] = (f"every record is unreachable from the remote's refs and reflog entries of the last "
+                       f"{retention:g} days: {what}")
+    commits = []
+    for key, pack in sorted(dead_keys.items(), key=lambda kv: kv[0][1]):
+        if key[0] != "m":
+            continue
+        cid = ObjectId.from_digest(key[1])
+        info: dict[str, Any] = {"id": str(cid), "pack": pack}
+        ref, t = last.get(str(cid), (None, None))
+        info["ref"] = short_name(ref) if ref else None
+        info["last_referenced"] = t
+        try:
+            commit = Commit.parse(src.get("m", cid))
+            info.update(message=commit.message, time=commit.time, kind=commit.kind)
+        except MstoreError:
+            info.update(message=None, time=None, kind=None)
+        commits.append(info)
+    return commits
+
+
+# -- loading proofs --------------------------------------------------------------------------------
+
+
+def load_proof(root: Path, prefix: str) -> tuple[str, dict[str, Any]]:
+    """A stored remote gc proof by id or prefix, checked (not edited, well formed).
+
+    Raises:
+        UserError, NotFound, IntegrityError (edited, or malformed: a hostile document), or
+        UnsupportedFormat (see :func:`mstore.gc.read_proof`).
+    """
+    pid, doc = read_proof(root, prefix, {REMOTE_PROOF_TYPE: REMOTE_PROOF_VERSION})
+    _check_shape(pid, doc)
+    return pid, doc
+
+
+def proof_type(root: Path, prefix: str) -> tuple[str, str | None]:
+    """``(proof id, remote name)`` of a stored proof (remote None for a local gc proof)."""
+    pid, doc = read_proof(root, prefix, {PROOF_TYPE: PROOF_VERSION, REMOTE_PROOF_TYPE: REMOTE_PROOF_VERSION})
+    if doc["type"] != REMOTE_PROOF_TYPE:
+        return pid, None
+    _check_shape(pid, doc)
+    return pid, doc["remote"]["name"]
+
+
+def _check_shape(pid: str, doc: dict[str, Any]) -> None:
+    """Refuse a proof whose fields are not what plan writes (a hash only says it was not edited)."""
+
+    def num(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    ok = (
+        isinstance(doc.get("remote"), dict)
+        and isinstance(doc["remote"].get("name"), str)
+        and isinstance(doc["remote"].get("url"), str)
+        and num(doc.get("created"))
+        and isinstance(doc.get("policy"), dict)
+        and all(num(doc["policy"].get(k)) for k in POLICY_KEYS)
+        and isinstance(doc.get("packs"), list)
+        and isinstance(doc.get("state_digest"), str)
+    )
+    if ok:
+        for p in doc["packs"]:
+            if not (
+                isinstance(p, dict)
+                and isinstance(p.get("pack"), str)
+                and _PACK_NAME.fullmatch(p["pack"])
+                and isinstance(p.get("bytes"), int)
+                and (p.get("index") is None or (isinstance(p["index"], str) and is_full_id(p["index"])))
+            ):
+                ok = False
+                break
+        ok = ok and len({p["pack"] for p in doc["packs"]}) == len(doc["packs"])
+    if not ok:
+        raise IntegrityError(f"remote gc proof {pid[:7]} is malformed: refusing it")
+
+
+# -- status on the remote -----------------------------------------------------------------------
+
+
+def _trash(pid: str) -> str:
+    return f"trash/{pid}/"
+
+
+def proof_status(backend: Backend, pid: str) -> str | None:
+    """``applied``, ``undone`` or ``purged`` (from the markers under ``trash/<proof>/``), or None."""
+    status = None
+    for action in _MARKERS:
+        if backend.stat(f"{_trash(pid)}{action}.json") is not None:
+            status = action
+    return status
+
+
+def _put_marker(backend: Backend, pid: str, action: str, now: float, user: str, **extra: Any) -> None:
+    body = {"proof": pid, "action": action, "time": now, "user": user, "host": socket.gethostname(), **extra}
+    backend.put(f"{_trash(pid)}{action}.json", canonical_json(body))
+
+
+def log(backend: Backend) -> list[dict[str, Any]]:
+    """The remote gc audit log: every proof applied, undone or purged on this remote, oldest first."""
+    out = []
+    for key, _size in backend.list("trash/"):
+        parts = key.split("/")
+        if len(parts) == 3 and parts[2] in {f"{a}.json" for a in _MARKERS}:
+            try:
+                out.append(json.loads(backend.get(key)))
+            except (ValueError, BackendNotFound):
+                continue
+    return sorted(out, key=lambda e: (e.get("time") or 0, _MARKERS.index(e.get("action", "applied"))))
+
+
+# -- verify ------------------------------------------------------------------------------------
+
+
+def _check_remote(doc: dict[str, Any], remote: str, url: str) -> list[str]:
+    r = doc["remote"]
+    if r["name"] != remote or r["url"] != url:
+        return [f"the proof is for remote {r['name']!r} ({r['url']}), not {remote!r} ({url})"]
+    return []
+
+
+def verify(
+    store: Any, backend: Backend, pid: str, doc: dict[str, Any], now: float, remote: str, url: str,
+    cache_dir: Path | None = None,
+) -> Verdict:
+    """Re-read the remote's refs, reflogs and packs, re-mark, and list every reason the proof fails."""
+    return _verify(store, backend, pid, doc, now, remote, url, cache_dir)[0]
+
+
+def _verify(store, backend, pid, doc, now, remote, url, cache_dir=None) -> tuple[Verdict, Survey | None]:
+    reasons = _check_remote(doc, remote, url)
+    if reasons:  # never judge one remote's packs by another's proof
+        return Verdict(pid, False, reasons, None), None
+    status = proof_status(backend, pid)
+    if status is not None:
+        reasons.append(f"the proof was already {status}")
+    policy = doc["policy"]
+    age = now - float(doc["created"])
+    if age > float(policy["proof_max_age_seconds"]):
+        reasons.append(f"the proof is {age / 60:.0f} minutes old; the limit is "
+                       f"{float(policy['proof_max_age_seconds']) / 60:.0f} (plan again)")
+    state = read_state(backend)
+    sv = survey(backend, cache_dir)
+    roots = state.roots(now, float(policy["retention_days"]))
+    marks = mark(store, backend, sv, roots)
+    if marks.problems:
+        reasons.append(f"{len(marks.problems)} live objects cannot be read; nothing is safe to delete "
+                       f"(e.g. {marks.problems[0]})")
+    grace_cut = now - float(policy["grace_days"]) * DAY
+    reachable: list[str] = []
+    for p in doc["packs"]:
+        name = p["pack"]
+        created = pack_created(name)
+        if created is None or created >= grace_cut:
+            reasons.append(f"pack {name} is younger than the {policy['grace_days']:g}-day grace period")
+        moved = _moved_copy(backend, pid, name, p)
+        if name not in sv.sizes and not moved:
+            reasons.append(f"pack {name} is no longer on the remote")
+            continue
+        if name in sv.sizes and sv.sizes[name] != p["bytes"]:
+            reasons.append(f"pack {name} is {sv.sizes[name]:,} bytes, not {p['bytes']:,} as planned")
+            continue
+        if p["index"] is None:
+            if name in sv.indexes:
+                reasons.append(f"pack {name} has an index now (a push finished it)")
+            continue
+        idx = _index_of(backend, pid, name, p, sv)
+        if idx is None:
+            reasons.append(f"the index of pack {name} changed or vanished since the plan")
+            continue
+        live = [r for r in idx["records"] if (r[0], bytes.fromhex(r[1])) in marks.live]
+        if live:
+            reachable.append(f"pack {name}: {KINDS[live[0][0]]} {live[0][1]}")
+    if reachable:
+        reasons.append(f"{len(reachable)} candidate packs hold objects reachable from the remote's current refs "
+                       f"and reflog (e.g. {reachable[0]})")
+    return Verdict(pid, not reasons, reasons, status), sv
+
+
+def _moved_copy(backend: Backend, pid: str, name: str, p: dict[str, Any]) -> bool:
+    """True if an interrupted apply of this proof already put the pack into its trash."""
+    return backend.stat(f"{_trash(pid)}packs/{name}.pack") == p["bytes"]
+
+
+def _index_of(backend: Backend, pid: str, name: str, p: dict[str, Any], sv: Survey) -> dict[str, Any] | None:
+    """The candidate's index as planned (from ``packs/``, or this proof's trash), read from the remote."""
+    for key in (f"packs/{name}.idx", f"{_trash(pid)}packs/{name}.idx"):
+        try:
+            raw = backend.get(key)  # not from a cache: what is deleted is judged by what is there
+        except BackendNotFound:
+            continue
+        if blake3.blake3(raw).hexdigest() != p["index"]:
+            return None
+        return parse_index(raw, name, MAX_OBJECT)
+    return None
+
+
+# -- apply, undo, purge ---------------------------------------------------------------------------
+
+
+@dataclass
+class RemoteApplyResult:
+    """What an applied remote proof did."""
+
+    proof: str
+    remote: str
+    packs: int
+    bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"proof": self.proof, "remote": self.remote, "packs": self.packs, "bytes": self.bytes,
+                "trash": _trash(self.proof)}
+
+
+def _copy(backend: Backend, src: str, dst: str, size: int, tmp: Path) -> None:
+    """Copy one remote object to another key through a local temporary file; check its size.
+
+    Raises:
+        IntegrityError: the copy is not the size it must be (nothing is deleted then).
+    """
+    path = tmp / "copy"
+    backend.get_file(src, path)
+    if path.stat().st_size != size:
+        raise IntegrityError(f"remote {src} is {path.stat().st_size:,} bytes, not {size:,}: not moving it")
+    backend.put_file(dst, path)
+    if backend.stat(dst) != size:
+        raise IntegrityError(f"the copy of remote {src} at {dst} is not {size:,} bytes: not deleting the original")
+    path.unlink()
+
+
+def _tmpdir(store: Any):
+    base = Path(store.root) / "tmp"
+    return tempfile.TemporaryDirectory(dir=base if base.is_dir() else None, prefix="remote-gc-")
+
+
+def apply(
+    store: Any, backend: Backend, pid: str, doc: dict[str, Any], now: float, user: str, remote: str, url: str,
+    crash_hook: Hook | None = None,
+) -> RemoteApplyResult:
+    """Under the remote's gc lock, re-verify the proof and move its candidate packs to the trash.
+
+    For each pack: copy the pack and then its index to ``trash/<proof>/packs/``, delete the
+    index from ``packs/`` (from then on no reader or pusher counts its records), then the pack.
+    A crash leaves each pack either in ``packs/`` (maybe also copied) or in the trash (maybe
+    without its index in ``packs/`` any more): applying again finishes; undo brings all back.
+
+    Raises:
+        RemoteBusy: a push or another gc holds a lock; nothing changed.
+        GcRefused: the proof is not valid now (every reason listed); nothing changed.
+    """
+    hook = crash_hook or _noop
+    raw = canonical_json(doc)
+    with gc_lock(backend, user):
+        hook("locked")
+        verdict, _sv = _verify(store, backend, pid, doc, now, remote, url)  # refs re-read under the lock
+        if not verdict.valid:
+            raise GcRefused(f"remote gc proof {pid[:7]} cannot be applied", verdict.reasons)
+        backend.put_if_absent(f"{_trash(pid)}proof.json", raw)
+        with _tmpdir(store) as tmp:
+            for p in doc["packs"]:
+                name, size = p["pack"], p["bytes"]
+                tkey = f"{_trash(pid)}packs/{name}"
+                if backend.stat(f"{tkey}.pack") != size:
+                    _copy(backend, f"packs/{name}.pack", f"{tkey}.pack", size, Path(tmp))
+                hook("pack-copied")
+                if p["index"] is not None:
+                    isize = backend.stat(f"packs/{name}.idx")
+                    if isize is not None and backend.stat(f"{tkey}.idx") != isize:
+                        _copy(backend, f"packs/{name}.idx", f"{tkey}.idx", isize, Path(tmp))
+                    hook("index-copied")
+                    backend.delete(f"packs/{name}.idx")  # first: nobody dedups against it any more
+                    hook("index-deleted")
+                backend.delete(f"packs/{name}.pack")
+                hook("pack-deleted")
+        total = sum(p["bytes"] for p in doc["packs"])
+        _put_marker(backend, pid, "applied", now, user, packs=len(doc["packs"]), bytes=total)
+    return RemoteApplyResult(pid, remote, len(doc["packs"]), total)
+
+
+def _trash_packs(backend: Backend, pid: str) -> dict[str, dict[str, int]]:
+    """What the proof's trash holds: pack name -> {"pack": size, "idx": size}."""
+    out: dict[str, dict[str, int]] = {}
+    prefix = f"{_trash(pid)}packs/"
+    for key, size in backend.list(prefix):
+        name = key[len(prefix):]
+        for ext in ("pack", "idx"):
+            if name.endswith(f".{ext}") and _PACK_NAME.fullmatch(name[: -len(ext) - 1]):
+                out.setdefault(name[: -len(ext) - 1], {})[ext] = size
+    return out
+
+
+def undo(store: Any, backend: Backend, pid: str, now: float, user: str) -> int:
+    """Under the gc lock, move an applied (or interrupted) proof's packs back; returns the pack count.
+
+    Each pack is copied back before its index (R1), then the trash copies are deleted.
+
+    Raises:
+        RemoteBusy: a push or another gc holds a lock. GcRefused: nothing to undo (the proof was
+            not applied here, or was undone or purged).
+    """
+    with gc_lock(backend, user):
+        status = proof_status(backend, pid)
+        held = _trash_packs(backend, pid)
+        if status not in ("applied", None) or (status is None and not held):
+            raise GcRefused(f"remote gc proof {pid[:7]} cannot be undone", [f"its status is {status or 'not applied'}"])
+        with _tmpdir(store) as tmp:
+            for name, sizes in sorted(held.items()):
+                tkey = f"{_trash(pid)}packs/{name}"
+                if "pack" not in sizes:
+                    continue
+                if backend.stat(f"packs/{name}.pack") != sizes["pack"]:
+                    _copy(backend, f"{tkey}.pack", f"packs/{name}.pack", sizes["pack"], Path(tmp))
+                if "idx" in sizes and backend.stat(f"packs/{name}.idx") != sizes["idx"]:
+                    _copy(backend, f"{tkey}.idx", f"packs/{name}.idx", sizes["idx"], Path(tmp))
+                backend.delete(f"{tkey}.idx")
+                backend.delete(f"{tkey}.pack")
+        _put_marker(backend, pid, "undone", now, user, packs=len(held))
+    return len(held)
+
+
+def purge(store: Any, backend: Backend, now: float, quarantine_days: float, user: str,
+          dry_run: bool = False) -> list[dict[str, Any]]:
+    """Under the gc lock, delete for good the trash of proofs applied over ``quarantine_days`` ago.
+
+    The point of no return on the remote: afterwards the remote reflog entries that named those
+    versions lead nowhere.
+    """
+    with gc_lock(backend, user):
+        applied: dict[str, dict[str, Any]] = {}
+        for e in log(backend):
+            if e.get("action") == "applied":
+                applied[e["proof"]] = e
+            else:
+                applied.pop(e.get("proof"), None)
+        out = []
+        for pid, e in sorted(applied.items()):
+            if not is_full_id(pid) or now - float(e.get("time", now)) < quarantine_days * DAY:
+                continue
+            held = _trash_packs(backend, pid)
+            size = sum(s.get("pack", 0) + s.get("idx", 0) for s in held.values())
+            out.append({"proof": pid, "applied": e["time"], "packs": len(held), "bytes": size})
+            if dry_run:
+                continue
+            for name in held:
+                backend.delete(f"{_trash(pid)}packs/{name}.idx")
+                backend.delete(f"{_trash(pid)}packs/{name}.pack")
+            _put_marker(backend, pid, "purged", now, user, packs=len(held), bytes=size)
+    return out
+
+
+def resolve(root: Path, prefix: str) -> tuple[str, dict[str, Any] | None]:
+    """A remote proof's id and document, or ``(full id, None)`` for an id with no local copy.
+
+    (Undo needs only the id: what to bring back is listed in the remote's trash.)
+
+    Raises:
+        NotFound: no local proof and ``prefix`` is not a full id.
+    """
+    try:
+        return load_proof(root, prefix)
+    except NotFound:
+        if is_full_id(prefix):
+            return prefix, None
+        raise
+
+
+__all__ = [
+    "REMOTE_PROOF_TYPE",
+    "RemoteApplyResult",
+    "RemoteState",
+    "Survey",
+    "apply",
+    "load_proof",
+    "log",
+    "mark",
+    "open_remote",
+    "plan",
+    "proof_status",
+    "proof_type",
+    "purge",
+    "read_state",
+    "remote_settings",
+    "survey",
+    "undo",
+    "verify",
+]
