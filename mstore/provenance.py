@@ -11,6 +11,7 @@ directory and command line explicitly. Package versions come from installed meta
 from __future__ import annotations
 
 import getpass
+import os
 import platform
 import socket
 import subprocess
@@ -25,16 +26,50 @@ TRACKED_PACKAGES = ("torch", "transformers", "peft", "safetensors", "numpy", "ac
 
 def mstore_version() -> str:
     """The installed mstore version."""
-    try:
-        return metadata.version("mstore")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
+    return installed_versions(("mstore",)).get("mstore", "0+unknown")
+
+
+def _normalize(name: str) -> str:
+    return name.replace("-", "_").replace(".", "_").lower()
+
+
+def installed_versions(names: tuple[str, ...]) -> dict[str, str]:
+    """Versions of the installed distributions among ``names``, as importlib would find them.
+
+    A wheel-installed distribution's directory is named ``{name}-{version}.dist-info``, so its
+    version is read from the directory name: ``importlib.metadata.version`` parses the whole
+    METADATA file with the e-mail parser, which cost ~5 ms per package (40 ms of a 90 ms
+    commit). The first ``sys.path`` entry that has the package wins, as for an import; a
+    package found in no ``*.dist-info`` name (an ``.egg-info`` install) is asked of
+    importlib.metadata.
+    """
+    wanted = {_normalize(n): n for n in names}
+    out: dict[str, str] = {}
+    for entry in sys.path:
+        try:
+            it = os.scandir(entry or ".")
+        except OSError:
+            continue
+        with it:
+            for d in it:
+                if not d.name.endswith(".dist-info"):
+                    continue
+                dist, _, version = d.name[: -len(".dist-info")].partition("-")
+                name = wanted.get(_normalize(dist))
+                if name is not None and version and name not in out:
+                    out[name] = version
+    for name in names:
+        if name not in out:
+            try:
+                out[name] = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                continue
+    return {n: out[n] for n in names if n in out}
 
 
 def current_user() -> str:
     """The user name, from the password database (no environment lookup)."""
     try:
-        import os
         import pwd
 
         return pwd.getpwuid(os.getuid()).pw_name
@@ -65,13 +100,7 @@ def git_revision(cwd: Path) -> dict[str, Any] | None:
 
 def package_versions() -> dict[str, str]:
     """Versions of the ML packages that are installed (none are imported)."""
-    out = {}
-    for name in TRACKED_PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
+    return installed_versions(TRACKED_PACKAGES)
 
 
 def capture(cwd: Path, argv: list[str] | None, extra: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -1,0 +1,32 @@
+"""Provenance: package versions read from dist-info names agree with importlib.metadata."""
+
+from __future__ import annotations
+
+import sys
+from importlib import metadata
+
+from mstore import provenance
+
+
+def test_package_versions_are_what_importlib_metadata_reports():
+    expected = {}
+    for name in provenance.TRACKED_PACKAGES:
+        try:
+            expected[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    assert provenance.package_versions() == expected
+    assert provenance.mstore_version() == metadata.version("mstore")
+
+
+def test_the_first_path_entry_that_has_a_package_wins(tmp_path, monkeypatch):
+    first, second = tmp_path / "a", tmp_path / "b"
+    (first / "Some_Pkg-1.2.dist-info").mkdir(parents=True)
+    (second / "some_pkg-9.9.dist-info").mkdir(parents=True)
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "missing"), str(first), str(second)])
+    assert provenance.installed_versions(("some-pkg",)) == {"some-pkg": "1.2"}
+
+
+def test_a_package_installed_nowhere_is_left_out(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "path", [str(tmp_path)])
+    assert provenance.installed_versions(("no-such-package-anywhere",)) == {}
