@@ -19,7 +19,7 @@ import pytest
 from mstore import ObjectId, Repo
 from mstore.codecs import DELTA
 from mstore.errors import RemoteIntegrityError
-from mstore.objects import load_file
+from mstore.objects import load_commit, load_file
 from mstore.remote import load_catalog
 from mstore.remote_mount import RemoteObjects, remote_target
 from mstore.snapshot import resolve_path
@@ -57,10 +57,7 @@ def _two_checkpoints(repo: Repo, work: Path) -> tuple[list[ObjectId], list[bytes
 
 
 def _chunks(repo: Repo, cid: ObjectId) -> list[tuple[ObjectId, int]]:
-    commit = repo.store.get("m", cid)
-    from mstore.objects import Commit
-
-    tree = Commit.parse(commit).tree
+    tree = load_commit(repo.store, cid).tree
     return list(load_file(repo.store, resolve_path(repo.store, tree, MODEL).id).chunks)
 
 
@@ -104,6 +101,18 @@ def _bases(repo: Repo, chunks: set[ObjectId]) -> set[ObjectId]:
                 out.add(base)
                 row = txn.db_get("deltas", base.digest)
     return out
+
+
+def _flip_remote_record(remote: dict, kind: str, oid: ObjectId) -> None:
+    """Flip a byte in the middle of an object's payload in a ``file://`` remote's pack."""
+    at = load_catalog(open_backend(remote["url"])).objects[(kind, oid.digest)]
+    path = Path(remote["url"].removeprefix("file://")) / "packs" / f"{at.pack}.pack"
+    pos = at.offset + RECORD.size + at.enc_len // 2
+    with open(path, "r+b") as f:
+        f.seek(pos)
+        byte = f.read(1)[0]
+        f.seek(pos)
+        f.write(bytes([byte ^ 0x40]))
 
 
 def _log(repo: Repo) -> str:
@@ -198,13 +207,7 @@ def test_a_corrupted_remote_chunk_fails_that_read_with_eio_and_names_the_chunk(p
     assert loc.codec == DELTA
     bad_base = ObjectId.from_digest(cat.objects[("c", chunks[4][0].digest)].base)
     for oid in (bad_delta, bad_base):
-        at = cat.objects[("c", oid.digest)]
-        path = Path(remote["url"].removeprefix("file://")) / "packs" / f"{at.pack}.pack"
-        with open(path, "r+b") as f:
-            f.seek(at.offset + RECORD.size + at.enc_len // 2)
-            byte = f.read(1)[0]
-            f.seek(at.offset + RECORD.size + at.enc_len // 2)
-            f.write(bytes([byte ^ 0x40]))
+        _flip_remote_record(remote, "c", oid)
     mnt = tmp_path / "mnt"
     cli(reader.root, "mount", "--readahead", "0", "origin/exp1", str(mnt))
     try:
@@ -338,3 +341,19 @@ def test_remote_target_names_a_remote_only_for_a_plain_remote_slash_branch(repo,
     (d / "f").write_text("x")
     repo.commit(d, "origin/exp1", "a local branch of that name wins")
     assert remote_target(repo, "origin/exp1") is None
+
+
+@requires_fuse
+@pytest.mark.usefixtures("fuse")
+@pytest.mark.parametrize("remote", ["file"], indirect=True)
+def test_a_remote_tree_with_wrong_bytes_refuses_the_mount_before_anything_is_mounted(
+    pushed, reader, tmp_path, remote, repo
+):
+    commits, _files, _chunks = pushed
+    tree = load_commit(repo.store, commits[1]).tree
+    _flip_remote_record(remote, "t", tree)
+    mnt = tmp_path / "mnt"
+    proc = cli(reader.root, "mount", "origin/exp1", str(mnt), check=False)
+    assert proc.returncode == 5, proc.stderr
+    assert str(tree) in proc.stderr
+    assert not mnt.exists() and mounts_under(tmp_path) == []
