@@ -30,3 +30,11 @@ def test_the_first_path_entry_that_has_a_package_wins(tmp_path, monkeypatch):
 def test_a_package_installed_nowhere_is_left_out(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "path", [str(tmp_path)])
     assert provenance.installed_versions(("no-such-package-anywhere",)) == {}
+
+
+def test_an_egg_info_install_is_asked_of_importlib_metadata(tmp_path, monkeypatch):
+    egg = tmp_path / "some_egg.egg-info"
+    egg.mkdir()
+    (egg / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: some-egg\nVersion: 3.4.5\n")
+    monkeypatch.setattr(sys, "path", [str(tmp_path)])
+    assert provenance.installed_versions(("some-egg",)) == {"some-egg": "3.4.5"}
