@@ -34,6 +34,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,8 @@ log = logging.getLogger("mstore.mount")
 #: A remote mount downloads ahead of a sequential reader on this many threads: a GET waits on
 #: the network far more than on the CPU, so more of them overlap than local decodes do.
 REMOTE_WORKERS = 6
+#: Threads that download the deeper levels of delta chains, for all readers together.
+CHAIN_WORKERS = 4
 #: Verified chunks waiting to be indexed locally (``keep``) hold at most this many bytes; past
 #: it a chunk is served but not kept (memory stays bounded if the disk is slower than the wire).
 KEEP_QUEUE_BYTES = 32 << 20
@@ -314,6 +317,8 @@ class RemoteObjects:
         except MstoreError as exc:
             raise _unreachable(remote, backend, exc) from None
         self._keeper = _Keeper(store) if keep else None
+        # Downloads the deeper levels of delta chains (the caller's thread takes the first).
+        self._pool = ThreadPoolExecutor(CHAIN_WORKERS, thread_name_prefix="mstore-mount-chain")
 
     # -- metadata: read once, verified, held ----------------------------------------------------
     def _metadata(self, commit_id: ObjectId) -> dict[tuple[str, bytes], bytes]:
@@ -413,7 +418,13 @@ class RemoteObjects:
             base_raw = self._local(cur)
             if base_raw is not None:
                 break
-        records = [self._fetch(c, loc) for c, loc in chain]
+        # The chain's locations are all known from the pack index: its levels download at once.
+        later = [self._pool.submit(self._fetch, c, loc) for c, loc in chain[1:]]
+        try:
+            records = [self._fetch(*chain[0]), *(f.result() for f in later)]
+        finally:
+            for f in later:
+                f.cancel()
         raw = base_raw
         for r in reversed(records):  # the base first
             if r.codec == codecs.DELTA:
@@ -432,6 +443,7 @@ class RemoteObjects:
     # -- lifecycle -------------------------------------------------------------------------------
     def close(self) -> None:
         """Index what is still queued (``keep``). The backend stays open: its opener closes it."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
         if self._keeper is not None:
             self._keeper.close()
             self._keeper = _Closed(self._keeper)
