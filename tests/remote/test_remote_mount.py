@@ -357,3 +357,31 @@ def test_a_remote_tree_with_wrong_bytes_refuses_the_mount_before_anything_is_mou
     assert proc.returncode == 5, proc.stderr
     assert str(tree) in proc.stderr
     assert not mnt.exists() and mounts_under(tmp_path) == []
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)
+def test_a_delta_whose_base_the_store_has_costs_one_get_and_kept_chunks_are_then_read_locally(
+    pushed, reader, remote, repo
+):
+    commits, files, chunks = pushed
+    backend = Counting(open_backend(remote["url"]))
+    i = 9
+    want = files[1][sum(k for _c, k in chunks[:i]) :][: chunks[i][1]]
+    delta = chunks[i][0]
+    [base] = _bases(repo, {delta})
+    assert base in {c for c, _n in _chunks(repo, commits[0])}  # the same tensor, one version back
+    # Keep only the first version's tensor (a whole chunk) in the reader's store.
+    with RemoteObjects(reader.store, backend, "origin", commits[0], keep=True) as old:
+        old.get("c", base)
+    assert _chunk_ids(reader) == {base}
+    with RemoteObjects(reader.store, backend, "origin", commits[1], keep=True) as src:
+        before = len(backend.ranges)
+        assert src.get("c", delta) == want
+        assert len(backend.ranges) - before == 1  # the delta only: its base was read locally
+    assert _chunk_ids(reader) == {base, delta}
+    assert reader.store.entry("c", delta).codec == DELTA  # kept as it travels, on its local base
+    with RemoteObjects(reader.store, backend, "origin", commits[1]) as again:
+        before = len(backend.ranges)
+        assert again.get("c", delta) == want
+        assert len(backend.ranges) == before and again.local_chunks == 1
+    assert _refs(reader) == {}
