@@ -226,11 +226,16 @@ class _Keeper:
         self._thread.join(timeout=60)
 
     def _run(self) -> None:
+        # One batch (so one pack, rolled when full) for the life of the mount, indexed every
+        # few seconds; a failure abandons it (its indexed part stays) and starts another.
         done = False
         while not done:
             try:
                 with self.store.batch() as batch:
-                    done = self._fill(batch)
+                    while not done:
+                        done = self._fill(batch)
+                        if batch.pending or batch.reused:
+                            batch.flush()
                     batch.commit()
             except MstoreError as exc:  # a concurrent gc took a base, the disk is full, ...
                 self.failed += 1

@@ -11,6 +11,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import random
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +20,10 @@ import pytest
 
 from mstore import ObjectId, Repo
 from mstore.codecs import DELTA
-from mstore.errors import RemoteIntegrityError
+from mstore.errors import RefNotFound, RemoteIntegrityError
 from mstore.objects import load_commit, load_file
 from mstore.remote import load_catalog
-from mstore.remote_mount import RemoteObjects, remote_target
+from mstore.remote_mount import RemoteObjects, remote_target, resolve_remote
 from mstore.snapshot import resolve_path
 from mstore.storage.backends import open_backend
 from mstore.storage.packs import RECORD
@@ -385,3 +387,35 @@ def test_a_delta_whose_base_the_store_has_costs_one_get_and_kept_chunks_are_then
         assert again.get("c", delta) == want
         assert len(backend.ranges) == before and again.local_chunks == 1
     assert _refs(reader) == {}
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)
+def test_a_remote_revision_is_its_branch_else_its_tag_else_a_full_commit_id(pushed, repo, remote):
+    commits, _files, _chunks = pushed
+    repo.create_tag("v0", str(commits[0]))
+    repo.push("origin", ["v0"])
+    backend = open_backend(remote["url"])
+    assert resolve_remote("origin", backend, "exp1").commit == commits[1]
+    assert resolve_remote("origin", backend, "v0").commit == commits[0]
+    assert resolve_remote("origin", backend, "v0").ref == "refs/tags/v0"
+    assert resolve_remote("origin", backend, str(commits[0])).commit == commits[0]
+    with pytest.raises(RefNotFound, match="remote origin has no branch or tag 'v9'"):
+        resolve_remote("origin", backend, "v9")
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)
+def test_many_threads_reading_at_once_all_get_the_pushed_bytes(pushed, reader, remote):
+    commits, files, chunks = pushed
+    starts = np.cumsum([0] + [n for _c, n in chunks])
+    order = [i for _ in range(3) for i in range(len(chunks))]
+    random.Random(5).shuffle(order)
+    backend = Counting(open_backend(remote["url"]))
+    with RemoteObjects(reader.store, backend, "origin", commits[1], keep=True) as src:
+
+        def read(i: int) -> bool:
+            off = int(starts[i])
+            return src.get("c", chunks[i][0]) == files[1][off : off + chunks[i][1]]
+
+        with ThreadPoolExecutor(8) as pool:
+            assert all(pool.map(read, order))
+    assert {c for c, _n in chunks} <= _chunk_ids(reader)
