@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import click
 
 from . import _output as out
 from ._common import json_option, state
+
+remote_option = click.option(
+    "--remote", "remote", metavar="NAME",
+    help="Collect on remote NAME (its refs, reflog and packs) instead of this store: docs/remote-gc.md.",
+)
 
 
 @click.group()
@@ -20,7 +27,109 @@ def gc() -> None:
     mstore gc undo PROOF      bring them back (until purge)
     mstore gc purge           empty old trash: the point of no return
     mstore gc log             the audit log of applied, undone and purged proofs
+
+    With --remote NAME the same verbs collect on a remote (an S3 bucket or a second disk):
+    the roots are the remote's refs and remote reflog entries inside the retention window,
+    whole dead packs are the candidates, apply moves them to trash/PROOF/ on the remote under
+    a lock that no push can race, and undo brings them back (docs/remote-gc.md).
+
+    \b
+    mstore gc plan --remote origin      a proof for the remote's packs (deletes nothing)
+    mstore gc show|verify|apply|undo PROOF    dispatch on the proof: it names its remote
+    mstore gc purge --remote origin     empty the remote's trash after quarantine
+    mstore gc log --remote origin       the remote's audit log
+    mstore gc unlock --remote origin    remove locks left by killed pushes or gcs
     """
+
+
+class _RemoteGc:
+    """Remote gc for one configured remote: the calls a Repo facade would make (docs/remote-gc.md)."""
+
+    def __init__(self, repo, name: str):
+        from .. import remote_gc
+
+        self.repo, self.name, self.rg = repo, name, remote_gc
+        self.settings = remote_gc.remote_settings(repo.remotes(), name)
+        self.url = self.settings["url"]
+
+    @contextmanager
+    def backend(self):
+        b = self.rg.open_remote(self.settings)
+        try:
+            yield b
+        finally:
+            b.close()
+
+    def plan(self, retention_days=None, grace_days=None):
+        policy = self.repo.gc_policy(retention_days=retention_days, grace_days=grace_days)
+        with self.backend() as b:
+            return self.rg.plan(self.repo.store, b, self.name, self.url, self.repo.clock(), policy, self.repo.user)
+
+    def verify(self, pid, doc):
+        with self.backend() as b:
+            return self.rg.verify(self.repo.store, b, pid, doc, self.repo.clock(), self.name, self.url)
+
+    def apply(self, pid, doc):
+        with self.backend() as b:
+            return self.rg.apply(self.repo.store, b, pid, doc, self.repo.clock(), self.repo.user, self.name, self.url)
+
+    def undo(self, pid):
+        with self.backend() as b:
+            return self.rg.undo(self.repo.store, b, pid, self.repo.clock(), self.repo.user)
+
+    def purge(self, quarantine_days=None, dry_run=False):
+        q = float(self.repo.gc_policy(quarantine_days=quarantine_days)["quarantine_days"])
+        with self.backend() as b:
+            return self.rg.purge(self.repo.store, b, self.repo.clock(), q, self.repo.user, dry_run)
+
+    def log(self):
+        with self.backend() as b:
+            return self.rg.log(b)
+
+
+def _proof_remote(repo, proof: str, remote: str | None) -> tuple[str, str | None]:
+    """The proof's full id and the remote it is for (None: a local proof); checks ``--remote``."""
+    from .. import remote_gc
+    from ..errors import UserError
+
+    pid, for_remote = remote_gc.proof_type(repo.root, proof)
+    if remote is not None and for_remote != remote:
+        what = f"for remote {for_remote!r}" if for_remote else "a proof for this store"
+        raise UserError(f"gc proof {pid[:7]} is {what}, not for remote {remote!r}")
+    return pid, for_remote
+
+
+def _remote_summary(pid: str, doc: dict) -> None:
+    c = doc["candidates"]
+    out.echo(
+        f"remote gc proof {pid[:7]} for {doc['remote']['name']} ({doc['remote']['url']}): "
+        f"{out.plural(c['packs'], 'pack')}, {out.plural(c['records'], 'record')}, "
+        f"{out.human_bytes(c['bytes'])} reclaimable"
+    )
+    for p in doc["packs"]:
+        n = "?" if p["records"] is None else p["records"]
+        out.echo(f"  {p['pack']}  {out.human_bytes(p['bytes']):>10}  {n} records  {p['reason']}")
+    if doc["partial_packs"]:
+        dead = sum(p["dead_bytes"] for p in doc["partial_packs"])
+        out.echo(
+            f"  partly dead (kept; repacking them is not implemented): {out.plural(len(doc['partial_packs']), 'pack')} "
+            f"with {out.human_bytes(dead)} of dead records"
+        )
+    if doc["damaged_packs"]:
+        out.echo(f"  damaged (kept): {', '.join(p['pack'] + ' ' + p['problem'] for p in doc['damaged_packs'])}")
+    if c.get("younger_than_grace"):
+        out.echo(
+            f"  kept: {out.plural(c['younger_than_grace'], 'dead pack')} younger than the "
+            f"{doc['policy']['grace_days']:g}-day grace period"
+        )
+    r = doc["roots"]
+    heads = sum(1 for n in r["refs"] if n.startswith("refs/heads/"))
+    tags = sum(1 for n in r["refs"] if n.startswith("refs/tags/"))
+    entries = len({(e[0], e[1]) for e in r["reflog"]})
+    out.echo(
+        f"  roots: {heads} branches, {tags} tags, {entries} remote reflog entries within "
+        f"{doc['policy']['retention_days']:g} days"
+    )
 
 
 def _summary(pid: str, doc: dict, total_stored: int | None = None) -> None:
@@ -70,9 +179,10 @@ def _summary(pid: str, doc: dict, total_stored: int | None = None) -> None:
     "--require-remote", metavar="REMOTE",
     help="Every candidate must already be on this remote (checked now and again at apply).",
 )
+@remote_option
 @json_option
 @click.pass_context
-def gc_plan(ctx, retention_days, grace_days, verify_data, require_remote, as_json) -> None:
+def gc_plan(ctx, retention_days, grace_days, verify_data, require_remote, remote, as_json) -> None:
     """Write a proof of what gc would delete and why nothing live needs it. Deletes nothing.
 
     If any live object cannot be read, no proof is written: an incomplete view of what is
@@ -81,8 +191,22 @@ def gc_plan(ctx, retention_days, grace_days, verify_data, require_remote, as_jso
 
     With --require-remote backup, the plan is refused unless the remote holds every candidate
     (push the branches there before deleting them), so gc never deletes the last copy.
+
+    With --remote origin, the proof is about the remote's packs: roots are its refs and its
+    reflog entries inside the retention window; a pack is a candidate if none of its records
+    is reachable and it is older than the grace period. Partly dead packs are reported.
     """
+    if remote is not None and (verify_data or require_remote):
+        raise click.UsageError("--remote cannot be combined with --verify-data or --require-remote")
     with state(ctx).repo() as repo:
+        if remote is not None:
+            pid, doc = _RemoteGc(repo, remote).plan(retention_days, grace_days)
+            if as_json:
+                out.emit_json({"proof": pid, **doc})
+                return
+            _remote_summary(pid, doc)
+            out.echo(f"review with: mstore gc show {pid[:7]};  apply with: mstore gc apply {pid[:7]}")
+            return
         pid, doc = repo.gc_plan(
             retention_days=retention_days, grace_days=grace_days, verify_data=verify_data,
             require_remote=require_remote,
@@ -96,11 +220,30 @@ def gc_plan(ctx, retention_days, grace_days, verify_data, require_remote, as_jso
 
 @gc.command("show")
 @click.argument("proof")
+@remote_option
 @json_option
 @click.pass_context
-def gc_show(ctx, proof, as_json) -> None:
-    """Show a proof: every candidate commit with its message, and the roots it was checked against."""
+def gc_show(ctx, proof, remote, as_json) -> None:
+    """Show a proof: every candidate commit with its message, and the roots it was checked against.
+
+    A remote proof shows every candidate pack, why it is dead and the commits it held.
+    """
     with state(ctx).repo() as repo:
+        pid, for_remote = _proof_remote(repo, proof, remote)
+        if for_remote is not None:
+            from .. import remote_gc
+
+            pid, doc = remote_gc.load_proof(repo.root, pid)
+            if as_json:
+                out.emit_json({"proof": pid, **doc})
+                return
+            out.echo(f"proof {pid}")
+            out.echo(f"created {out.fmt_time(doc['created'])} by {doc['created_by']}; policy {doc['policy']}")
+            _remote_summary(pid, doc)
+            for c in doc["dead_commits"]:
+                ref, msg = c.get("ref") or "(no ref)", c.get("message") or "(unreadable)"
+                out.echo(f"  commit {c['id'][:7]}  {ref:<16} {msg}")
+            return
         pid, doc = repo.gc_show(proof)
         if as_json:
             out.emit_json({"proof": pid, **doc})
@@ -125,12 +268,23 @@ def gc_show(ctx, proof, as_json) -> None:
 
 @gc.command("verify")
 @click.argument("proof")
+@remote_option
 @json_option
 @click.pass_context
-def gc_verify(ctx, proof, as_json) -> None:
-    """Re-check a proof against the store as it is now; exit 8 and list why if it no longer holds."""
+def gc_verify(ctx, proof, remote, as_json) -> None:
+    """Re-check a proof against the store as it is now; exit 8 and list why if it no longer holds.
+
+    A remote proof is re-checked against the remote's refs, reflog and packs as they are now.
+    """
     with state(ctx).repo() as repo:
-        v = repo.gc_verify(proof)
+        pid, for_remote = _proof_remote(repo, proof, remote)
+        if for_remote is not None:
+            from .. import remote_gc
+
+            pid, doc = remote_gc.load_proof(repo.root, pid)
+            v = _RemoteGc(repo, for_remote).verify(pid, doc)
+        else:
+            v = repo.gc_verify(proof)
         if as_json:
             out.emit_json(v.to_dict())
         elif v.valid:
@@ -146,16 +300,25 @@ def gc_verify(ctx, proof, as_json) -> None:
 @gc.command("apply")
 @click.argument("proof")
 @click.option("--yes", is_flag=True, help="Do not ask to type the proof id (for scripts that pass PROOF explicitly).")
+@remote_option
 @json_option
 @click.pass_context
-def gc_apply(ctx, proof, yes, as_json) -> None:
+def gc_apply(ctx, proof, yes, remote, as_json) -> None:
     """Re-check a proof, then move its candidates to trash and compact their packs.
 
     Refused unless the refs/reflog state is unchanged since the plan, no candidate is
     reachable, every candidate is older than the grace period and the proof is younger than
     its time limit. Until `mstore gc purge`, `mstore gc undo PROOF` brings everything back.
+
+    A remote proof is applied under the remote's gc lock (refused while a push holds one):
+    refs and reflogs are re-read under it, and each candidate pack and its index move to
+    trash/PROOF/ on the remote, the index first, so no reader or pusher relies on it any more.
     """
     with state(ctx).repo() as repo:
+        pid, for_remote = _proof_remote(repo, proof, remote)
+        if for_remote is not None:
+            _apply_remote(repo, pid, for_remote, yes, as_json)
+            return
         pid, doc = repo.gc_show(proof)
         v = repo.gc_verify(proof)
         if not v.valid:
@@ -179,13 +342,59 @@ def gc_apply(ctx, proof, yes, as_json) -> None:
         out.echo(f"undo with: mstore gc undo {pid[:7]}  (until mstore gc purge)")
 
 
+def _apply_remote(repo, pid: str, remote: str, yes: bool, as_json: bool) -> None:
+    from .. import remote_gc
+    from ..gc import GcRefused
+
+    pid, doc = remote_gc.load_proof(repo.root, pid)
+    rgc = _RemoteGc(repo, remote)
+    if not yes:
+        v = rgc.verify(pid, doc)  # before asking; apply checks everything again under the lock
+        if not v.valid:
+            raise GcRefused(f"remote gc proof {pid[:7]} cannot be applied", v.reasons)
+        _remote_summary(pid, doc)
+        typed = out.confirm(f"type the proof id ({pid[:7]}) to move these packs to the remote's trash")
+        if len(typed) < 7 or not pid.startswith(typed.strip()):
+            raise click.Abort()
+    res = rgc.apply(pid, doc)
+    if as_json:
+        out.emit_json(res.to_dict())
+        return
+    out.echo(
+        f"applied {pid[:7]} on {remote}: {out.plural(res.packs, 'pack')} ({out.human_bytes(res.bytes)}) "
+        f"moved to trash/{pid[:7]}…/ on the remote"
+    )
+    out.echo(f"undo with: mstore gc undo {pid[:7]}  (until mstore gc purge --remote {remote})")
+
+
 @gc.command("undo")
 @click.argument("proof")
+@remote_option
 @json_option
 @click.pass_context
-def gc_undo(ctx, proof, as_json) -> None:
-    """Bring back everything an applied proof moved to trash (possible until it is purged)."""
+def gc_undo(ctx, proof, remote, as_json) -> None:
+    """Bring back everything an applied proof moved to trash (possible until it is purged).
+
+    For a remote proof, the packs in the remote's trash/PROOF/ go back (each pack before its
+    index). With --remote NAME, PROOF may be a full id planned elsewhere.
+    """
     with state(ctx).repo() as repo:
+        from ..errors import NotFound
+        from ..hashing import is_full_id
+
+        try:
+            pid, for_remote = _proof_remote(repo, proof, remote)
+        except NotFound:
+            if remote is None or not is_full_id(proof):
+                raise
+            pid, for_remote = proof, remote
+        if for_remote is not None:
+            n = _RemoteGc(repo, for_remote).undo(pid)
+            if as_json:
+                out.emit_json({"proof": pid, "remote": for_remote, "packs": n})
+            else:
+                out.echo(f"restored {out.plural(n, 'pack')} on {for_remote} from trash/{pid[:7]}…/")
+            return
         n = repo.gc_undo(proof)
         if as_json:
             out.emit_json({"proof": proof, "objects": n})
@@ -196,9 +405,10 @@ def gc_undo(ctx, proof, as_json) -> None:
 @gc.command("purge")
 @click.option("--quarantine-days", type=float, help="Only trash older than this (default 7).")
 @click.option("--dry-run", is_flag=True, help="Say what would be purged; delete nothing.")
+@remote_option
 @json_option
 @click.pass_context
-def gc_purge(ctx, quarantine_days, dry_run, as_json) -> None:
+def gc_purge(ctx, quarantine_days, dry_run, remote, as_json) -> None:
     """Permanently delete trash older than the quarantine period.
 
     THIS IS THE POINT OF NO RETURN: after purge, `mstore gc undo` cannot bring those versions
@@ -217,11 +427,21 @@ def gc_purge(ctx, quarantine_days, dry_run, as_json) -> None:
 
 
 @gc.command("log")
+@remote_option
 @json_option
 @click.pass_context
-def gc_log(ctx, as_json) -> None:
-    """The audit log: every proof applied, undone or purged, by whom and when."""
+def gc_log(ctx, remote, as_json) -> None:
+    """The audit log: every proof applied, undone or purged, by whom and when (--remote: on that remote)."""
     with state(ctx).repo() as repo:
+        if remote is not None:
+            entries = _RemoteGc(repo, remote).log()
+            if as_json:
+                out.emit_json(entries)
+                return
+            for e in entries:
+                out.echo(f"{out.fmt_time(e['time'])}  {e['action']:<8} {e['proof'][:7]}  {e['user']}@{e.get('host')}  "
+                         f"{e.get('packs', '')} packs")
+            return
         entries = repo.gc_log()
         if as_json:
             out.emit_json(entries)
@@ -229,6 +449,47 @@ def gc_log(ctx, as_json) -> None:
         for e in entries:
             extra = f"{e.get('objects', '')} objects" if "objects" in e else out.human_bytes(e.get("bytes"))
             out.echo(f"{out.fmt_time(e['time'])}  {e['action']:<8} {e['proof'][:7]}  {e['user']}  {extra}")
+
+
+@gc.command("unlock")
+@click.option("--remote", "remote", metavar="NAME", required=True, help="The remote whose locks to list or remove.")
+@click.argument("keys", nargs=-1, metavar="[LOCK_KEY]...")
+@click.option("--older-than", type=float, default=24.0, show_default=True,
+              help="Remove locks older than this many hours (a lock this old is stale: its holder died).")
+@click.option("--force", is_flag=True, help="Also remove fresh locks: only if you know their holder is dead.")
+@click.option("--list", "list_only", is_flag=True, help="Only list the remote's locks; remove nothing.")
+@json_option
+@click.pass_context
+def gc_unlock(ctx, remote, keys, older_than, force, list_only, as_json) -> None:
+    """Remove locks a killed push or remote gc left on remote NAME (locks/push/*, locks/gc/*).
+
+    A push holds a lock from before it reads what the remote has until its refs moved; a remote
+    gc apply, undo or purge holds one while it deletes. Each removes its own when it ends; a
+    killed process leaves it behind, and it blocks the other kind for 24 h, after which it is
+    stale and ignored. Without --force only locks older than --older-than are removed, and a
+    named fresher lock is refused.
+    """
+    from .. import remote_gc
+    from ..remote_lock import list_locks, remove_locks
+
+    with state(ctx).repo() as repo:
+        settings = remote_gc.remote_settings(repo.remotes(), remote)
+        backend = remote_gc.open_remote(settings)
+        try:
+            if list_only:
+                locks = list_locks(backend)
+            else:
+                locks = remove_locks(backend, older_than=older_than * 3600, force=force, keys=list(keys) or None)
+        finally:
+            backend.close()
+        if as_json:
+            out.emit_json([lk.to_dict() for lk in locks])
+            return
+        verb = "" if list_only else "removed "
+        if not locks:
+            out.echo("no locks" if list_only else f"no lock older than {older_than:g} h (use --force for fresh ones)")
+        for lk in locks:
+            out.echo(f"{verb}{lk.key}  {lk.describe()}")
 
 
 @click.command()

@@ -1,7 +1,10 @@
 """Remote gc (docs/remote-gc.md): plan / verify / apply against a remote's refs and reflog, a
 trash on the remote, and the lock protocol that keeps it from racing a push.
 
-Every test runs against a ``file://`` remote and the real SeaweedFS S3 server.
+What touches the backend's semantics (lock listings, copying and deleting packs, undo, purge,
+cloning what is left) runs against a ``file://`` remote and the real SeaweedFS S3 server; the
+marking logic and the checks on proof documents, which read the remote through the same
+listing and reads, run against the directory remote only, to keep this file fast.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ import blake3
 import pytest
 
 from mstore import Repo, remote_gc
-from mstore.errors import RemoteBusy, UserError
-from mstore.gc import GcRefused
+from mstore.errors import IntegrityError, RemoteBusy, UserError
+from mstore.gc import GcRefused, store_proof
 from mstore.remote import log_key, read_ref, ref_key
 from mstore.remote_lock import STALE_AFTER, gc_lock, list_locks, push_lock, remove_locks
 from mstore.storage.backends import open_backend
@@ -50,6 +53,7 @@ def test_gc_lock_raises_remote_busy_while_a_push_lock_is_held(remote):
     assert list_locks(backend) == []
 
 
+@pytest.mark.parametrize("remote", ["file"], indirect=True)
 def test_a_stale_lock_does_not_block_and_unlock_removes_only_stale_locks_without_force(remote):
     backend = _backend(remote)
     dead = "locks/push/" + "0" * 32 + ".json"
@@ -62,6 +66,7 @@ def test_a_stale_lock_does_not_block_and_unlock_removes_only_stale_locks_without
     assert STALE_AFTER == 24 * 3600
 
 
+@pytest.mark.parametrize("remote", ["file"], indirect=True)
 def test_an_unreadable_lock_blocks_until_forced_away(remote):
     backend = _backend(remote)
     junk = "locks/gc/" + "1" * 32 + ".json"
@@ -163,6 +168,7 @@ def test_a_plan_after_a_force_moved_branch_lists_exactly_the_packs_only_its_old_
     assert _keys(s["backend"], "") == before  # a plan deletes nothing
 
 
+@pytest.mark.parametrize("remote", ["file"], indirect=True)  # marking logic: one backend
 def test_a_plan_after_a_deleted_branch_lists_every_pack_only_it_reached(series):
     s = series
     _delete_remote_ref(s["backend"], "refs/heads/exp", s["clock"]())
@@ -175,6 +181,7 @@ def test_a_plan_after_a_deleted_branch_lists_every_pack_only_it_reached(series):
     assert set(doc["roots"]["refs"]) == {"refs/heads/keep"}
 
 
+@pytest.mark.parametrize("remote", ["file"], indirect=True)  # marking logic: one backend
 def test_a_pack_reached_through_a_reflog_entry_inside_the_retention_window_is_not_a_candidate(series):
     s = series
     _force_exp_back_to_v1(s)
@@ -188,6 +195,7 @@ def test_a_pack_reached_through_a_reflog_entry_inside_the_retention_window_is_no
     assert {p["pack"] for p in shorter["packs"]} == s["b"]  # the same remote, a shorter window
 
 
+@pytest.mark.parametrize("remote", ["file"], indirect=True)  # about the policy, not the backend
 def test_packs_younger_than_the_grace_period_are_not_candidates(series):
     s = series
     _force_exp_back_to_v1(s)
@@ -199,6 +207,7 @@ def test_packs_younger_than_the_grace_period_are_not_candidates(series):
     assert doc["candidates"]["younger_than_grace"] == len(s["b"])
 
 
+@pytest.mark.parametrize("remote", ["file"], indirect=True)  # marking logic: one backend
 def test_a_pack_reached_only_as_a_delta_base_is_not_a_candidate(store, tmp_path):
     """x: v1, then v2 whose tensor is stored as a delta on v1's; then x is force-moved to a new
     root commit holding v2's tensor (so it reaches v2's delta chunk, never v1 itself)."""
@@ -334,3 +343,122 @@ def test_purge_deletes_the_trash_only_after_the_quarantine_period(series):
     assert remote_gc.proof_status(s["backend"], pid) == "purged"
     with pytest.raises(GcRefused):
         remote_gc.undo(store, s["backend"], pid, s["clock"](), "tester")
+
+
+# -- hostile and mismatched proofs -----------------------------------------------------------------
+
+
+def _planned(s):
+    _force_exp_back_to_v1(s)
+    s["clock"].advance(days=40)
+    return _plan(s["repo"], s["backend"], s["settings"], s["clock"])
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)  # about the proof, not the backend
+def test_an_edited_remote_proof_is_refused(series):
+    s = series
+    pid, _doc = _planned(s)
+    path = s["repo"].root / "gc" / "proofs" / f"{pid}.json"
+    path.write_bytes(path.read_bytes().replace(b'"grace_days":14', b'"grace_days":0'))
+
+    with pytest.raises(IntegrityError, match="was edited"):
+        remote_gc.load_proof(s["repo"].root, pid)
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)  # marking logic: one backend
+def test_a_proof_for_one_remote_is_refused_for_another_and_deletes_nothing(series, tmp_path):
+    s = series
+    pid, doc = _planned(s)
+    other = (tmp_path / "other-disk").as_uri()
+    before = _keys(s["backend"])
+
+    verdict = remote_gc.verify(s["repo"].store, s["backend"], pid, doc, s["clock"](), "backup", other)
+    with pytest.raises(GcRefused, match="is for remote 'origin'"):
+        remote_gc.apply(s["repo"].store, s["backend"], pid, doc, s["clock"](), "tester", "backup", other)
+
+    assert not verdict.valid and "is for remote 'origin'" in verdict.reasons[0]
+    assert _keys(s["backend"]) == before
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)  # marking logic: one backend
+def test_a_well_hashed_forged_proof_naming_a_live_pack_deletes_nothing(series):
+    s = series
+    _pid, doc = _planned(s)
+    backend = s["backend"]
+    live = sorted(_packs(backend) - s["b"])[0]  # keep's or v1's: reachable
+    idx = backend.get(f"packs/{live}.idx")
+    forged = {**doc, "packs": [{**doc["packs"][0], "pack": live, "bytes": backend.stat(f"packs/{live}.pack"),
+                                "index": blake3.blake3(idx).hexdigest()}]}
+    fid = store_proof(s["repo"].root, forged)  # a proof file anyone could write, named by its hash
+    fid, loaded = remote_gc.load_proof(s["repo"].root, fid)
+    before = _keys(backend)
+
+    with pytest.raises(GcRefused, match="reachable from the remote's current refs"):
+        _apply(s["repo"], backend, s["settings"], s["clock"], fid, loaded)
+
+    assert _keys(backend) == before
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)  # about the proof, not the backend
+def test_a_proof_naming_a_key_outside_the_packs_prefix_is_malformed(series):
+    s = series
+    _pid, doc = _planned(s)
+    forged = {**doc, "packs": [{**doc["packs"][0], "pack": "../refs/heads/keep"}]}
+    fid = store_proof(s["repo"].root, forged)
+
+    with pytest.raises(IntegrityError, match="malformed"):
+        remote_gc.load_proof(s["repo"].root, fid)
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)  # about the proof, not the backend
+def test_a_local_gc_apply_of_a_remote_proof_is_a_named_error(series):
+    s = series
+    pid, _doc = _planned(s)
+    before = _keys(s["backend"], "")
+
+    with pytest.raises(UserError, match="--remote origin"):
+        s["repo"].gc_apply(pid)
+
+    assert _keys(s["backend"], "") == before
+
+
+# -- the command line --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)
+def test_the_cli_plans_shows_verifies_applies_and_undoes_a_remote_proof(tmp_path, remote):
+    from tests.conftest import Cli
+
+    repo = Repo.init(tmp_path / "store")
+    add_remote(repo, remote)
+    repo.commit(checkpoint(tmp_path / "keep", 0), "keep", "kept")
+    repo.commit(checkpoint(tmp_path / "v1", 1), "exp", "v1")
+    repo.push("origin", ["keep", "exp"])
+    backend = _backend(remote)
+    repo.commit(checkpoint(tmp_path / "v2", 2), "exp", "v2")
+    b = _push(repo, backend, ["exp"])
+    repo.create_branch("back", "exp~1")
+    repo.push("origin", ["back:exp"], force=True)
+    repo.close()
+    (tmp_path / "work").mkdir()
+    cli = Cli(tmp_path / "store", tmp_path / "work")
+    before = _keys(backend)
+
+    doc = cli.json("gc", "plan", "--remote", "origin", "--retention-days", "0", "--grace-days", "0")
+    pid = doc["proof"]
+    shown = cli("gc", "show", pid[:7]).stdout.decode()
+    verified = cli("gc", "verify", pid[:7]).stdout.decode()
+    wrong = cli("gc", "apply", pid[:7], "--remote", "backup", "--yes", check=False)
+    applied = cli.json("gc", "apply", pid[:7], "--yes")
+    after_apply = _keys(backend)
+    logged = cli.json("gc", "log", "--remote", "origin")
+    cli("gc", "undo", pid[:7])
+
+    assert {p["pack"] for p in doc["packs"]} == b
+    assert f"remote gc proof {pid[:7]} for origin" in shown and "v2" in shown
+    assert "is valid" in verified
+    assert wrong.returncode == 2 and b"is for remote 'origin'" in wrong.stderr
+    assert applied["packs"] == len(b) and after_apply == before - {f"packs/{n}.{e}" for n in b for e in ("pack", "idx")}
+    assert [e["action"] for e in logged] == ["applied"]
+    assert _keys(backend) == before
+    assert cli.json("gc", "unlock", "--remote", "origin", "--list") == []
