@@ -41,6 +41,7 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 import blake3
+import numpy as np
 
 from . import codecs
 from .errors import (
@@ -84,6 +85,9 @@ MAX_OBJECT = 256 << 20
 _COALESCE_GAP = 1 << 20
 _RANGE_MAX = 16 << 20
 _THREADS = 8
+#: A fetch keeps at most this much downloaded and decoded in flight (bounded memory: a 1 GB
+#: clone peaked at 830 MB of RSS with 16 ranges ahead of the writer, each with its raw copy).
+_AHEAD_BYTES = 128 << 20
 #: Packs uploading at once during a push (each in parallel multipart parts).
 _UPLOADS = 2
 
@@ -792,11 +796,27 @@ class _Received:
     codec: int
     raw_len: int
     payload: bytes
-    raw: bytes | None  # decoded bytes, kept for metadata objects only
+    raw: bytes | memoryview | None  # decoded bytes (metadata; chunks only while a fetch needs them)
 
 
-def _verify_record(buf: bytes, kind: str, oid: ObjectId, loc: Location, keep_raw: bool) -> _Received:
+def _raw_buffer(n: int) -> memoryview:
+    """A fresh writable buffer of ``n`` bytes for decoded chunks.
+
+    numpy's allocator asks for transparent huge pages, so a new 16 MiB buffer costs a few page
+    faults instead of 4,096: decoding into ``bytes`` (a fresh allocation, then a copy) cost a
+    clone more than hashing its data.
+    """
+    return memoryview(np.empty(n, dtype=np.uint8))
+
+
+def _verify_record(
+    buf: bytes, kind: str, oid: ObjectId, loc: Location, keep_raw: bool,
+    into: Callable[[int], memoryview] | None = None,
+) -> _Received:
     """Check one downloaded record against the catalog and its id (R4).
+
+    ``into`` (chunks only) supplies the buffer a chunk is decoded into; its ``raw`` is then a
+    view of that buffer (or of ``buf`` itself for a raw chunk), not a new ``bytes``.
 
     Raises:
         RemoteIntegrityError: truncated, framed wrongly, undecodable, or the wrong bytes.
@@ -826,7 +846,10 @@ def _verify_record(buf: bytes, kind: str, oid: ObjectId, loc: Location, keep_raw
     try:
         if kind == "c" and rec.check != oid.digest:
             raise IntegrityError("wrong bytes: the record's hash is another id")
-        raw = codecs.decode(rec.codec, payload, rec.raw_len)  # bounded by the recorded length
+        if into is not None and kind == "c":  # bounded by the recorded length
+            raw = codecs.decode_into(rec.codec, payload, rec.raw_len, into(rec.raw_len))
+        else:
+            raw = codecs.decode(rec.codec, payload, rec.raw_len)
         if blake3.blake3(raw).digest() != rec.check:  # for a chunk, that is its id
             raise IntegrityError("payload hash does not match its record (wrong bytes)")
         if kind != "c":
@@ -1005,7 +1028,8 @@ def fetch(
         buf = memoryview(backend.get_range(f"packs/{pack}.pack", start, end - start))
         return [
             _verify_record(
-                buf[loc.offset - start : loc.offset - start + RECORD.size + loc.enc_len], kind, oid, loc, True
+                buf[loc.offset - start : loc.offset - start + RECORD.size + loc.enc_len], kind, oid, loc, True,
+                into=_raw_buffer,
             )
             for kind, oid, loc in group
         ]
@@ -1035,7 +1059,9 @@ def fetch(
                 verifier.release(base_id)
                 take(r)
 
-        for received in _bounded_map(pool, download, _ranges(chunks), 2 * _THREADS):
+        ranges = _ranges(chunks)
+        cost = [end - start + sum(loc.raw_len for _k, _o, loc in group) for _p, start, end, group in ranges]
+        for received in _bounded_map(pool, download, ranges, 2 * _THREADS, cost, _AHEAD_BYTES):
             for r in received:
                 if r.codec == _DELTA:
                     got = verifier.delta_base(r)
@@ -1045,7 +1071,7 @@ def fetch(
                         decoding.append((r, got[0], pool.submit(_decode_delta_checked, r, got[1])))
                     continue
                 take(r)
-            take_decoded(block=len(decoding) > 2 * _THREADS)
+            take_decoded(block=len(decoding) > 2)
             hook("range-received")
         take_decoded(block=True)
         # 2. index the (verified) chunks; deltas whose base came late and files whose chunks
@@ -1101,10 +1127,10 @@ def fetch(
     return result
 
 
-def _decode_delta_checked(r: _Received, base: bytes) -> bytes:
+def _decode_delta_checked(r: _Received, base: bytes | memoryview) -> memoryview:
     """Decode a delta chunk against its base's raw bytes and check the result is its id."""
     try:
-        raw = codecs.decode_delta(r.payload, r.raw_len, base)
+        raw = codecs.decode_delta_into(r.payload, r.raw_len, base, _raw_buffer(r.raw_len))
     except IntegrityError as exc:
         raise RemoteIntegrityError(f"remote delta chunk {r.oid}: {exc}") from None
     if blake3.blake3(raw).digest() != r.oid.digest or r.check != r.oid.digest:
@@ -1117,19 +1143,31 @@ def _append(batch: Any, r: _Received) -> None:
     batch.add_encoded(r.kind, r.oid, r.check, r.codec, r.raw_len, r.payload)
 
 
-def _bounded_map(pool: ThreadPoolExecutor, fn: Callable, items: list, ahead: int):
-    """``pool.map`` that keeps at most ``ahead`` results in flight (bounded memory), in order."""
+def _bounded_map(
+    pool: ThreadPoolExecutor, fn: Callable, items: list, ahead: int, cost: list[int] | None = None,
+    budget: int = 0,
+):
+    """``pool.map`` that keeps at most ``ahead`` results in flight (bounded memory), in order.
+
+    With ``cost`` (one figure per item) and ``budget``, also at most ``budget`` of cost in
+    flight (always at least one item).
+    """
     pending: deque = deque()
-    it = iter(items)
-    for item in it:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= ahead:
-            break
-    while pending:
-        yield pending.popleft().result()
-        for item in it:
-            pending.append(pool.submit(fn, item))
-            break
+    held = 0
+    i = 0
+    while True:
+        while i < len(items) and len(pending) < ahead and (
+            not pending or cost is None or held + cost[i] <= budget
+        ):
+            pending.append((pool.submit(fn, items[i]), cost[i] if cost is not None else 0))
+            held += pending[-1][1]
+            i += 1
+        if not pending:
+            return
+        fut, c = pending.popleft()
+        result = fut.result()
+        held -= c
+        yield result
 
 
 class _FileVerifier:
@@ -1142,7 +1180,7 @@ class _FileVerifier:
     checked from the store after the flush (:meth:`remaining`).
     """
 
-    BUDGET = 512 << 20
+    BUDGET = 96 << 20
 
     def __init__(self, store: ObjectStore, files: list[_Received], incoming: set[ObjectId], chunks: list):
         self.store = store
