@@ -52,12 +52,11 @@ from .errors import (
     RemoteNotFound,
     StorageError,
 )
-from .format import TMP_DIR
 from .hashing import ObjectId, is_full_id
 from .mount import DEFAULT_CACHE_BYTES, DEFAULT_READAHEAD_BYTES, READY_TIMEOUT, Mount, mount_commit
 from .objects import FileObject
 from .reachability import walk
-from .refs import HEADS, TAGS
+from .refs import HEADS, REMOTES, TAGS
 from .remote import (
     MAX_OBJECT,
     Catalog,
@@ -141,9 +140,22 @@ def open_remote(repo: Any, name: str) -> Backend:
 
 
 def _cache_dir(repo: Any, name: str) -> Path | None:
-    """Where the remote's pack indexes are cached (the same place fetch and push keep them)."""
+    """Where the remote's pack indexes are cached (the place fetch and push keep them), if known."""
     cache = getattr(repo, "_remote_cache", None)
-    return cache(name) if cache is not None else Path(repo.root) / TMP_DIR / "remote-cache-mount"
+    return cache(name) if cache is not None else None
+
+
+def _with_fetched_hint(repo: Any, remote: str, rev: str, exc: MstoreError) -> MstoreError:
+    """``exc``, saying how to mount the copy fetched earlier if the store has one."""
+    tracking = f"{REMOTES}{remote}/{rev}"
+    try:
+        with repo.store.index.read() as txn:
+            fetched = txn.get_ref(tracking) is not None
+    except (MstoreError, ValueError):
+        fetched = False
+    if not fetched or isinstance(exc, IntegrityError):
+        return exc
+    return type(exc)(f"{exc} (the copy fetched earlier mounts as {tracking})")
 
 
 @dataclass(frozen=True)
@@ -541,7 +553,10 @@ def mount_remote(
         remote=remote,
     )
     with _opened(repo, remote) as backend:
-        target = resolve_remote(remote, backend, rev)
+        try:
+            target = resolve_remote(remote, backend, rev)
+        except StorageError as exc:
+            raise _with_fetched_hint(repo, remote, rev, exc) from None
         try:
             catalog = load_catalog(backend, _cache_dir(repo, remote))
         except MstoreError as exc:

@@ -21,6 +21,7 @@ import pytest
 from mstore import ObjectId, Repo
 from mstore.codecs import DELTA
 from mstore.errors import RefNotFound, RemoteIntegrityError
+from mstore.format import Config, write_config
 from mstore.objects import load_commit, load_file
 from mstore.remote import load_catalog
 from mstore.remote_mount import RemoteObjects, remote_target, resolve_remote
@@ -282,6 +283,28 @@ def test_unknown_remote_missing_branch_and_unreachable_remote_fail_before_anythi
         assert proc.returncode == code, (args, proc.stdout, proc.stderr)
         assert message in proc.stderr, (args, proc.stderr)
         assert not mnt.exists() and mounts_under(tmp_path) == []
+
+
+@requires_fuse
+@pytest.mark.usefixtures("fuse")
+@pytest.mark.parametrize("remote", ["file"], indirect=True)
+def test_an_unreachable_remote_whose_branch_was_fetched_names_the_local_copy_which_mounts(pushed, reader, tmp_path):
+    commits, files, _chunks = pushed
+    reader.fetch("origin", ["exp1"])
+    data = reader.config.data
+    data["remotes"]["origin"] = {"url": "s3://nowhere/x", "endpoint_url": "http://127.0.0.1:9"}
+    write_config(reader.root, Config(data))
+    mnt = tmp_path / "mnt"
+    proc = cli(reader.root, "mount", "origin/exp1", str(mnt), check=False)
+    assert proc.returncode == 7, proc.stderr
+    assert "cannot reach remote origin" in proc.stderr
+    assert "the copy fetched earlier mounts as refs/remotes/origin/exp1" in proc.stderr
+    assert not mnt.exists()
+    cli(reader.root, "mount", "refs/remotes/origin/exp1", str(mnt))
+    try:
+        assert (mnt / MODEL).read_bytes() == files[1]
+    finally:
+        cli(reader.root, "umount", str(mnt))
 
 
 # -- the object source, without FUSE ---------------------------------------------------------------
