@@ -711,7 +711,7 @@ def apply(
     """
     hook = crash_hook or _noop
     raw = canonical_json(doc)
-    with gc_lock(backend, user):
+    with gc_lock(backend, user) as lock:
         hook("locked")
         verdict, _sv = _verify(store, backend, pid, doc, now, remote, url)  # refs re-read under the lock
         if not verdict.valid:
@@ -733,6 +733,7 @@ def apply(
                     hook("index-deleted")
                 backend.delete(f"packs/{name}.pack")
                 hook("pack-deleted")
+                lock.refresh()  # copying terabytes may outlast the stale age
         total = sum(p["bytes"] for p in doc["packs"])
         _put_marker(backend, pid, "applied", now, user, packs=len(doc["packs"]), bytes=total)
     return RemoteApplyResult(pid, remote, len(doc["packs"]), total)

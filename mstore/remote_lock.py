@@ -132,20 +132,39 @@ def _busy(mine: str, others: list[Lock], what: str) -> RemoteBusy:
     )
 
 
+class Held:
+    """A lock this process holds (what the context managers yield)."""
+
+    def __init__(self, backend: Backend, key: str, op: str, user: str, clock: Clock):
+        self.backend, self.key, self.op, self.user, self.clock = backend, key, op, user, clock
+        self.time = clock()
+
+    def refresh(self, every: float = 3600.0) -> None:
+        """Re-write the lock with the current time if it is older than ``every`` seconds.
+
+        A holder that may run longer than the stale age calls this as it goes, so that nobody
+        takes it for dead.
+        """
+        now = self.clock()
+        if now - self.time >= every:
+            self.backend.put(self.key, _body(self.op, self.user, now))
+            self.time = now
+
+
 @contextmanager
 def _hold(backend: Backend, op: str, user: str, against: tuple[str, ...], what: str,
-          stale_after: float, clock: Clock) -> Iterator[Lock]:
-    key = f"locks/{op}/{uuid.uuid4().hex}.json"
-    now = clock()
-    backend.put(key, _body(op, user, now))  # 1. write our own lock ...
+          stale_after: float, clock: Clock) -> Iterator[Held]:
+    held = Held(backend, f"locks/{op}/{uuid.uuid4().hex}.json", op, user, clock)
+    backend.put(held.key, _body(op, user, held.time))  # 1. write our own lock ...
     try:
         # 2. ... then list: of two racing operations, the one listing second sees the other.
-        others = [lk for lk in list_locks(backend, against) if lk.key != key and not lk.stale(clock(), stale_after)]
+        now = clock()
+        others = [lk for lk in list_locks(backend, against) if lk.key != held.key and not lk.stale(now, stale_after)]
         if others:
-            raise _busy(key, others, what)
-        yield Lock(key, op, socket.gethostname(), os.getpid(), user, now)
+            raise _busy(held.key, others, what)
+        yield held
     finally:
-        backend.delete(key)
+        backend.delete(held.key)
 
 
 def push_lock(backend: Backend, user: str, *, stale_after: float = STALE_AFTER, clock: Clock = time.time):
@@ -212,4 +231,4 @@ def remove_locks(
     return chosen
 
 
-__all__ = ["GC", "PUSH", "STALE_AFTER", "Lock", "gc_lock", "list_locks", "push_lock", "remove_locks"]
+__all__ = ["GC", "PUSH", "STALE_AFTER", "Held", "Lock", "gc_lock", "list_locks", "push_lock", "remove_locks"]

@@ -326,6 +326,32 @@ def test_undo_brings_every_pack_and_index_back_and_the_old_head_clones_again(ser
     _clone_matches(s["settings"], tmp_path / "clone", {"keep": s["dirs"]["keep"], "exp": s["dirs"]["v2"]})
 
 
+@pytest.mark.parametrize("remote", ["file"], indirect=True)  # the order of steps: one backend
+@pytest.mark.parametrize("point", ["pack-copied", "index-deleted"])
+def test_an_interrupted_apply_leaves_a_readable_remote_and_finishes_when_run_again(series, tmp_path, point):
+    s = series
+    _force_exp_back_to_v1(s)
+    s["clock"].advance(days=40)
+    pid, doc = _plan(s["repo"], s["backend"], s["settings"], s["clock"])
+
+    def crash(at: str) -> None:
+        if at == point:
+            raise KeyboardInterrupt(at)
+
+    with pytest.raises(KeyboardInterrupt):
+        remote_gc.apply(s["repo"].store, s["backend"], pid, doc, s["clock"](), "tester", "origin",
+                        s["settings"]["url"], crash_hook=crash)
+    assert list_locks(s["backend"]) == []  # released on the way out
+    assert remote_gc.proof_status(s["backend"], pid) is None
+    _clone_matches(s["settings"], tmp_path / "midway", {"keep": s["dirs"]["keep"], "exp": s["dirs"]["v1"]})
+
+    _apply(s["repo"], s["backend"], s["settings"], s["clock"], pid, doc)
+
+    assert _packs(s["backend"]) & s["b"] == set()
+    assert remote_gc.proof_status(s["backend"], pid) == "applied"
+    assert {f"trash/{pid}/packs/{n}.{e}" for n in s["b"] for e in ("pack", "idx")} <= _keys(s["backend"], "trash/")
+
+
 def test_purge_deletes_the_trash_only_after_the_quarantine_period(series):
     s = series
     _force_exp_back_to_v1(s)
