@@ -116,10 +116,15 @@ def hash_file_fd(fd: int, size: int) -> ObjectId:
 
 
 class StreamHasher:
-    """Incremental BLAKE3 for content that arrives in pieces (a file read chunk by chunk)."""
+    """Incremental BLAKE3 for content that arrives in pieces (a file read chunk by chunk).
+
+    Single-threaded: it runs beside worker threads that already keep every core busy
+    (hashing and encoding the same pieces), where a multi-threaded hasher only adds thread
+    hand-offs; on pieces of a few hundred KB it was measured 2x slower than one thread.
+    """
 
     def __init__(self) -> None:
-        self._h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        self._h = blake3.blake3()
 
     def update(self, data: bytes | bytearray | memoryview) -> None:
         """Feed the next piece."""

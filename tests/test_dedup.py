@@ -113,3 +113,43 @@ def test_appending_ten_percent_to_a_jsonl_file_reuses_all_but_its_last_cdc_chunk
     max_chunk = 4 * 64 * 1024
     assert second.new_bytes <= len(appended) + max_chunk + 16 * 1024
     assert second.new_bytes < first.new_bytes / 4
+
+
+def _count_whole_file_hashes(monkeypatch) -> list[int]:
+    import mstore.snapshot as snapshot
+
+    calls: list[int] = []
+    real = snapshot.hash_file
+
+    def counting(f, size):
+        calls.append(size)
+        return real(f, size)
+
+    monkeypatch.setattr(snapshot, "hash_file", counting)
+    return calls
+
+
+def test_a_checkpoint_saved_over_its_parent_is_not_hashed_whole_before_chunking(repo, work, monkeypatch):
+    tensors = checkpoint(8, seed=3)
+    write_safetensors(work / "ckpt" / "model.safetensors", tensors)
+    repo.commit(work / "ckpt", "exp", "step 1")
+    tensors["layer07.weight"] = random_f32(np.random.default_rng(7), (512, 512))  # same size, new bytes
+    write_safetensors(work / "ckpt" / "model.safetensors", tensors)
+    calls = _count_whole_file_hashes(monkeypatch)
+
+    res = repo.commit(work / "ckpt", "exp", "step 2")
+
+    assert calls == []  # the parent's last chunk no longer matched: the pre-hash pass was skipped
+    assert res.new_bytes > tensors["layer07.weight"].nbytes
+    assert repo.open_file("exp", "model.safetensors").read() == (work / "ckpt" / "model.safetensors").read_bytes()
+
+
+def test_an_unchanged_file_is_still_recognised_by_one_whole_file_hash(repo, work, monkeypatch):
+    write_safetensors(work / "ckpt" / "model.safetensors", checkpoint(8, seed=4))
+    repo.commit(work / "ckpt", "exp", "step 1")
+    calls = _count_whole_file_hashes(monkeypatch)
+
+    res = repo.commit(work / "ckpt", "exp", "again")
+
+    assert calls == [(work / "ckpt" / "model.safetensors").stat().st_size]
+    assert res.new_bytes == len(res.commit.to_bytes())
