@@ -261,9 +261,23 @@ class Marks:
     problems: list[str]
 
 
+class _OnTheRemote(_RemoteSource):
+    """The fetch path's verified reader, for objects the remote holds only.
+
+    What the remote's refs reach is judged by what the remote has: an object it lacks is
+    unreadable here even if this store has a copy (which is still what is read, verified, when
+    the remote has it too: no download for what is local).
+    """
+
+    def _get(self, kind: str, oid: ObjectId) -> bytes:
+        if (kind, oid.digest) not in self.cat.objects:
+            self.locate(kind, oid)  # raises, naming a damaged pack if that is where it is
+        return super()._get(kind, oid)
+
+
 def mark(store: Any, backend: Backend, sv: Survey, roots: dict[str, Any]) -> Marks:
-    """Mark everything the roots reach; list every live object the remote cannot serve."""
-    src = _RemoteSource(store, backend, sv.catalog, MAX_OBJECT)
+    """Mark everything the roots reach on the remote; list every live object it cannot serve."""
+    src = _OnTheRemote(store, backend, sv.catalog, MAX_OBJECT)
     ref_ids = set(roots["refs"].values())
     ids = ref_ids | {r[2] for r in roots["reflog"]}
     bad = sorted(i for i in ids if not is_full_id(i))
@@ -279,13 +293,20 @@ def mark(store: Any, backend: Backend, sv: Survey, roots: dict[str, Any]) -> Mar
                 live.add(("c", base))
                 stack.append(base)
     problems = [f"remote ref or reflog entry names {i!r}, which is not an id" for i in bad]
-    absent = []
+    # A reflog root whose commit is stored nowhere was collected by an earlier proof: no doubt,
+    # unless something live still needs it as a parent (then the remote is damaged).
+    gone = {
+        oid for (kind, oid) in live_set.unreadable
+        if kind == "m" and str(oid) in ids and str(oid) not in ref_ids
+        and ("m", oid.digest) not in sv.catalog.objects and ("m", oid.digest) not in sv.catalog.damaged_keys
+    }
+    if gone:
+        needed = walk(src, [ObjectId(i) for i in sorted(ids) if is_full_id(i) and i not in gone]).commits
+        gone -= needed
+    absent = sorted(str(o) for o in gone)
     for (kind, oid), err in sorted(live_set.unreadable.items()):
-        key = (kind, oid.digest)
-        stored = key in sv.catalog.objects or key in sv.catalog.damaged_keys or store.has(kind, oid)
-        if kind == "m" and str(oid) not in ref_ids and not stored:
-            absent.append(str(oid))  # a reflog entry whose commit is gone: collected by design
-            live.discard(key)
+        if kind == "m" and oid in gone:
+            live.discard(("m", oid.digest))
             continue
         problems.append(f"{KINDS[kind]} {oid}: {err}")
     unreadable = {(k, o.digest) for k, o in live_set.unreadable}
@@ -294,7 +315,7 @@ def mark(store: Any, backend: Backend, sv: Survey, roots: dict[str, Any]) -> Mar
             where = sv.catalog.damaged_keys.get((kind, digest))
             why = f"only in pack {where}, which is {sv.catalog.damaged[where]}" if where else "not on the remote"
             problems.append(f"live {KINDS[kind]} {digest.hex()} is {why}")
-    return Marks(live, sorted(absent), problems)
+    return Marks(live, absent, problems)
 
 
 def _live_digest(live: set[tuple[str, bytes]]) -> str:
@@ -427,7 +448,7 @@ def _attribute(store, backend, sv, state, roots, marks, candidates, dead_records
         last.setdefault(v, (name, t))
     deleted = {n: es[-1].get("time") for n, es in state.logs.items() if n not in state.refs and es}
     claimed: dict[tuple[str, bytes], str] = {}
-    src = _RemoteSource(store, backend, sv.catalog, MAX_OBJECT)
+    src = _OnTheRemote(store, backend, sv.catalog, MAX_OBJECT)
     for ref in dict.fromkeys(name for _t, name, _s, _v, _e in versions):
         heads = [ObjectId(v) for _t, n, _s, v, _e in versions
                  if n == ref and ("m", ObjectId(v).digest) not in marks.live]

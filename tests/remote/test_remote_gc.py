@@ -243,6 +243,40 @@ def test_a_pack_reached_only_as_a_delta_base_is_not_a_candidate(store, tmp_path)
     assert partial[v1_data]["dead_records"] == partial[v1_data]["records"] - 1  # all but the base
 
 
+@pytest.mark.parametrize("remote", ["file"], indirect=True)  # marking logic: one backend
+def test_a_plan_is_refused_and_writes_no_proof_when_a_live_object_is_missing_on_the_remote(series):
+    s = series
+    backend = s["backend"]
+    keep = str(s["repo"].resolve("keep"))
+    (meta,) = [n for n in _packs(backend)
+               if any(r[1] == keep for r in json.loads(backend.get(f"packs/{n}.idx"))["records"])]
+    backend.delete(f"packs/{meta}.pack")  # the remote lost the pack holding keep's commit
+    s["clock"].advance(days=40)
+    proofs = s["repo"].root / "gc" / "proofs"
+
+    with pytest.raises(GcRefused) as info:
+        _plan(s["repo"], s["backend"], s["settings"], s["clock"])
+
+    assert any(keep in r and "missing" in r for r in info.value.reasons)
+    assert not proofs.exists() or list(proofs.iterdir()) == []
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)  # marking logic: one backend
+def test_a_reflog_root_whose_commit_an_earlier_remote_gc_collected_is_no_doubt(series):
+    s = series
+    _force_exp_back_to_v1(s)
+    s["clock"].advance(days=40)
+    pid, doc = _plan(s["repo"], s["backend"], s["settings"], s["clock"])
+    _apply(s["repo"], s["backend"], s["settings"], s["clock"], pid, doc)
+    v2 = doc["dead_commits"][0]["id"]
+
+    _pid, wider = _plan(s["repo"], s["backend"], s["settings"], s["clock"], retention_days=60)
+
+    assert any(r[2] == v2 for r in wider["roots"]["reflog"])  # in the window again ...
+    assert wider["roots"]["absent"] == [v2]  # ... but gone by design, not a reason to refuse
+    assert wider["packs"] == []
+
+
 # -- apply, refusals, undo -------------------------------------------------------------------------
 
 
