@@ -82,8 +82,8 @@ REMOTE_WORKERS = 6
 #: Threads that download the deeper levels of delta chains, for all readers together.
 CHAIN_WORKERS = 4
 #: Verified chunks waiting to be indexed locally (``keep``) hold at most this many bytes; past
-#: it a chunk is served but not kept (memory stays bounded if the disk is slower than the wire).
-KEEP_QUEUE_BYTES = 32 << 20
+#: it a reader waits for the indexer (memory stays bounded if the disk is slower than the wire).
+KEEP_QUEUE_BYTES = 48 << 20
 #: The background indexer makes what it appended durable and indexed this often (seconds).
 KEEP_FLUSH_SECONDS = 2.0
 
@@ -209,7 +209,7 @@ class _Keeper:
     """Indexes verified chunks into the local store from one background thread.
 
     Chunks arrive as chains, bases first, so a delta is appended only after its base. The
-    queue is bounded by bytes; what does not fit is dropped (it was served, just not kept).
+    queue is bounded by bytes: a reader that finds it full waits for the indexer.
     Nothing here moves a ref: the chunks are unreferenced until a fetch or commit names them.
     """
 
@@ -217,7 +217,8 @@ class _Keeper:
         self.store = store
         self._q: queue.Queue = queue.Queue()
         self._bytes = 0
-        self._lock = threading.Lock()
+        self._room = threading.Condition()
+        self._alive = True
         self.kept = 0
         self.dropped = 0
         self.failed = 0
@@ -225,9 +226,17 @@ class _Keeper:
         self._thread.start()
 
     def offer(self, records: list[_Received]) -> None:
+        """Queue a chain (bases first) for the store; waits while the queue is full.
+
+        Waiting slows the reader to the speed of the local disk rather than dropping what the
+        user asked to keep, and keeps memory bounded. One chain larger than the whole bound
+        still goes through, alone.
+        """
         size = sum(len(r.payload) for r in records)
-        with self._lock:
-            if self._bytes + size > KEEP_QUEUE_BYTES:
+        with self._room:
+            while self._bytes and self._bytes + size > KEEP_QUEUE_BYTES and self._alive:
+                self._room.wait(1.0)
+            if not self._alive:  # the indexer stopped: serve without keeping
                 self.dropped += len(records)
                 return
             self._bytes += size
@@ -238,6 +247,14 @@ class _Keeper:
         self._thread.join(timeout=60)
 
     def _run(self) -> None:
+        try:
+            self._index()
+        finally:
+            with self._room:
+                self._alive = False
+                self._room.notify_all()
+
+    def _index(self) -> None:
         # One batch (so one pack, rolled when full) for the life of the mount, indexed every
         # few seconds; a failure abandons it (its indexed part stays) and starts another.
         done = False
@@ -272,8 +289,9 @@ class _Keeper:
             except StorageError as exc:  # a delta whose base is gone (not kept): skip the chain
                 log.warning("not keeping chunk %s: %s", records[-1].oid, exc)
             finally:
-                with self._lock:
+                with self._room:
                     self._bytes -= size
+                    self._room.notify_all()
             if time.monotonic() >= deadline:
                 return False
 
@@ -477,7 +495,7 @@ class RemoteObjects:
             k = self._keeper
             text += f"; {k.kept} chunks kept in the local store"
             if k.dropped:
-                text += f", {k.dropped} not kept (queue full)"
+                text += f", {k.dropped} not kept (the indexer had stopped)"
         return text
 
     def __enter__(self) -> RemoteObjects:
