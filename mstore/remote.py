@@ -57,6 +57,7 @@ from .hashing import ObjectId, is_full_id
 from .objects import Commit, FileObject, Tree, load_commit, load_file
 from .reachability import walk
 from .refs import ANY, HEADS, REMOTES, TAGS, RefChange, check_ref_name, set_if_equals, short_name
+from .remote_lock import push_lock
 from .storage.backends import Backend, BackendNotFound
 from .storage.index import KINDS, Entry
 from .storage.packs import (
@@ -640,135 +641,256 @@ def push(
         result.seconds = time.monotonic() - t0
         return result
 
-    live = walk(store, [u.new for u in wanted if u.new is not None])
-    if not live.complete:
-        (kind, oid), err = next(iter(live.unreadable.items()))
-        raise IntegrityError(f"cannot push: local {KINDS[kind]} {oid} is unreadable ({err})")
-    cat = load_catalog(backend, cache_dir)
-    hook("catalog-read")
-    # Chunk i of every file (oldest version first), then chunk i+1 of every file, ...: a
-    # receiver hashes each file's content as its chunks stream past (a file's id is that hash),
-    # and across a checkpoint series, where chunk i is the same tensor in every version, the
-    # versions advance in step, so it never has to hold one version's bytes for the next.
-    # Then any other chunk the walk found (delta bases); each base before the deltas on it.
-    order: dict[ObjectId, None] = {}
-    lists = [load_file(store, fid).chunks for fid in _files_oldest_first(store, live)]
-    for pos in range(max((len(c) for c in lists), default=0)):
-        for chunks_of in lists:
-            if pos < len(chunks_of):
-                order.setdefault(chunks_of[pos][0], None)
-    for cid in sorted(live.chunks):
-        order.setdefault(cid, None)
-    data = [("c", o) for o in _with_bases(store, [o for o in order if not cat.has("c", o.digest)], cat)]
-    meta = [(k, o) for k, s in (("f", live.files), ("t", live.trees), ("m", live.commits)) for o in sorted(s)]
-    meta = [(k, o) for k, o in meta if not cat.has(k, o.digest)]
-    total = 0
-    for kind, oid in data + meta:
-        e = store.entry(kind, oid)
-        total += e.enc_len if e is not None else 0
-    if on_total:
-        on_total(total)
+    # Held from before reading what the remote has until the refs have swapped, so a remote gc
+    # never deletes a pack this push counted on (mstore/remote_lock.py).
+    with push_lock(backend, user):
+        live = walk(store, [u.new for u in wanted if u.new is not None])
+        if not live.complete:
+            (kind, oid), err = next(iter(live.unreadable.items()))
+            raise IntegrityError(f"cannot push: local {KINDS[kind]} {oid} is unreadable ({err})")
+        cat = load_catalog(backend, cache_dir)
+        hook("catalog-read")
+        # Chunk i of every file (oldest version first), then chunk i+1 of every file, ...: a
+        # receiver hashes each file's content as its chunks stream past (a file's id is that hash),
+        # and across a checkpoint series, where chunk i is the same tensor in every version, the
+        # versions advance in step, so it never has to hold one version's bytes for the next.
+        # Then any other chunk the walk found (delta bases); each base before the deltas on it.
+        order: dict[ObjectId, None] = {}
+        lists = [load_file(store, fid).chunks for fid in _files_oldest_first(store, live)]
+        for pos in range(max((len(c) for c in lists), default=0)):
+            for chunks_of in lists:
+                if pos < len(chunks_of):
+                    order.setdefault(chunks_of[pos][0], None)
+        for cid in sorted(live.chunks):
+            order.setdefault(cid, None)
+        data = [("c", o) for o in _with_bases(store, [o for o in order if not cat.has("c", o.digest)], cat)]
+        meta = [(k, o) for k, s in (("f", live.files), ("t", live.trees), ("m", live.commits)) for o in sorted(s)]
+        meta = [(k, o) for k, o in meta if not cat.has(k, o.digest)]
+        total = 0
+        for kind, oid in data + meta:
+            e = store.entry(kind, oid)
+            total += e.enc_len if e is not None else 0
+        if on_total:
+            on_total(total)
 
-    # A builder thread reads and verifies local records while the caller's thread uploads the
-    # previous pack (and the backend uploads its parts in parallel).
-    packs: queue.Queue = queue.Queue(maxsize=2)
-    failure: list[BaseException] = []
-    stop = threading.Event()
+        # A builder thread reads and verifies local records while the caller's thread uploads the
+        # previous pack (and the backend uploads its parts in parallel).
+        packs: queue.Queue = queue.Queue(maxsize=2)
+        failure: list[BaseException] = []
+        stop = threading.Event()
 
-    def build() -> None:
-        try:
-            for objs, is_meta in ((data, False), (meta, True)):
-                builder = _PackBuilder(is_meta)
-                for kind, oid in objs:
-                    if stop.is_set():
-                        return
-                    check, codec, raw_len, payload, base = _read_local(store, kind, oid)
-                    builder.add(kind, oid.digest, check, codec, raw_len, payload, base)
-                    if len(builder.buf) >= pack_target:
-                        packs.put(builder)
-                        builder = _PackBuilder(is_meta)
-                if builder.records:
-                    packs.put(builder)
-        except BaseException as exc:  # handed to the uploading thread
-            failure.append(exc)
-        finally:
-            packs.put(None)
-
-    def upload(builder: _PackBuilder, pack: bytes, index: bytes) -> _PackBuilder:
-        backend.put(f"packs/{builder.name}.pack", pack)
-        hook("pack-uploaded")
-        backend.put(f"packs/{builder.name}.idx", index)  # R1: only after its pack
-        hook("index-uploaded")
-        return builder
-
-    def done(builder: _PackBuilder) -> None:
-        sent = sum(r[3] for r in builder.records)
-        result.packs += 1
-        result.objects += len(builder.records)
-        result.bytes += sent
-        result.raw_bytes += builder.raw
-        progress(sent)
-
-    thread = threading.Thread(target=build, name="mstore-push-build", daemon=True)
-    thread.start()
-    # Two packs upload at once (each in parallel parts), so one pack's last parts never leave
-    # the link idle.
-
-    in_flight: deque = deque()
-    try:
-        with ThreadPoolExecutor(_UPLOADS, thread_name_prefix="mstore-push-upload") as uploads:
-            while True:
-                builder = packs.get()
-                if builder is None:
-                    break
-                pack, index = builder.seal()
-                hook("pack-built")
-                in_flight.append(uploads.submit(upload, builder, pack, index))
-                del pack, index
-                while len(in_flight) >= _UPLOADS:
-                    done(in_flight.popleft().result())
-            while in_flight:
-                done(in_flight.popleft().result())
-    finally:
-        stop.set()
-        while thread.is_alive():
+        def build() -> None:
             try:
-                packs.get(timeout=0.1)
-            except queue.Empty:
-                pass
-        thread.join()
-    if failure:
-        raise failure[0]
-    hook("objects-sent")
+                for objs, is_meta in ((data, False), (meta, True)):
+                    builder = _PackBuilder(is_meta)
+                    for kind, oid in objs:
+                        if stop.is_set():
+                            return
+                        check, codec, raw_len, payload, base = _read_local(store, kind, oid)
+                        builder.add(kind, oid.digest, check, codec, raw_len, payload, base)
+                        if len(builder.buf) >= pack_target:
+                            packs.put(builder)
+                            builder = _PackBuilder(is_meta)
+                    if builder.records:
+                        packs.put(builder)
+            except BaseException as exc:  # handed to the uploading thread
+                failure.append(exc)
+            finally:
+                packs.put(None)
 
-    for upd in wanted:
-        full = upd.full
-        cur = current[full]
-        if cur is not None:
-            ensure_logged(backend, cur)  # R3: a predecessor's entry, if it was killed before logging
-            hook("previous-logged")
-        seq = cur.seq + 1 if cur is not None else 1
-        doc = {
-            "v": 1,
-            "ref": full,
-            "id": str(upd.new),
-            "old": str(cur.id) if cur is not None and cur.id is not None else None,
-            "seq": seq,
-            "time": now(),
-            "user": user,
-            "command": "push",
-            "message": f"push from {upd.local}",
-        }
-        won = backend.put_if_version(ref_key(full), _log_entry(doc), cur.version if cur is not None else None)
-        hook("ref-swapped")
-        if not won:
-            upd.status = "rejected"
-            upd.reason = "someone else pushed to it meanwhile: fetch first, then push again"
-            continue
-        backend.put_if_absent(log_key(full, seq), _log_entry(doc))
-        hook("ref-logged")
-        upd.status = "ok"
-        _set_tracking(store, remote_name, full, upd.new, RefChange(user, "push", f"pushed to {remote_name}"))
+        def upload(builder: _PackBuilder, pack: bytes, index: bytes) -> _PackBuilder:
+            backend.put(f"packs/{builder.name}.pack", pack)
+            hook("pack-uploaded")
+            backend.put(f"packs/{builder.name}.idx", index)  # R1: only after its pack
+            hook("index-uploaded")
+            return builder
+
+        def done(builder: _PackBuilder) -> None:
+            sent = sum(r[3] for r in builder.records)
+            result.packs += 1
+            result.objects += len(builder.records)
+            result.bytes += sent
+            result.raw_bytes += builder.raw
+            progress(sent)
+
+        thread = threading.Thread(target=build, name="mstore-push-build", daemon=True)
+        thread.start()
+        # Two packs upload at once (each in parallel parts), so one pack's last parts never leave
+        # the link idle.
+
+        in_flight: deque = deque()
+        try:
+            with ThreadPoolExecutor(_UPLOADS, thread_name_prefix="mstore-push-upload") as uploads:
+                while True:
+                    builder = packs.get()
+                    if builder is None:
+                        break
+                    pack, index = builder.seal()
+                    hook("pack-built")
+                    in_flight.append(uploads.submit(upload, builder, pack, index))
+                    del pack, index
+                    while len(in_flight) >= _UPLOADS:
+                        done(in_flight.popleft().result())
+                while in_flight:
+                    done(in_flight.popleft().result())
+        finally:
+            stop.set()
+            while thread.is_alive():
+                try:
+                    packs.get(timeout=0.1)
+                except queue.Empty:
+                    pass
+            thread.join()
+        if failure:
+            raise failure[0]
+        hook("objects-sent")
+
+        for upd in wanted:
+            full = upd.full
+            cur = current[full]
+            if cur is not None:
+                ensure_logged(backend, cur)  # R3: a predecessor's entry, if it was killed before logging
+                hook("previous-logged")
+            seq = cur.seq + 1 if cur is not None else 1
+            doc = {
+                "v": 1,
+                "ref": full,
+                "id": str(upd.new),
+                "old": str(cur.id) if cur is not None and cur.id is not None else None,
+                "seq": seq,
+                "time": now(),
+                "user": user,
+                "command": "push",
+                "message": f"push from {upd.local}",
+            }
+            won = backend.put_if_version(ref_key(full), _log_entry(doc), cur.version if cur is not None else None)
+            hook("ref-swapped")
+            if not won:
+                upd.status = "rejected"
+                upd.reason = "someone else pushed to it meanwhile: fetch first, then push again"
+                continue
+            backend.put_if_absent(log_key(full, seq), _log_entry(doc))
+            hook("ref-logged")
+            upd.status = "ok"
+            _set_tracking(store, remote_name, full, upd.new, RefChange(user, "push", f"pushed to {remote_name}"))
+    result.seconds = time.monotonic() - t0
+    return result
+
+
+def resolve_remote_ref(backend: Backend, name: str) -> str:
+    """The full remote ref a user means by ``name`` (``exp1``, ``v1``, ``refs/heads/exp1``).
+
+    A short name is a branch if the remote has that branch, else a tag if it has that tag.
+
+    Raises:
+        RefNotFound: the remote has neither (deleted refs count as absent).
+        InvalidName: a bad name, or a short name that is both a branch and a tag there.
+    """
+    from .errors import RefNotFound
+
+    if name.startswith("refs/"):
+        check_ref_name(name)
+        if not name.startswith((HEADS, TAGS)):
+            raise InvalidName(f"{name!r} is neither a branch nor a tag")
+        candidates = [name]
+    else:
+        candidates = [HEADS + name, TAGS + name]
+    present = []
+    for full in candidates:
+        ref = read_ref(backend, full)
+        if ref is not None and ref.id is not None:
+            present.append(full)
+    if not present:
+        raise RefNotFound(f"{backend.url} has no {'ref' if name.startswith('refs/') else 'branch or tag'} {name}")
+    if len(present) > 1:
+        raise InvalidName(f"{name!r} is both a branch and a tag on {backend.url}: say {' or '.join(present)}")
+    return present[0]
+
+
+def delete_refs(
+    store: ObjectStore,
+    backend: Backend,
+    remote_name: str,
+    refs: list[str],
+    user: str,
+    *,
+    force: bool = False,
+    crash_hook: Hook | None = None,
+    now: Callable[[], float] = time.time,
+) -> TransferResult:
+    """Delete remote branches (or, with ``force``, tags), like ``git push --delete``.
+
+    A deletion is a ref change like any other (R2, R3): the ref document is replaced, by
+    compare-and-swap from the document read, with a *tombstone* (``"id": null``, the next
+    ``seq``), and the change is logged as ``logs/<ref>/<seq>``. The reflog therefore survives,
+    a later push re-creates the ref as change ``seq + 1``, and readers (fetch, clone, ``remote
+    show``) treat a tombstone as no ref. The local tracking ref ``refs/remotes/NAME/BRANCH``
+    goes too.
+
+    A branch whose tracking ref says it was at another commit than the remote has now was
+    moved by someone since you last fetched: its deletion is rejected unless ``force`` (you
+    would delete work you never saw). So is a deletion whose swap loses to a concurrent push.
+
+    ``refs`` are names as :func:`resolve_remote_ref` takes them; every one is resolved before
+    anything changes.
+
+    Raises:
+        RefNotFound: a named ref is not on the remote (nothing changed).
+        InvalidName: an ambiguous or bad name.
+    """
+    hook = crash_hook or _noop
+    t0 = time.monotonic()
+    result = TransferResult()
+    if not check_layout(backend):
+        from .errors import RefNotFound
+
+        raise RefNotFound(f"{backend.url} is empty: no {', '.join(refs)} there")
+    fulls = list(dict.fromkeys(resolve_remote_ref(backend, name) for name in refs))
+    # A deletion changes the refs a remote gc marks from: it holds the push lock like a push.
+    with push_lock(backend, user):
+        for full in fulls:
+            cur = read_ref(backend, full)
+            upd = RefUpdate("(delete)", short_name(full), cur.id if cur is not None else None, None, full=full)
+            result.refs.append(upd)
+            if cur is None or cur.id is None:  # deleted since it was resolved
+                upd.status, upd.reason = "rejected", "someone else deleted it meanwhile"
+                continue
+            if full.startswith(TAGS) and not force:
+                upd.status, upd.reason = "rejected", "tags are not deleted unless forced (--force)"
+                continue
+            if full.startswith(HEADS) and not force:
+                with store.index.read() as txn:
+                    seen = txn.get_ref(tracking_ref(remote_name, full))
+                if seen is not None and seen != cur.id.digest:
+                    upd.status = "rejected"
+                    upd.reason = (
+                        f"the remote is at {cur.id.short}, not at {ObjectId.from_digest(seen).short} as you last "
+                        "fetched: fetch first, or force"
+                    )
+                    continue
+            ensure_logged(backend, cur)  # R3: the change before this one, if its author was killed
+            doc = {
+                "v": 1,
+                "ref": full,
+                "id": None,
+                "old": str(cur.id),
+                "seq": cur.seq + 1,
+                "time": now(),
+                "user": user,
+                "command": "delete",
+                "message": f"push --delete {short_name(full)}",
+            }
+            hook("delete-read")
+            won = backend.put_if_version(ref_key(full), _log_entry(doc), cur.version)
+            hook("delete-swapped")
+            if not won:
+                upd.status = "rejected"
+                upd.reason = "someone else pushed to it meanwhile: fetch first, then delete again"
+                continue
+            backend.put_if_absent(log_key(full, doc["seq"]), _log_entry(doc))
+            hook("delete-logged")
+            upd.status = "ok"
+            _set_tracking(store, remote_name, full, None, RefChange(user, "push", f"deleted on {remote_name}"))
     result.seconds = time.monotonic() - t0
     return result
 
@@ -1381,6 +1503,7 @@ __all__ = [
     "RemoteRef",
     "TransferResult",
     "check_layout",
+    "delete_refs",
     "fetch",
     "is_ancestor",
     "lacks",
@@ -1390,6 +1513,7 @@ __all__ = [
     "read_ref",
     "remote_reflog",
     "repair",
+    "resolve_remote_ref",
     "tracking_ref",
 ]
 

@@ -1182,6 +1182,7 @@ class Repo:
         on_total: Callable[[int], None] | None = None,
         crash_hook: Callable[[str], None] | None = None,
         pack_target: int | None = None,
+        delete: bool = False,
     ):
         """Send what ``remote`` lacks and move its refs by compare-and-swap: ``repo.push("origin", ["exp1"])``.
 
@@ -1190,22 +1191,38 @@ class Repo:
         then, if any could not, :class:`PushRejected` lists them (its ``result`` attribute has
         the whole :class:`~mstore.remote.TransferResult`).
 
+        With ``delete``, ``refs`` name remote branches to delete instead (``git push --delete``;
+        see :func:`mstore.remote.delete_refs`): by compare-and-swap, logged in the remote
+        reflog, the tracking ref ``REMOTE/BRANCH`` removed. Tags, and branches someone moved
+        since you last fetched them, are deleted only with ``force``.
+
         Raises:
-            RemoteNotFound: no such remote. RefNotFound: no such local ref.
+            RemoteNotFound: no such remote. RefNotFound: no such local ref (with ``delete``: no
+                such remote ref; nothing changed).
             PushRejected: a ref was not a fast-forward, or another pusher moved it first.
             IntegrityError: a local object to send is damaged (nothing moved).
         """
         from .errors import PushRejected
-        from .remote import PACK_TARGET, push
+        from .remote import PACK_TARGET, delete_refs, push
 
-        specs = self._push_specs(list(refs), all_branches, tags, force)
+        if delete:
+            if not refs or all_branches or tags:
+                raise UserError("push --delete takes the remote branches to delete, and neither --all nor --tags")
+            specs = list(refs)
+        else:
+            specs = self._push_specs(list(refs), all_branches, tags, force)
         target = pack_target or int(self._remote_settings(remote).get("pack_size", PACK_TARGET))
         backend = self._backend(remote)
         try:
-            result = push(
-                self.store, backend, remote, specs, self.user, progress=progress, on_total=on_total,
-                crash_hook=crash_hook, pack_target=target, cache_dir=self._remote_cache(remote), now=self.clock,
-            )
+            if delete:
+                result = delete_refs(
+                    self.store, backend, remote, specs, self.user, force=force, crash_hook=crash_hook, now=self.clock
+                )
+            else:
+                result = push(
+                    self.store, backend, remote, specs, self.user, progress=progress, on_total=on_total,
+                    crash_hook=crash_hook, pack_target=target, cache_dir=self._remote_cache(remote), now=self.clock,
+                )
         finally:
             backend.close()
         if result.rejected:

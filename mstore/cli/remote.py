@@ -150,30 +150,44 @@ def remote_log(ctx, name, ref, as_json) -> None:
 @click.argument("refs", nargs=-1)
 @click.option("--all", "all_branches", is_flag=True, help="Push every branch.")
 @click.option("--tags", is_flag=True, help="Push every tag.")
-@click.option("-f", "--force", is_flag=True, help="Move remote branches even if not a fast-forward (logged remotely).")
+@click.option("-f", "--force", is_flag=True,
+              help="Move remote branches even if not a fast-forward; with --delete, also delete tags and branches "
+                   "moved since you last fetched them (logged remotely).")
+@click.option("-d", "--delete", is_flag=True, help="Delete the remote branches REFS (logged in the remote reflog).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @json_option
 @click.pass_context
-def push(ctx, name, refs, all_branches, tags, force, quiet, as_json) -> None:
-    """Send branches or tags (REF or LOCAL:REMOTE) to remote NAME.
+def push(ctx, name, refs, all_branches, tags, force, delete, quiet, as_json) -> None:
+    """Send branches or tags (REF or LOCAL:REMOTE) to remote NAME; or delete remote branches.
 
     Only objects the remote lacks are sent, in packs (multipart uploads for big ones); an
     interrupted push resumes where it stopped. Remote refs then move by compare-and-swap: if
     someone else pushed first, or the remote branch is not an ancestor of yours, the push is
     rejected (exit 4) and nothing is lost: fetch, build on the new head, push again.
+
+    \b
+    mstore push origin --delete exp1     # delete the remote branch exp1 (and origin/exp1)
+
+    A deletion is a compare-and-swap too, logged in the remote's reflog (`mstore remote log
+    origin exp1` shows it; a later push re-creates the branch). It is rejected (exit 4) if
+    someone pushed to the branch since you last fetched it, unless --force; remote tags are
+    deleted only with --force. A ref the remote does not have is an error (exit 3).
     """
     from ..errors import PushRejected
 
     with state(ctx).repo() as repo, _transfer_bar("pushing", quiet or as_json) as (on_total, update):
         try:
             result = repo.push(name, list(refs), all_branches=all_branches, tags=tags, force=force,
-                               progress=update, on_total=on_total)
+                               progress=update, on_total=on_total, delete=delete)
         except PushRejected as exc:
             if as_json and hasattr(exc, "result"):
                 out.emit_json(exc.result.to_dict())
             raise
     if as_json:
         out.emit_json(result.to_dict())
+    elif delete:
+        for r in result.refs:
+            out.echo(f"deleted    {name}/{r.remote}  (was {r.old.short})")
     else:
         _summary("sent", name, result)
 

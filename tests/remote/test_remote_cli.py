@@ -95,3 +95,18 @@ def test_push_help_explains_the_race_and_resumption():
     out = subprocess.run([sys.executable, "-m", "mstore", "push", "--help"], capture_output=True, env=env,
                          text=True, timeout=60).stdout
     assert "compare-and-swap" in out and "resumes" in out
+
+
+def test_push_delete_from_the_command_line_is_logged_and_a_missing_ref_exits_3(cli, work, remote):
+    checkpoint(work / "ck", 1)
+    cli("commit", str(work / "ck"), "-b", "exp1", "-m", "one")
+    cli("remote", "add", "origin", remote["url"], *_args(remote))
+    cli("push", "origin", "exp1")
+    text = cli("push", "origin", "--delete", "exp1").stdout.decode()
+    assert "deleted" in text and "origin/exp1" in text
+    assert cli.json("remote", "show", "origin") == []
+    log = cli.json("remote", "log", "origin", "exp1")
+    assert [(e["seq"], e["id"], e["command"]) for e in log][-1] == (2, None, "delete")
+    assert "(deleted)" in cli("remote", "log", "origin", "exp1").stdout.decode()
+    proc = cli("push", "origin", "--delete", "exp1", check=False)
+    assert proc.returncode == 3 and "exp1" in proc.stderr.decode()
