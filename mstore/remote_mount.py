@@ -347,17 +347,36 @@ class RemoteObjects:
         self.local_chunks = 0  # chunks served from the local store
         self.fallbacks = 0  # local copies that failed to read back, then read from the remote
         try:
-            self.catalog = catalog if catalog is not None else load_catalog(backend, cache_dir, max_object)
-            self.meta = self._metadata(commit_id)
+            cat = catalog if catalog is not None else load_catalog(backend, cache_dir, max_object)
+            self.meta, chunks = self._metadata(cat, commit_id)
         except MstoreError as exc:
             raise _unreachable(remote, backend, exc) from None
+        # Only the locations of this commit's chunks and of their delta bases are kept: the
+        # whole remote's catalog (every version ever pushed) would grow with the remote.
+        self._locations: dict[bytes, Location] = {}
+        self._damaged: dict[bytes, str] = {}
+        stack = [c.digest for c in chunks]
+        while stack:
+            digest = stack.pop()
+            if digest in self._locations or digest in self._damaged:
+                continue
+            loc = cat.objects.get(("c", digest))
+            if loc is None:
+                pack = cat.damaged_keys.get(("c", digest))
+                if pack is not None:
+                    self._damaged[digest] = f"remote pack {pack}, which is {cat.damaged[pack]}"
+                continue
+            self._locations[digest] = loc
+            if loc.base is not None:
+                stack.append(loc.base)
         self._keeper = _Keeper(store) if keep else None
         # Downloads the deeper levels of delta chains (the caller's thread takes the first).
         self._pool = ThreadPoolExecutor(CHAIN_WORKERS, thread_name_prefix="mstore-mount-chain")
 
     # -- metadata: read once, verified, held ----------------------------------------------------
-    def _metadata(self, commit_id: ObjectId) -> dict[tuple[str, bytes], bytes]:
-        src = _RemoteSource(self.store, self.backend, self.catalog, self.max_object)
+    def _metadata(self, cat: Catalog, commit_id: ObjectId) -> tuple[dict[tuple[str, bytes], bytes], set[ObjectId]]:
+        """The commit's metadata objects read from the remote (raw), and its chunks."""
+        src = _RemoteSource(self.store, self.backend, cat, self.max_object)
         live = walk(src, [commit_id], follow_parents=False)
         if src.errors:
             raise src.errors[0]
@@ -375,7 +394,7 @@ class RemoteObjects:
                         f"remote file manifest {r.oid}: its one chunk {fobj.chunks[0][0]} is another content"
                     )
             meta[(kind, digest)] = bytes(r.raw)
-        return meta  # the source (and whole metadata packs it downloaded) is dropped here
+        return meta, live.chunks  # the source (and whole metadata packs it downloaded) is dropped
 
     def get(self, kind: str, oid: ObjectId) -> bytes:
         """The verified raw bytes of an object of the mounted commit."""
@@ -415,17 +434,19 @@ class RemoteObjects:
         return raw
 
     def _locate(self, oid: ObjectId) -> Location:
-        loc = self.catalog.objects.get(("c", oid.digest))
+        loc = self._locations.get(oid.digest)
         if loc is None:
-            pack = self.catalog.damaged_keys.get(("c", oid.digest))
-            if pack is not None:
-                raise RemoteIntegrityError(
-                    f"chunk {oid} is only in remote pack {pack}, which is {self.catalog.damaged[pack]}"
-                )
+            problem = self._damaged.get(oid.digest)
+            if problem is not None:
+                raise RemoteIntegrityError(f"chunk {oid} is only in {problem}")
             raise ObjectNotFound(f"chunk {oid} is neither in the store nor on remote {self.remote}", oid)
         if loc.raw_len > self.max_object:
             raise RemoteIntegrityError(f"remote chunk {oid} is {loc.raw_len:,} bytes, above {self.max_object:,}")
         return loc
+
+    def location(self, oid: ObjectId) -> Location | None:
+        """Where the remote holds chunk ``oid`` of this commit (or a delta base of one)."""
+        return self._locations.get(oid.digest)
 
     def _fetch(self, oid: ObjectId, loc: Location) -> _Received:
         n = RECORD.size + loc.enc_len

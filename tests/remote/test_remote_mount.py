@@ -341,12 +341,12 @@ def test_the_source_downloads_one_chain_per_chunk_asked_for_and_refuses_wrong_by
     want = files[1][sum(k for _c, k in chunks[:8]) :][:n]
     assert src.get("c", cid) == want
     chain = backend.ranges[metadata_gets:]
-    loc = src.catalog.objects[("c", cid.digest)]
+    loc = src.location(cid)
     assert loc.codec == DELTA and len(chain) == 2  # the delta and its base, nothing else
     assert src.remote_chunks == 1 and src.gets == 2
     # A remote that serves one wrong byte of a chunk: an error naming it, never bytes.
     other, _n = chunks[12]
-    at = src.catalog.objects[("c", other.digest)]
+    at = src.location(other)
     backend.flip_at = (f"packs/{at.pack}.pack", at.offset + RECORD.size + at.enc_len - 1)
     with pytest.raises(RemoteIntegrityError, match=str(other)):
         src.get("c", other)
