@@ -249,6 +249,8 @@ class _Keeper:
     def _run(self) -> None:
         try:
             self._index()
+        except Exception:  # noqa: BLE001 - say why nothing more is kept; reads go on regardless
+            log.exception("stopped keeping fetched chunks in the local store")
         finally:
             with self._room:
                 self._alive = False
