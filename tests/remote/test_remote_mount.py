@@ -12,6 +12,8 @@ import errno
 import json
 import os
 import random
+import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -195,6 +197,29 @@ def test_only_the_chunks_read_are_downloaded_and_kept_and_a_later_fetch_complete
     dest = tmp_path / "out"
     reader.checkout("origin/exp1", dest)
     assert (dest / MODEL).read_bytes() == files[1]
+
+
+@requires_fuse
+@pytest.mark.usefixtures("fuse")
+@pytest.mark.parametrize("remote", ["file"], indirect=True)
+def test_a_sequential_reader_gets_the_next_chunks_downloaded_ahead(pushed, reader, tmp_path):
+    commits, files, chunks = pushed
+    mnt = tmp_path / "mnt"
+    cli(reader.root, "mount", "--readahead", "2M", "origin/exp1", str(mnt))
+    try:
+        fd = os.open(mnt / MODEL, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # only what is asked reaches the mount
+            end = sum(n for _c, n in chunks[:3])  # the header and two tensors
+            for off in range(0, end, 128 << 10):
+                assert os.pread(fd, 128 << 10, off) == files[1][off : off + (128 << 10)]
+        finally:
+            os.close(fd)
+        time.sleep(0.5)  # let the downloads ahead finish before the mount ends
+    finally:
+        cli(reader.root, "umount", str(mnt))
+    fetched = int(re.search(r"remote origin: (\d+) chunks fetched", _log(reader)).group(1))
+    assert 3 + 2 <= fetched < len(chunks), _log(reader)  # ahead of the reader, within the budget
 
 
 @requires_fuse
