@@ -56,7 +56,10 @@ from .remote import (
     Catalog,
     Location,
     RemoteRef,
+    _decode_delta_checked,
+    _PackBuilder,
     _RemoteSource,
+    _verify_record,
     check_layout,
     parse_index,
     read_ref,
@@ -66,10 +69,11 @@ from .remote import (
 from .remote_lock import gc_lock
 from .storage.backends import Backend, BackendNotFound, open_backend
 from .storage.index import KINDS
-from .storage.packs import RECORD
+from .storage.packs import FOOTER, HEADER, RECORD
+from .storage.store import MAX_DELTA_CHAIN
 
 REMOTE_PROOF_VERSION = 1
-POLICY_KEYS = ("retention_days", "grace_days", "proof_max_age_seconds", "quarantine_days")
+POLICY_KEYS = ("retention_days", "grace_days", "proof_max_age_seconds", "quarantine_days", "compact_below")
 #: Remote pack names are ``<time_ns hex>-<pid hex>-<64 random bits hex>`` (fsutil.unique_name).
 _PACK_NAME = re.compile(r"([0-9a-f]{1,16})-[0-9a-f]{1,16}-[0-9a-f]{16}")
 _MARKERS = ("applied", "undone", "purged")
@@ -366,7 +370,7 @@ def plan(
             marks.problems[:20] + ([f"... and {len(marks.problems) - 20} more"] if len(marks.problems) > 20 else []),
         )
     grace_cut = now - float(policy["grace_days"]) * DAY
-    candidates, partial, young = [], [], 0
+    candidates, partial, repack, young = [], [], [], 0
     dead_records: dict[str, list[list[Any]]] = {}
     for name in sorted(sv.sizes):
         created = pack_created(name)
@@ -387,8 +391,13 @@ def plan(
         dead = [r for r in doc["records"] if (r[0], bytes.fromhex(r[1])) not in marks.live]
         if len(dead) < len(doc["records"]):
             if dead:
-                partial.append({"pack": name, "bytes": sv.sizes[name], "records": len(doc["records"]),
-                                "dead_records": len(dead), "dead_bytes": _dead_bytes(dead)})
+                item = {"pack": name, "bytes": sv.sizes[name], "records": len(doc["records"]),
+                        "dead_records": len(dead), "dead_bytes": _dead_bytes(dead)}
+                partial.append(item)
+                live_bytes = HEADER.size + FOOTER.size + _dead_bytes(doc["records"]) - item["dead_bytes"]
+                if old_enough and live_bytes / sv.sizes[name] < float(policy["compact_below"]):
+                    repack.append({**item, "index": sv.index_digest[name], "meta": bool(doc.get("meta")),
+                                   "created": created})
             continue
         if not old_enough:
             young += 1
@@ -414,9 +423,12 @@ def plan(
             "bytes": sum(c["bytes"] for c in candidates),
             "records": sum(c["records"] or 0 for c in candidates),
             "younger_than_grace": young,
+            "repack": len(repack),
+            "repack_dead_bytes": sum(r["dead_bytes"] for r in repack),
         },
         "packs": candidates,
         "partial_packs": partial,
+        "repack": repack,
         "damaged_packs": [{"pack": n, "problem": p} for n, p in sorted(sv.catalog.damaged.items())],
         "dead_commits": commits,
     }
@@ -540,8 +552,9 @@ def _check_shape(pid: str, doc: dict[str, Any]) -> None:
         and isinstance(doc.get("packs"), list)
         and isinstance(doc.get("state_digest"), str)
     )
+    ok = ok and isinstance(doc.get("repack"), list)
     if ok:
-        for p in doc["packs"]:
+        for p in doc["packs"] + doc["repack"]:
             if not (
                 isinstance(p, dict)
                 and isinstance(p.get("pack"), str)
@@ -551,7 +564,8 @@ def _check_shape(pid: str, doc: dict[str, Any]) -> None:
             ):
                 ok = False
                 break
-        ok = ok and len({p["pack"] for p in doc["packs"]}) == len(doc["packs"])
+        names = [p["pack"] for p in doc["packs"] + doc["repack"]]
+        ok = ok and len(set(names)) == len(names) and all(isinstance(p.get("index"), str) for p in doc["repack"])
     if not ok:
         raise IntegrityError(f"remote gc proof {pid[:7]} is malformed: refusing it")
 
@@ -608,7 +622,7 @@ def verify(
     return _verify(store, backend, pid, doc, now, remote, url, cache_dir)[0]
 
 
-def _verify(store, backend, pid, doc, now, remote, url, cache_dir=None) -> tuple[Verdict, Survey | None]:
+def _verify(store, backend, pid, doc, now, remote, url, cache_dir=None) -> tuple[Verdict, Marks | None]:
     reasons = _check_remote(doc, remote, url)
     if reasons:  # never judge one remote's packs by another's proof
         return Verdict(pid, False, reasons, None), None
@@ -655,7 +669,20 @@ def _verify(store, backend, pid, doc, now, remote, url, cache_dir=None) -> tuple
     if reachable:
         reasons.append(f"{len(reachable)} candidate packs hold objects reachable from the remote's current refs "
                        f"and reflog (e.g. {reachable[0]})")
-    return Verdict(pid, not reasons, reasons, status), sv
+    # A pack to repack may hold more live records now than at the plan: apply copies what is
+    # live then, and the old pack goes whole to the trash. It must still be the pack planned.
+    for p in doc["repack"]:
+        name = p["pack"]
+        created = pack_created(name)
+        if created is None or created >= grace_cut:
+            reasons.append(f"pack {name} is younger than the {policy['grace_days']:g}-day grace period")
+        if name not in sv.sizes and not _moved_copy(backend, pid, name, p):
+            reasons.append(f"pack {name} (to repack) is no longer on the remote")
+        elif name in sv.sizes and sv.sizes[name] != p["bytes"]:
+            reasons.append(f"pack {name} is {sv.sizes[name]:,} bytes, not {p['bytes']:,} as planned")
+        elif _index_of(backend, pid, name, p, sv) is None:
+            reasons.append(f"the index of pack {name} changed or vanished since the plan")
+    return Verdict(pid, not reasons, reasons, status), marks
 
 
 def _moved_copy(backend: Backend, pid: str, name: str, p: dict[str, Any]) -> bool:
@@ -685,12 +712,15 @@ class RemoteApplyResult:
 
     proof: str
     remote: str
-    packs: int
-    bytes: int
+    packs: int  # dead packs moved to the trash
+    bytes: int  # their size
+    repacked: int = 0  # partly dead packs rewritten (the old ones are in the trash too)
+    repacked_live_bytes: int = 0  # what the new packs hold
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
         return {"proof": self.proof, "remote": self.remote, "packs": self.packs, "bytes": self.bytes,
+                "repacked": self.repacked, "repacked_live_bytes": self.repacked_live_bytes,
                 "trash": _trash(self.proof)}
 
 
@@ -715,6 +745,73 @@ def _tmpdir(store: Any):
     return tempfile.TemporaryDirectory(dir=base if base.is_dir() else None, prefix="remote-gc-")
 
 
+def _repack(store: Any, backend: Backend, pid: str, p: dict[str, Any], marks: Marks, sv: Survey, tmp: Path) -> int:
+    """Write a new pack holding the records of pack ``p`` that are live now; returns its size.
+
+    Every record copied is verified first (framing against the index, payload decoded and
+    hashed against its id; a delta chunk decoded through its base). Records travel as encoded.
+    A marker ``trash/<proof>/repacked/<old>.json`` names the new pack once its index is up, so
+    an interrupted apply run again does not write it twice.
+
+    Raises:
+        RemoteIntegrityError: a live record is damaged (nothing has been deleted).
+    """
+    name = p["pack"]
+    marker = f"{_trash(pid)}repacked/{name}.json"
+    try:
+        done = json.loads(backend.get(marker))
+        return int(done.get("bytes") or 0)
+    except BackendNotFound:
+        pass
+    idx = _index_of(backend, pid, name, p, sv)
+    if idx is None:
+        raise RemoteIntegrityError(f"the index of pack {name} changed during apply")
+    src = f"packs/{name}.pack"
+    if backend.stat(src) is None:
+        src = f"{_trash(pid)}packs/{name}.pack"
+    path = tmp / "repack"
+    backend.get_file(src, path)
+    data = path.read_bytes()
+    path.unlink()
+    if len(data) != p["bytes"]:
+        raise RemoteIntegrityError(f"remote pack {name} is {len(data):,} bytes, not {p['bytes']:,}")
+    builder = _PackBuilder(bool(idx.get("meta")))
+    for r in idx["records"]:
+        kind, oid = r[0], ObjectId(r[1])
+        if (kind, oid.digest) not in marks.live:
+            continue
+        base = bytes.fromhex(r[6]) if len(r) == 7 else None
+        loc = Location(name, r[2], r[3], r[4], r[5], base)
+        rec = _verify_record(data[r[2]: r[2] + RECORD.size + r[3]], kind, oid, loc, False)
+        if base is not None:  # a delta: decode it through its base and check its id
+            _decode_delta_checked(rec, _chunk_raw(store, backend, sv, base))
+        builder.add(kind, oid.digest, rec.check, rec.codec, rec.raw_len, bytes(rec.payload), base)
+    size = 0
+    new = None
+    if builder.records:
+        pack, index = builder.seal()
+        backend.put(f"packs/{builder.name}.pack", pack)
+        backend.put(f"packs/{builder.name}.idx", index)  # R1: only after its pack
+        new, size = builder.name, len(pack)
+    backend.put(marker, canonical_json({"old": name, "new": new, "bytes": size}))
+    return size
+
+
+def _chunk_raw(store: Any, backend: Backend, sv: Survey, digest: bytes, depth: int = 0) -> bytes:
+    """The raw bytes of a chunk the remote holds, verified (a local copy if there is one)."""
+    oid = ObjectId.from_digest(digest)
+    if store.has("c", oid):
+        return store.get("c", oid)
+    loc = sv.catalog.objects.get(("c", digest))
+    if loc is None or depth > MAX_DELTA_CHAIN:
+        raise RemoteIntegrityError(f"delta base chunk {oid} is not on the remote (or its chain is too long)")
+    buf = backend.get_range(f"packs/{loc.pack}.pack", loc.offset, RECORD.size + loc.enc_len)
+    rec = _verify_record(buf, "c", oid, loc, True)
+    if loc.base is None:
+        return rec.raw
+    return _decode_delta_checked(rec, _chunk_raw(store, backend, sv, loc.base, depth + 1))
+
+
 def apply(
     store: Any, backend: Backend, pid: str, doc: dict[str, Any], now: float, user: str, remote: str, url: str,
     crash_hook: Hook | None = None,
@@ -734,12 +831,21 @@ def apply(
     raw = canonical_json(doc)
     with gc_lock(backend, user) as lock:
         hook("locked")
-        verdict, _sv = _verify(store, backend, pid, doc, now, remote, url)  # refs re-read under the lock
+        verdict, marks = _verify(store, backend, pid, doc, now, remote, url)  # refs re-read under the lock
         if not verdict.valid:
             raise GcRefused(f"remote gc proof {pid[:7]} cannot be applied", verdict.reasons)
         backend.put_if_absent(f"{_trash(pid)}proof.json", raw)
         with _tmpdir(store) as tmp:
-            for p in doc["packs"]:
+            # 1. New packs with the live records of the packs to repack, each pack before its
+            #    index (R1); nothing is deleted until all of them are up.
+            sv = survey(backend)
+            repacked = 0
+            for p in doc["repack"]:
+                repacked += _repack(store, backend, pid, p, marks, sv, Path(tmp))
+                hook("repacked")
+                lock.refresh()
+            # 2. Every candidate, and every pack just repacked, to the trash: index first.
+            for p in doc["packs"] + doc["repack"]:
                 name, size = p["pack"], p["bytes"]
                 tkey = f"{_trash(pid)}packs/{name}"
                 if backend.stat(f"{tkey}.pack") != size:
@@ -756,8 +862,9 @@ def apply(
                 hook("pack-deleted")
                 lock.refresh()  # copying terabytes may outlast the stale age
         total = sum(p["bytes"] for p in doc["packs"])
-        _put_marker(backend, pid, "applied", now, user, packs=len(doc["packs"]), bytes=total)
-    return RemoteApplyResult(pid, remote, len(doc["packs"]), total)
+        _put_marker(backend, pid, "applied", now, user, packs=len(doc["packs"]), bytes=total,
+                    repacked=len(doc["repack"]))
+    return RemoteApplyResult(pid, remote, len(doc["packs"]), total, len(doc["repack"]), repacked)
 
 
 def _trash_packs(backend: Backend, pid: str) -> dict[str, dict[str, int]]:
@@ -797,6 +904,16 @@ def undo(store: Any, backend: Backend, pid: str, now: float, user: str) -> int:
                     _copy(backend, f"{tkey}.idx", f"packs/{name}.idx", sizes["idx"], Path(tmp))
                 backend.delete(f"{tkey}.idx")
                 backend.delete(f"{tkey}.pack")
+        # The packs a repack wrote hold only copies of records now back in their old packs.
+        for key, _size in backend.list(f"{_trash(pid)}repacked/"):
+            try:
+                new = json.loads(backend.get(key)).get("new")
+            except (ValueError, BackendNotFound):
+                continue
+            if isinstance(new, str) and _PACK_NAME.fullmatch(new):
+                backend.delete(f"packs/{new}.idx")  # index first, as for any deletion
+                backend.delete(f"packs/{new}.pack")
+            backend.delete(key)
         _put_marker(backend, pid, "undone", now, user, packs=len(held))
     return len(held)
 

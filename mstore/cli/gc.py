@@ -109,11 +109,17 @@ def _remote_summary(pid: str, doc: dict) -> None:
     for p in doc["packs"]:
         n = "?" if p["records"] is None else p["records"]
         out.echo(f"  {p['pack']}  {out.human_bytes(p['bytes']):>10}  {n} records  {p['reason']}")
-    if doc["partial_packs"]:
-        dead = sum(p["dead_bytes"] for p in doc["partial_packs"])
+    for p in doc["repack"]:
         out.echo(
-            f"  partly dead (kept; repacking them is not implemented): {out.plural(len(doc['partial_packs']), 'pack')} "
-            f"with {out.human_bytes(dead)} of dead records"
+            f"  {p['pack']}  {out.human_bytes(p['bytes']):>10}  repack: {p['dead_records']} of {p['records']} records "
+            f"dead ({out.human_bytes(p['dead_bytes'])}); the live ones go to a new pack, the old one to trash"
+        )
+    kept = [p for p in doc["partial_packs"] if p["pack"] not in {r["pack"] for r in doc["repack"]}]
+    if kept:
+        dead = sum(p["dead_bytes"] for p in kept)
+        out.echo(
+            f"  partly dead, kept (live fraction above {doc['policy']['compact_below']:g}, or young): "
+            f"{out.plural(len(kept), 'pack')} with {out.human_bytes(dead)} of dead records"
         )
     if doc["damaged_packs"]:
         out.echo(f"  damaged (kept): {', '.join(p['pack'] + ' ' + p['problem'] for p in doc['damaged_packs'])}")
@@ -360,9 +366,10 @@ def _apply_remote(repo, pid: str, remote: str, yes: bool, as_json: bool) -> None
     if as_json:
         out.emit_json(res.to_dict())
         return
+    rp = f"; {out.plural(res.repacked, 'pack')} repacked" if res.repacked else ""
     out.echo(
         f"applied {pid[:7]} on {remote}: {out.plural(res.packs, 'pack')} ({out.human_bytes(res.bytes)}) "
-        f"moved to trash/{pid[:7]}…/ on the remote"
+        f"moved to trash/{pid[:7]}…/ on the remote{rp}"
     )
     out.echo(f"undo with: mstore gc undo {pid[:7]}  (until mstore gc purge --remote {remote})")
 

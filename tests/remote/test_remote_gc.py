@@ -17,11 +17,12 @@ import blake3
 import pytest
 
 from mstore import Repo, remote_gc
-from mstore.errors import IntegrityError, RemoteBusy, UserError
+from mstore.errors import IntegrityError, RemoteBusy, RemoteIntegrityError, UserError
 from mstore.gc import GcRefused, store_proof
 from mstore.remote import log_key, read_ref, ref_key
 from mstore.remote_lock import STALE_AFTER, gc_lock, list_locks, push_lock, remove_locks
 from mstore.storage.backends import open_backend
+from mstore.storage.packs import RECORD
 from tests.conftest import Clock, tree_bytes
 from tests.remote.conftest import add_remote, checkpoint
 
@@ -386,6 +387,7 @@ def test_an_interrupted_apply_leaves_a_readable_remote_and_finishes_when_run_aga
     assert {f"trash/{pid}/packs/{n}.{e}" for n in s["b"] for e in ("pack", "idx")} <= _keys(s["backend"], "trash/")
 
 
+@pytest.mark.parametrize("remote", ["file"], indirect=True)  # S3 trash moves: tested above
 def test_purge_deletes_the_trash_only_after_the_quarantine_period(series):
     s = series
     _force_exp_back_to_v1(s)
@@ -403,6 +405,79 @@ def test_purge_deletes_the_trash_only_after_the_quarantine_period(series):
     assert remote_gc.proof_status(s["backend"], pid) == "purged"
     with pytest.raises(GcRefused):
         remote_gc.undo(store, s["backend"], pid, s["clock"](), "tester")
+
+
+# -- repacking partly dead packs ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def shared(store, tmp_path):
+    """keep and exp pushed together (so they share packs), then exp deleted on the remote."""
+    repo, clock, backend, settings = store
+    keep = checkpoint(tmp_path / "keep", 0)
+    repo.commit(keep, "keep", "kept")
+    repo.commit(checkpoint(tmp_path / "exp", 3, changed=4), "exp", "exp")
+    packs = _push(repo, backend, ["keep", "exp"])
+    _delete_remote_ref(backend, "refs/heads/exp", clock())
+    clock.advance(days=40)
+    return {"repo": repo, "clock": clock, "backend": backend, "settings": settings, "packs": packs, "keep": keep}
+
+
+def test_apply_repacks_partly_dead_packs_into_new_packs_of_their_live_records(shared, tmp_path):
+    s = shared
+    backend = s["backend"]
+    pid, doc = _plan(s["repo"], backend, s["settings"], s["clock"], compact_below=0.95)
+    assert doc["packs"] == [] and {p["pack"] for p in doc["repack"]} == s["packs"]
+    dead = {(p["pack"], p["dead_records"]) for p in doc["repack"]}
+
+    result = _apply(s["repo"], backend, s["settings"], s["clock"], pid, doc)
+
+    assert result.repacked == len(s["packs"]) and result.packs == 0
+    assert _packs(backend) & s["packs"] == set()  # the old packs are in the trash, whole
+    assert {f"trash/{pid}/packs/{n}.{e}" for n in s["packs"] for e in ("pack", "idx")} <= _keys(backend, "trash/")
+    new = _packs(backend)
+    records = sum(len(json.loads(backend.get(f"packs/{n}.idx"))["records"]) for n in new)
+    assert records == sum(p["records"] for p in doc["repack"]) - sum(n for _p, n in dead)
+    _pid, again = _plan(s["repo"], backend, s["settings"], s["clock"], compact_below=0.95, grace_days=0)
+    assert again["partial_packs"] == [] and again["packs"] == []  # nothing dead is left
+    _clone_matches(s["settings"], tmp_path / "clone", {"keep": s["keep"]})
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)  # the disk damages a pack
+def test_a_damaged_live_record_in_a_pack_to_repack_refuses_apply_and_deletes_nothing(shared, remote):
+    s = shared
+    backend = s["backend"]
+    pid, doc = _plan(s["repo"], backend, s["settings"], s["clock"], compact_below=0.95)
+    (data,) = [p["pack"] for p in doc["repack"] if not p["meta"]]
+    state = remote_gc.read_state(backend)
+    live = remote_gc.mark(s["repo"].store, backend, remote_gc.survey(backend), state.roots(s["clock"](), 30)).live
+    keep_chunk = next(r for r in json.loads(backend.get(f"packs/{data}.idx"))["records"]
+                      if ("c", bytes.fromhex(r[1])) in live and r[3] > 1000)
+    disk = Path(remote["url"][len("file://"):]) / "packs" / f"{data}.pack"
+    raw = bytearray(disk.read_bytes())
+    raw[keep_chunk[2] + RECORD.size + keep_chunk[3] // 2] ^= 0xFF  # in the payload of a live chunk
+    disk.write_bytes(bytes(raw))
+    before = {k: backend.get(k) for k in _keys(backend)}
+
+    with pytest.raises(RemoteIntegrityError, match=keep_chunk[1][:12]):
+        _apply(s["repo"], backend, s["settings"], s["clock"], pid, doc)
+
+    assert all(backend.get(k) == v for k, v in before.items())  # every pack and index still there
+    assert remote_gc.proof_status(backend, pid) is None
+    assert list_locks(backend) == []
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)  # S3 trash moves: tested above
+def test_undo_of_a_repack_restores_the_old_packs_and_removes_the_new_ones(shared):
+    s = shared
+    backend = s["backend"]
+    before = _keys(backend)
+    pid, doc = _plan(s["repo"], backend, s["settings"], s["clock"], compact_below=0.95)
+    _apply(s["repo"], backend, s["settings"], s["clock"], pid, doc)
+
+    remote_gc.undo(s["repo"].store, backend, pid, s["clock"](), "tester")
+
+    assert _keys(backend) == before
 
 
 # -- hostile and mismatched proofs -----------------------------------------------------------------
