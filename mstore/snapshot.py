@@ -115,6 +115,63 @@ class Stats:
         return d
 
 
+class _Lineage:
+    """One file's float pieces in its parent and earlier first-parent versions: delta bases.
+
+    Bases follow the skip-delta rule (Subversion's, for the same reason): the piece ``v``
+    versions after the last one stored whole is a delta against the version ``v & (v - 1)``,
+    i.e. ``lowbit(v)`` versions back, not against its parent. A chain then has at most
+    popcount(v) links (at most 3 for v <= 8) instead of v, so reading any version decodes
+    at most 4 chunks per piece instead of 9, and a commit decodes its base that much faster,
+    for deltas over 1, 2, 4 or 8 versions of drift (full fine-tune series: 0.691 instead of
+    0.682 stored/logical; partial fine-tune: 0.239 instead of 0.221). After ``max_depth``
+    versions (default 8) the piece is stored whole again, as before.
+
+    Earlier versions are read lazily (most pieces stop at their parent or grandparent).
+    """
+
+    def __init__(self, ingest: Ingest, rel: str, parent: dict):
+        self.ingest = ingest
+        self.rel = rel
+        self.gens: list[dict] = [parent]  # gens[j - 1]: pieces of the version j back
+        # Beyond the parent only along a line where the parent has this file itself (a piece
+        # found in an older ancestor, because the parent lacks the file, has no history here).
+        self.done = rel not in ingest.previous
+
+    def _gen(self, j: int) -> dict | None:
+        while len(self.gens) < j and not self.done:
+            k = len(self.gens) - 1  # ingest.ancestors[0] is the grandparent (two back)
+            if k >= len(self.ingest.ancestors):
+                self.done = True
+                break
+            try:
+                entry = resolve_path(self.ingest.store, self.ingest.ancestors[k], self.rel)
+            except MstoreError:
+                entry = None
+            pieces = self.ingest._pieces_of(entry.id, self.rel) if entry is not None and entry.kind == FILE_KIND else {}
+            if not pieces:
+                self.done = True
+                break
+            self.gens.append(pieces)
+        return self.gens[j - 1] if j <= len(self.gens) else None
+
+    def bases(self, key: Any) -> tuple[ObjectId, ...]:
+        """Delta bases for the piece ``key``, best first; empty: store it whole (a keyframe)."""
+        store, max_depth = self.ingest.store, self.ingest.max_depth
+        seen: list[ObjectId] = []
+        for j in range(1, max_depth + 1):
+            gen = self._gen(j)
+            cid = gen.get(key) if gen is not None else None
+            entry = store.entry("c", cid) if cid is not None else None
+            if entry is None:  # the history runs out before a whole piece: plain chain
+                return (seen[0],) if seen else ()
+            seen.append(cid)
+            if entry.codec != codecs.DELTA:  # the last piece stored whole is j versions back
+                skip = seen[(j & -j) - 1]
+                return (skip,) if skip == cid else (skip, cid)
+        return ()  # max_depth versions since the last whole piece: this one is stored whole
+
+
 class Ingest:
     """Turns files and directories into stored (or, with ``batch=None``, only hashed) objects."""
 
@@ -169,14 +226,14 @@ class Ingest:
 
     # -- chunks ---------------------------------------------------------------------------
     def _work(
-        self, data: bytes, item_size: int, base: ObjectId | None = None
+        self, data: bytes, item_size: int, bases: tuple[ObjectId, ...] = ()
     ) -> tuple[bytes, ObjectId, int, bytes | None, bool, int]:
         oid = hash_bytes(data)
         if self.store.has("c", oid):
             return data, oid, codecs.RAW, None, True, item_size
         if self.batch is None:
             return data, oid, codecs.RAW, None, False, item_size
-        delta = self._delta(data, item_size, base) if base is not None and base != oid else None
+        delta = self._delta(data, item_size, tuple(b for b in bases if b != oid)) if bases else None
         if delta is DELTA_HOPELESS:
             delta = None
         # A delta clearly smaller than the whole piece would be (estimated from a prefix) wins
@@ -190,17 +247,20 @@ class Ingest:
             codec, payload = codecs.DELTA, delta
         return data, oid, codec, payload, False, item_size
 
-    def _delta(self, data: bytes, item_size: int, base: ObjectId) -> Any:
-        """``data`` as a DELTA payload against ``base``.
+    def _delta(self, data: bytes, item_size: int, bases: tuple[ObjectId, ...]) -> Any:
+        """``data`` as a DELTA payload against the first of ``bases`` whose chain may grow.
 
-        None if it cannot be one (chain too deep, base unusable); DELTA_HOPELESS if a prefix
+        None if it cannot be one (chains too deep, bases unusable); DELTA_HOPELESS if a prefix
         shows it would not pay.
         """
-        entry = self.store.entry("c", base)
-        if entry is None or entry.raw_len != len(data):
-            return None
-        depth = 1 + self._chain_length(base, entry)
-        if depth > self.max_depth:
+        for base in bases:
+            entry = self.store.entry("c", base)
+            if entry is None or entry.raw_len != len(data):
+                continue
+            depth = 1 + self._chain_length(base, entry)
+            if depth <= self.max_depth:
+                break
+        else:
             return None  # a keyframe: the chain restarts with this piece stored whole
         scratch = getattr(self._local, "scratch", None)
         if scratch is None:
@@ -256,7 +316,8 @@ class Ingest:
 
         Keys name a tensor of a safetensors file or a storage entry of a torch archive (see
         ChunkPlan.piece_keys); empty if there is nothing to compute deltas against (no parent
-        file there, chunked by content, unreadable).
+        file there, chunked by content, unreadable). A file the parent lacks is looked for in
+        the nearest earlier ancestor (a merged model beside its base, say).
         """
         if not self.deltas:
             return {}
@@ -264,6 +325,10 @@ class Ingest:
         source = prev[1] if prev is not None else self._ancestor_file(rel)
         if source is None:
             return {}
+        return self._pieces_of(source, rel)
+
+    def _pieces_of(self, source: ObjectId, rel: str) -> dict:
+        """Float pieces of stored file ``source`` by key (see :meth:`_parent_pieces`)."""
         try:
             pfobj = load_file(self.store, source)
             if pfobj.chunker not in (SAFETENSORS_NAME, TORCHZIP_NAME):
@@ -381,12 +446,15 @@ class Ingest:
                 self.progress(len(data))
 
             parent = self._parent_pieces(rel) if plan.chunker != CDC_NAME else {}
+            lineage = _Lineage(self, rel, parent) if parent else None
             keys = plan.piece_keys() if parent else []
             for i, (data, item_size) in enumerate(plan.pieces()):
                 if not data:
                     continue
-                base = parent.get(keys[i]) if item_size and i < len(keys) and keys[i] is not None else None
-                inflight.append(self.pool.submit(self._work, data, item_size, base))
+                bases: tuple[ObjectId, ...] = ()
+                if lineage is not None and item_size and i < len(keys) and keys[i] is not None:
+                    bases = lineage.bases(keys[i])
+                inflight.append(self.pool.submit(self._work, data, item_size, bases))
                 if len(inflight) >= window:
                     drain_one()
             while inflight:
