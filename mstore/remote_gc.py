@@ -2,7 +2,8 @@
 
 (docs/remote-gc.md.) The unit of deletion on a remote is a *pack*: remote packs are immutable
 and shared by nobody, so a pack whose every record is unreachable is deleted whole, and a pack
-with some live records is only reported (with its dead bytes).
+mostly dead (live fraction below ``compact_below``) is repacked: its live records go to a new
+pack before the old one is deleted. Other partly dead packs are reported with their dead bytes.
 
 * :func:`plan` reads the remote's refs and every remote reflog; the roots are the current refs
   and the old and new value of every reflog entry inside the retention window. It marks
@@ -20,6 +21,8 @@ with some live records is only reported (with its dead bytes).
   index there, delete the index from ``packs/`` (so no reader or pusher sees the pack's
   records any more), then the pack. :func:`undo` copies them back (pack before index, R1);
   :func:`purge` deletes the trash of proofs applied longer ago than the quarantine period.
+  Packs to repack are rewritten first (every live record verified, new pack before its index),
+  then moved like the dead ones.
 """
 
 from __future__ import annotations
