@@ -601,10 +601,14 @@ def log(backend: Backend) -> list[dict[str, Any]]:
         parts = key.split("/")
         if len(parts) == 3 and parts[2] in {f"{a}.json" for a in _MARKERS}:
             try:
-                out.append(json.loads(backend.get(key)))
+                e = json.loads(backend.get(key))
             except (ValueError, BackendNotFound):
                 continue
-    return sorted(out, key=lambda e: (e.get("time") or 0, _MARKERS.index(e.get("action", "applied"))))
+            ok = (isinstance(e, dict) and e.get("proof") == parts[1] and f"{e.get('action')}.json" == parts[2]
+                  and isinstance(e.get("time"), (int, float)) and not isinstance(e.get("time"), bool))
+            if ok:  # a marker that is not what apply, undo or purge wrote is no audit entry
+                out.append(e)
+    return sorted(out, key=lambda e: (e["time"], _MARKERS.index(e["action"])))
 
 
 # -- verify ------------------------------------------------------------------------------------
@@ -937,7 +941,7 @@ def purge(store: Any, backend: Backend, now: float, quarantine_days: float, user
                 applied.pop(e.get("proof"), None)
         out = []
         for pid, e in sorted(applied.items()):
-            if not is_full_id(pid) or now - float(e.get("time", now)) < quarantine_days * DAY:
+            if not is_full_id(pid) or now - float(e["time"]) < quarantine_days * DAY:
                 continue
             held = _trash_packs(backend, pid)
             size = sum(s.get("pack", 0) + s.get("idx", 0) for s in held.values())
