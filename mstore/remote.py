@@ -486,6 +486,10 @@ class _PackBuilder:
         self.records.append([kind, digest.hex(), offset, len(payload), raw_len, codec, *([base.hex()] if base else [])])
         self.raw += raw_len
 
+    @property
+    def size(self) -> int:
+        return len(self.buf)
+
     def seal(self) -> tuple[bytes, bytes]:
         digest = blake3.blake3(self.buf).digest()
         self.buf += FOOTER.pack(FOOTER_MAGIC, 0, len(self.records), digest)
@@ -493,28 +497,88 @@ class _PackBuilder:
         return bytes(self.buf), json.dumps(index, separators=(",", ":")).encode()
 
 
-def _read_local(store: ObjectStore, kind: str, oid: ObjectId) -> tuple[bytes, int, int, bytes, bytes | None]:
-    """(check, codec, raw_len, payload, delta base) of a local record, verified against its id."""
-    entry = store.entry(kind, oid)
-    if entry is None:
-        raise IntegrityError(f"{KINDS[kind]} {oid} is not in the local store; cannot push it")
-    name = store.pack_name(entry.pack)
-    base = None
-    try:
-        rec, payload = store.reader.read(name, entry.offset, entry.enc_len)
-        if rec.kind != kind or rec.id != oid.digest:
-            raise IntegrityError("record header does not match the index")
-        if _DELTA is not None and rec.codec == _DELTA:
-            base = codecs.delta_base(payload)[0]
-            store.get(kind, oid)  # decodes through its base and verifies
-        else:
-            raw = store.reader.decode(rec, payload)
-            verify_raw(kind, oid, raw)
-    except IntegrityError as exc:
-        raise IntegrityError(
-            f"local {KINDS[kind]} {oid} is damaged ({exc}); not pushing it (mstore fsck --repair-from REMOTE)"
-        ) from None
-    return rec.check, rec.codec, rec.raw_len, payload, base
+class _LocalPackBuilder(_PackBuilder):
+    """A remote pack assembled in one preallocated buffer, each local record read straight into it.
+
+    A remote record is byte for byte a local one, so the local pack's record (header and
+    payload) is read from disk into its place in the new pack, checked there, and decoded
+    into a scratch buffer only to verify it: no copy into a growing buffer, none at the seal.
+    """
+
+    def __init__(self, meta: bool, capacity: int):
+        self.meta = meta
+        self.name = unique_name()
+        self.records = []
+        self.raw = 0
+        self.mem = np.empty(capacity, dtype=np.uint8)
+        self.view = memoryview(self.mem)
+        HEADER.pack_into(self.view, 0, PACK_MAGIC, PACK_VERSION, 0)
+        self._size = HEADER.size
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def fits(self, enc_len: int) -> bool:
+        return self._size + RECORD.size + enc_len + FOOTER.size <= len(self.view)
+
+    def add_local(self, store: ObjectStore, kind: str, oid: ObjectId, entry: Entry, scratch: _Scratch) -> None:
+        """Read, verify and append the local record of ``(kind, oid)``.
+
+        Raises:
+            IntegrityError: the local record is damaged (nothing was appended).
+        """
+        offset = self._size
+        try:
+            rec, payload = store.reader.read_into(
+                store.pack_name(entry.pack), entry.offset, entry.enc_len, self.view[offset:]
+            )
+            if rec.kind != kind or rec.id != oid.digest:
+                raise IntegrityError("record header does not match the index")
+            base = None
+            if _DELTA is not None and rec.codec == _DELTA:
+                base = codecs.delta_base(payload)[0]
+                store.get(kind, oid)  # decodes through its base and verifies
+            else:
+                raw = codecs.decode_into(rec.codec, payload, rec.raw_len, scratch.get(rec.raw_len))
+                if blake3.blake3(raw).digest() != rec.check:
+                    raise IntegrityError("payload hash does not match its record")
+                if kind != "c":
+                    verify_raw(kind, oid, raw)
+                elif rec.check != oid.digest:
+                    raise IntegrityError("wrong bytes: the record's hash is another id")
+        except IntegrityError as exc:
+            raise IntegrityError(
+                f"local {KINDS[kind]} {oid} is damaged ({exc}); not pushing it (mstore fsck --repair-from REMOTE)"
+            ) from None
+        # The header as a push writes it (no local flags travel).
+        RECORD.pack_into(
+            self.view, offset, RECORD_MAGIC, ord(kind), rec.codec, 0, rec.raw_len, rec.enc_len, oid.digest, rec.check
+        )
+        self._size = offset + RECORD.size + rec.enc_len
+        self.records.append(
+            [kind, oid.digest.hex(), offset, rec.enc_len, rec.raw_len, rec.codec, *([base.hex()] if base else [])]
+        )
+        self.raw += rec.raw_len
+
+    def seal(self) -> tuple[memoryview, bytes]:  # type: ignore[override]
+        digest = blake3.blake3(self.view[: self._size]).digest()
+        FOOTER.pack_into(self.view, self._size, FOOTER_MAGIC, 0, len(self.records), digest)
+        self._size += FOOTER.size
+        index = {"v": 1, "pack": self.name, "size": self._size, "meta": self.meta, "records": self.records}
+        return self.view[: self._size], json.dumps(index, separators=(",", ":")).encode()
+
+
+class _Scratch:
+    """One reusable decode buffer (per thread): verifying a record needs its raw bytes only briefly."""
+
+    def __init__(self) -> None:
+        self.mem = np.empty(0, dtype=np.uint8)
+
+    def get(self, n: int) -> memoryview:
+        if len(self.mem) < n:
+            self.mem = np.empty(n, dtype=np.uint8)
+        return memoryview(self.mem)[:n]
 
 
 def _files_oldest_first(store: ObjectStore, live: Any) -> list[ObjectId]:
@@ -681,24 +745,34 @@ def push(
 
         def build() -> None:
             try:
+                scratch = _Scratch()
                 for objs, is_meta in ((data, False), (meta, True)):
-                    builder = _PackBuilder(is_meta)
+                    builder: _LocalPackBuilder | None = None
                     for kind, oid in objs:
                         if stop.is_set():
                             return
-                        check, codec, raw_len, payload, base = _read_local(store, kind, oid)
-                        builder.add(kind, oid.digest, check, codec, raw_len, payload, base)
-                        if len(builder.buf) >= pack_target:
+                        entry = store.entry(kind, oid)
+                        if entry is None:
+                            raise IntegrityError(f"{KINDS[kind]} {oid} is not in the local store; cannot push it")
+                        if builder is not None and not builder.fits(entry.enc_len):
                             packs.put(builder)
-                            builder = _PackBuilder(is_meta)
-                    if builder.records:
+                            builder = None
+                        if builder is None:
+                            # Room for the target and one more chunk-sized record beyond it.
+                            need = HEADER.size + RECORD.size + entry.enc_len + FOOTER.size
+                            builder = _LocalPackBuilder(is_meta, max(pack_target + (17 << 20), need))
+                        builder.add_local(store, kind, oid, entry, scratch)
+                        if builder.size >= pack_target:
+                            packs.put(builder)
+                            builder = None
+                    if builder is not None and builder.records:
                         packs.put(builder)
             except BaseException as exc:  # handed to the uploading thread
                 failure.append(exc)
             finally:
                 packs.put(None)
 
-        def upload(builder: _PackBuilder, pack: bytes, index: bytes) -> _PackBuilder:
+        def upload(builder: _PackBuilder, pack: bytes | memoryview, index: bytes) -> _PackBuilder:
             backend.put(f"packs/{builder.name}.pack", pack)
             hook("pack-uploaded")
             backend.put(f"packs/{builder.name}.idx", index)  # R1: only after its pack
@@ -1159,14 +1233,14 @@ def fetch(
     new_files = [r for r in src.received.values() if r.kind == "f"]
     verifier = _FileVerifier(store, new_files, {o for _k, o, _l in chunks}, chunks)
     with store.batch() as batch, ThreadPoolExecutor(_THREADS, thread_name_prefix="mstore-fetch") as pool:
-        # 1. chunks, verified in the download threads, appended here in order; each new file's
-        #    content is hashed from them as they stream past (its id is that hash).
+        # 1. chunks, verified in the download threads, appended in order by a writer thread;
+        #    each new file's content is hashed here from them as they stream past (its id is
+        #    that hash), while the writer copies, hashes and writes the local pack.
         deltas: list[_Received] = []
         decoding: deque = deque()  # (record, base id, future of its decoded bytes)
 
         def take(r: _Received) -> None:
-            if not batch.contains(r.kind, r.oid):
-                _append(batch, r)
+            writer.put(r)
             verifier.chunk(r.oid, r.raw)
             r.raw = None
             result.objects += 1
@@ -1181,21 +1255,26 @@ def fetch(
                 verifier.release(base_id)
                 take(r)
 
-        ranges = _ranges(chunks)
-        cost = [end - start + sum(loc.raw_len for _k, _o, loc in group) for _p, start, end, group in ranges]
-        for received in _bounded_map(pool, download, ranges, 2 * _THREADS, cost, _AHEAD_BYTES):
-            for r in received:
-                if r.codec == _DELTA:
-                    got = verifier.delta_base(r)
-                    if got is None:
-                        deltas.append(r)  # its base is not readable yet: after the flush
-                    else:  # decoded and verified in a pool thread; taken in order
-                        decoding.append((r, got[0], pool.submit(_decode_delta_checked, r, got[1])))
-                    continue
-                take(r)
-            take_decoded(block=len(decoding) > 2)
-            hook("range-received")
-        take_decoded(block=True)
+        writer = _Writer(batch)
+        try:
+            ranges = _ranges(chunks)
+            cost = [end - start + sum(loc.raw_len for _k, _o, loc in group) for _p, start, end, group in ranges]
+            for received in _bounded_map(pool, download, ranges, 2 * _THREADS, cost, _AHEAD_BYTES):
+                for r in received:
+                    if r.codec == _DELTA:
+                        got = verifier.delta_base(r)
+                        if got is None:
+                            deltas.append(r)  # its base is not readable yet: after the flush
+                        else:  # decoded and verified in a pool thread; taken in order
+                            decoding.append((r, got[0], pool.submit(_decode_delta_checked, r, got[1])))
+                        continue
+                    take(r)
+                take_decoded(block=len(decoding) > 2)
+                hook("range-received")
+            take_decoded(block=True)
+        finally:
+            writer.close(raise_error=False)  # never leave it writing into a batch being abandoned
+        writer.close()
         # 2. index the (verified) chunks; deltas whose base came late and files whose chunks
         #    did not stay in memory are checked from the store. A failure below leaves only
         #    verified, unreachable chunks, which the next fetch re-uses.
@@ -1247,6 +1326,44 @@ def fetch(
     hook("committed")
     result.seconds = time.monotonic() - t0
     return result
+
+
+class _Writer:
+    """Appends verified records to a batch on a thread of its own, in the order given.
+
+    The batch is touched only by this thread until :meth:`close` returns. A failure is raised
+    by the next :meth:`put` or by :meth:`close`; the records after it are dropped.
+    """
+
+    def __init__(self, batch: Any, depth: int = 4):
+        self.batch = batch
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="mstore-fetch-write", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (r := self.queue.get()) is not None:
+            if self.error is not None:
+                continue
+            try:
+                if not self.batch.contains(r.kind, r.oid):
+                    _append(self.batch, r)
+            except BaseException as exc:  # raised in the caller's thread
+                self.error = exc
+
+    def put(self, r: _Received) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(r)
+
+    def close(self, raise_error: bool = True) -> None:
+        """Wait until every record is appended (idempotent); raise what failed."""
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+        if raise_error and self.error is not None:
+            raise self.error
 
 
 def _decode_delta_checked(r: _Received, base: bytes | memoryview) -> memoryview:

@@ -114,7 +114,11 @@ class Backend(ABC):
     # -- writing -------------------------------------------------------------------------
     @abstractmethod
     def put(self, key: str, data: bytes) -> None:
-        """Store ``data`` under ``key`` (replacing it), atomically: readers see all or nothing."""
+        """Store ``data`` under ``key`` (replacing it), atomically: readers see all or nothing.
+
+        ``data`` may be any bytes-like object (a push hands a memoryview of the pack it built);
+        a backend that keeps it must copy it.
+        """
 
     def put_file(self, key: str, path: Path, progress: Progress | None = None) -> None:
         """Upload a local file (big objects: multipart where supported)."""

@@ -51,6 +51,43 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return parsed.netloc, prefix
 
 
+class _BufferReader(io.RawIOBase):
+    """A read-only, seekable file over a buffer, for multipart uploads.
+
+    ``io.BytesIO`` would copy a bytearray or a memoryview whole before the upload copies each
+    part out of it again.
+    """
+
+    def __init__(self, data: bytes | bytearray | memoryview):
+        self.view = memoryview(data).cast("B")
+        self.pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: len(self.view)}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self.view) if n is None or n < 0 else min(len(self.view), self.pos + n)
+        out = bytes(self.view[self.pos : end])
+        self.pos = max(self.pos, end)
+        return out
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
 class S3Backend(Backend):
     """Objects under ``s3://bucket/prefix/``."""
 
@@ -185,12 +222,13 @@ class S3Backend(Backend):
         yield from sorted(out)
 
     # -- writing -----------------------------------------------------------------------------
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
         try:
             if len(data) > PART_SIZE:  # multipart, parts in parallel
-                self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(key), Config=self.transfer)
+                self.client.upload_fileobj(_BufferReader(data), self.bucket, self._key(key), Config=self.transfer)
             else:
-                self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+                body = data if isinstance(data, bytes) else bytes(data)
+                self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=body)
         except Exception as exc:
             raise self._error("put", key, exc) from None
 
