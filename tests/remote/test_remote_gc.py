@@ -343,6 +343,22 @@ def test_apply_refuses_with_remote_busy_and_deletes_nothing_while_a_push_lock_is
     assert remote_gc.proof_status(s["backend"], pid) is None
 
 
+def test_a_push_while_a_remote_gc_holds_its_lock_is_refused_and_moves_no_ref(series, tmp_path):
+    s = series
+    repo, backend = s["repo"], s["backend"]
+    repo.commit(checkpoint(tmp_path / "v3", 3), "exp", "v3")
+    head = read_ref(backend, "refs/heads/exp").id
+    before = _keys(backend)
+
+    with gc_lock(backend, "gc-user"), pytest.raises(RemoteBusy, match="gc by gc-user@"):
+        repo.push("origin", ["exp"])
+
+    assert read_ref(backend, "refs/heads/exp").id == head
+    assert _keys(backend) == before  # nothing uploaded either
+    repo.push("origin", ["exp"])  # once the gc is done
+    assert read_ref(backend, "refs/heads/exp").id == repo.resolve("exp")
+
+
 def test_undo_brings_every_pack_and_index_back_and_the_old_head_clones_again(series, tmp_path):
     s = series
     _force_exp_back_to_v1(s)
