@@ -245,24 +245,41 @@ def load_catalog(backend: Backend, cache_dir: Path | None = None, max_object: in
             sizes[name[: -len(".pack")]] = size
         elif name.endswith(".idx"):
             indexes.append(name[: -len(".idx")])
+    docs: dict[str, dict[str, Any]] = {}
+    missing: list[str] = []
     for name in indexes:
-        raw = None
         cached = cache_dir / f"{name}.idx" if cache_dir is not None else None
         if cached is not None and cached.is_file():
-            raw = cached.read_bytes()
-        try:
-            doc = parse_index(raw, name, max_object) if raw is not None else None
-        except RemoteIntegrityError:
-            doc = None  # a damaged cache: read the remote's copy
-        if doc is None:
             try:
-                raw = backend.get(f"packs/{name}.idx")
-            except BackendNotFound:
+                docs[name] = parse_index(cached.read_bytes(), name, max_object)
                 continue
-            doc = parse_index(raw, name, max_object)
-            if cached is not None:
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(cached, raw)
+            except RemoteIntegrityError:
+                pass  # a damaged cache: read the remote's copy
+        missing.append(name)
+
+    def get_index(name: str) -> bytes | None:
+        try:
+            return backend.get(f"packs/{name}.idx")
+        except BackendNotFound:
+            return None
+
+    # The indexes not cached yet, several at once: one request each, and a clone reads them all.
+    if len(missing) > 1:
+        with ThreadPoolExecutor(min(_THREADS, len(missing)), thread_name_prefix="mstore-catalog") as pool:
+            fetched = list(pool.map(get_index, missing))
+    else:
+        fetched = [get_index(n) for n in missing]
+    for name, raw in zip(missing, fetched, strict=True):
+        if raw is None:
+            continue
+        docs[name] = parse_index(raw, name, max_object)
+        if cache_dir is not None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(cache_dir / f"{name}.idx", raw)
+    for name in indexes:
+        doc = docs.get(name)
+        if doc is None:
+            continue
         keys = [(r[0], bytes.fromhex(r[1])) for r in doc["records"]]
         actual = sizes.get(name)
         if actual != doc["size"]:
