@@ -44,12 +44,14 @@ import tomli_w
 from .errors import FormatError, UnsupportedFormat
 from .fsutil import atomic_write
 
-# Version 2 added delta chunks (codec 3) and the ``deltas`` index table. Version 1 stores are
-# read and written as before, without deltas (an older mstore would take a delta for damage).
-FORMAT_VERSION = 2
+# Version 2 added delta chunks (codec 3) and the ``deltas`` index table. Version 3 added
+# low-rank deltas (inner codec 5 of a delta). Older stores are read and written as before,
+# without what their version lacks (an older mstore would take it for damage).
+FORMAT_VERSION = 3
 MIN_VERSION = 1
-MAX_VERSION = 2
+MAX_VERSION = 3
 DELTA_MIN_VERSION = 2
+LOWRANK_MIN_VERSION = 3
 
 CONFIG_NAME = "config.toml"
 PACKS_DIR = "packs"
@@ -64,7 +66,7 @@ DEFAULTS: dict[str, Any] = {
     # A float tensor piece whose file had the same tensor (name, dtype, shape) in the parent
     # commit is stored as XOR with the parent's piece when that is smaller; chains of deltas
     # are at most max_depth long (then the piece is stored whole), bounding what a read decodes.
-    "delta": {"enabled": True, "max_depth": 8},
+    "delta": {"enabled": True, "max_depth": 8, "lowrank": True},
     # Deleting or force-moving a ref matching one of these (fnmatch on the short or full name)
     # needs --force-protected and --confirm NAME.
     "protect": {"patterns": ["main", "refs/tags/*"]},

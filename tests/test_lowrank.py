@@ -1,0 +1,183 @@
+"""Low-rank deltas: a merged LoRA model costs its factors and a residual, not its matrices.
+
+A model merged from a LoRA adapter differs from its base by ``scale * B @ A`` (rank r). These
+tests pin the codec (bit-exact, refuses what it cannot reproduce everywhere, refuses hostile
+payloads by name) and the store (a merged model committed after its base is stored as such
+deltas, reads back bit-exact, also under a further delta; a version 2 store never writes one).
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+
+from mstore import IntegrityError, Repo, codecs
+from mstore.codecs import DELTA, DELTA_HEAD, LOWRANK, LOWRANK_HEAD
+from mstore.format import Config, write_config
+from tests.conftest import tree_bytes, write_safetensors
+
+ID = b"\x01" * 32
+
+
+def merged_pair(rows: int = 128, cols: int = 160, rank: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(base, base merged with a rank-``rank`` update computed in float32, as peft does)."""
+    rng = np.random.default_rng(seed)
+    base = (rng.standard_normal((rows, cols)) * 0.02).astype(np.float32)
+    b = (rng.standard_normal((rows, rank)) * 0.01).astype(np.float32)
+    a = (rng.standard_normal((rank, cols)) * 0.05).astype(np.float32)
+    return base, (base + (b @ a) * np.float32(2.0)).astype(np.float32)
+
+
+def encode(raw: np.ndarray, base: np.ndarray) -> bytes | None:
+    return codecs.encode_lowrank_delta(raw.tobytes(), base.tobytes(), ID, 1, raw.shape[1], 3)
+
+
+@pytest.mark.parametrize("shape,rank", [((128, 160), 8), ((97, 300), 1), ((512, 384), 64)])
+def test_a_low_rank_update_round_trips_bit_exact_at_a_fraction_of_its_size(shape, rank):
+    base, merged = merged_pair(*shape, rank=rank)
+    payload = encode(merged, base)
+
+    assert payload is not None and payload[33] == LOWRANK
+    assert codecs.decode_delta(payload, merged.nbytes, base.tobytes()) == merged.tobytes()
+    xor = codecs.encode_delta(merged.tobytes(), base.tobytes(), ID, 1, 3, 4)
+    assert len(payload) < 0.6 * len(xor)
+
+
+def test_a_full_rank_update_is_not_encoded_as_low_rank():
+    base, _ = merged_pair()
+    moved = (base + np.random.default_rng(1).standard_normal(base.shape).astype(np.float32) * 1e-3).astype(np.float32)
+    assert encode(moved, base) is None
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, 1e-40])  # 1e-40 is subnormal in float32
+def test_a_base_with_a_non_finite_or_subnormal_value_is_not_encoded_as_low_rank(value):
+    base, merged = merged_pair()
+    base[5, 7] = value
+    assert encode(merged, base) is None
+
+
+def test_a_matrix_too_narrow_for_the_range_finder_is_not_encoded_as_low_rank():
+    base, merged = merged_pair(128, 64)
+    assert encode(merged, base) is None
+
+
+def _parts(payload: bytes) -> tuple[int, int, int]:
+    return LOWRANK_HEAD.unpack_from(payload, DELTA_HEAD.size)
+
+
+def _with_head(payload: bytes, rows: int, cols: int, rank: int) -> bytes:
+    rest = payload[DELTA_HEAD.size + LOWRANK_HEAD.size :]
+    return payload[: DELTA_HEAD.size] + LOWRANK_HEAD.pack(rows, cols, rank) + rest
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda p, r, c, k: _with_head(p, r, c, 0), "rank 0"),
+        (lambda p, r, c, k: _with_head(p, r, c, 65), "rank 65"),
+        (lambda p, r, c, k: _with_head(p, r + 1, c, k), "does not fit"),
+        (lambda p, r, c, k: p[: DELTA_HEAD.size + LOWRANK_HEAD.size + 40], "truncated"),
+        (lambda p, r, c, k: p[: DELTA_HEAD.size + 3], "truncated"),
+    ],
+)
+def test_a_hostile_low_rank_header_is_refused_by_name(damage, message):
+    base, merged = merged_pair()
+    payload = encode(merged, base)
+    rows, cols, rank = _parts(payload)
+    with pytest.raises(IntegrityError, match=message):
+        codecs.decode_delta(damage(payload, rows, cols, rank), merged.nbytes, base.tobytes())
+
+
+def test_non_finite_factors_are_refused():
+    base, merged = merged_pair()
+    payload = bytearray(encode(merged, base))
+    at = DELTA_HEAD.size + LOWRANK_HEAD.size
+    payload[at : at + 4] = struct.pack("<f", np.inf)
+    with pytest.raises(IntegrityError, match="not finite"):
+        codecs.decode_delta(bytes(payload), merged.nbytes, base.tobytes())
+
+
+def test_a_residual_that_claims_to_be_a_delta_is_refused():
+    base, merged = merged_pair()
+    payload = bytearray(encode(merged, base))
+    rows, cols, rank = _parts(bytes(payload))
+    payload[DELTA_HEAD.size + LOWRANK_HEAD.size + 4 * rank * (rows + cols)] = DELTA
+    with pytest.raises(IntegrityError, match="residual has codec 3"):
+        codecs.decode_delta(bytes(payload), merged.nbytes, base.tobytes())
+
+
+def test_the_prediction_is_the_fixed_order_float64_sum_rounded_once():
+    rng = np.random.default_rng(3)
+    base = (rng.standard_normal((70, 90)) * 0.02).astype(np.float32)
+    u = rng.standard_normal((70, 5)).astype(np.float32)
+    v = rng.standard_normal((5, 90)).astype(np.float32)
+    got = np.empty_like(base)
+    codecs.lowrank_predict(base.tobytes(), 70, 90, u, v, got)
+    ref = base.astype(np.float64)
+    for k in range(5):  # the definition: rank-1 terms added in order, rounded once
+        ref = ref + u[:, k, None].astype(np.float64) * v[None, k, :].astype(np.float64)
+    assert got.tobytes() == ref.astype(np.float32).tobytes()
+
+
+# -- in the store ----------------------------------------------------------------------------
+
+
+def _commit_base_then_merged(repo: Repo, work):
+    base, merged = {}, {}
+    for i in range(3):
+        base[f"layer{i}.q.weight"], merged[f"layer{i}.q.weight"] = merged_pair(seed=i)
+    base["norm.weight"] = merged["norm.weight"] = np.ones(160, np.float32)  # unchanged by the merge
+    write_safetensors(work / "base" / "model.safetensors", base)
+    write_safetensors(work / "merged" / "model.safetensors", merged)
+    repo.commit(work / "base", "lora", "base")
+    repo.commit(work / "merged", "lora", "merged")
+    return merged
+
+
+def _inner_codecs(repo: Repo, rev: str) -> list[int | None]:
+    out = []
+    with repo.open_file(f"{rev}:model.safetensors") as f:
+        for cid, _n in f.fobj.chunks:
+            entry = repo.store.entry("c", cid)
+            if entry.codec != DELTA:
+                out.append(None)
+                continue
+            _rec, payload = repo.store.reader.read(repo.store.pack_name(entry.pack), entry.offset, entry.enc_len)
+            out.append(payload[33])
+    return out
+
+
+def test_a_merged_model_committed_after_its_base_is_stored_as_low_rank_deltas(repo, work, tmp_path):
+    _commit_base_then_merged(repo, work)
+
+    assert _inner_codecs(repo, "lora").count(LOWRANK) == 3
+    repo.checkout("lora", tmp_path / "out")
+    assert tree_bytes(tmp_path / "out") == tree_bytes(work / "merged")
+    assert repo.fsck().ok
+
+
+def test_a_delta_on_top_of_a_low_rank_delta_reads_back_bit_exact(repo, work, tmp_path):
+    merged = _commit_base_then_merged(repo, work)
+    tuned = {k: (v + np.float32(1e-4) * np.sign(v)).astype(np.float32) for k, v in merged.items()}
+    write_safetensors(work / "tuned" / "model.safetensors", tuned)
+    repo.commit(work / "tuned", "lora", "fine-tuned after the merge")
+
+    repo.checkout("lora", tmp_path / "tuned")
+    assert tree_bytes(tmp_path / "tuned") == tree_bytes(work / "tuned")
+    repo.checkout("lora~1", tmp_path / "merged")
+    assert tree_bytes(tmp_path / "merged") == tree_bytes(work / "merged")
+
+
+def test_a_version_2_store_never_writes_a_low_rank_delta(tmp_path):
+    repo = Repo.init(tmp_path / "v2")
+    data = repo.config.data
+    data["format"]["version"] = 2
+    write_config(repo.root, Config(data))
+    repo.close()
+    repo = Repo.open(tmp_path / "v2")
+    _commit_base_then_merged(repo, tmp_path / "work")
+
+    assert LOWRANK not in _inner_codecs(repo, "lora")
+    repo.close()
