@@ -1352,7 +1352,7 @@ class _Writer:
     by the next :meth:`put` or by :meth:`close`; the records after it are dropped.
     """
 
-    def __init__(self, batch: Any, depth: int = 4):
+    def __init__(self, batch: Any, depth: int = 2):
         self.batch = batch
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
