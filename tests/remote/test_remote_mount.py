@@ -167,6 +167,7 @@ def test_a_remote_mount_serves_the_pushed_bytes_delta_checkpoint_included_and_mo
 
 @requires_fuse
 @pytest.mark.usefixtures("fuse")
+@pytest.mark.parametrize("remote", ["file"], indirect=True)  # S3 reads: the test above
 def test_only_the_chunks_read_are_downloaded_and_kept_and_a_later_fetch_completes_the_rest(
     pushed, reader, tmp_path, repo
 ):
