@@ -190,3 +190,19 @@ def test_objects_only_in_a_truncated_remote_pack_count_as_lacking(repo, work, re
         if key.endswith(".pack"):
             backend.put(key, backend.get(key)[: size - 1])
     assert repo.remote_lacks("origin", [("m", ids[0].digest)]) == {("m", ids[0].digest)}
+
+
+def test_packs_larger_than_a_multipart_part_round_trip_from_the_push_buffer(repo, work, tmp_path, remote):
+    # Four 4 MiB tensors: one 16 MiB data pack, uploaded in parts straight from the buffer the
+    # push read the local records into.
+    d = checkpoint(work / "big", 1, changed=4, n=4, shape=(1024, 1024))
+    cid = repo.commit(d, "exp1", "big").id
+    add_remote(repo, remote)
+    pushed = repo.push("origin", ["exp1"])
+    backend = open_backend(remote["url"], endpoint_url=remote.get("endpoint_url"))
+    sizes = [size for key, size in backend.list("packs/") if key.endswith(".pack")]
+    assert max(sizes) > 8 << 20 and sum(sizes) > pushed.bytes
+    clone = Repo.clone(remote["url"], tmp_path / "clone", endpoint_url=remote.get("endpoint_url"))
+    clone.checkout(cid, tmp_path / "out")
+    assert tree_bytes(tmp_path / "out") == tree_bytes(d)
+    clone.close()
