@@ -87,8 +87,9 @@ _COALESCE_GAP = 1 << 20
 _RANGE_MAX = 16 << 20
 _THREADS = 8
 #: A fetch keeps at most this much downloaded and decoded in flight (bounded memory: a 1 GB
-#: clone peaked at 830 MB of RSS with 16 ranges ahead of the writer, each with its raw copy).
-_AHEAD_BYTES = 128 << 20
+#: clone peaked at 830 MB of RSS with 16 ranges ahead of the writer, each with its raw copy;
+#: 240-310 MB with this bound and the 64 MiB cache of _FileVerifier).
+_AHEAD_BYTES = 112 << 20
 #: Packs uploading at once during a push (each in parallel multipart parts).
 _UPLOADS = 2
 
@@ -1436,7 +1437,7 @@ class _FileVerifier:
     checked from the store after the flush (:meth:`remaining`).
     """
 
-    BUDGET = 96 << 20
+    BUDGET = 64 << 20
 
     def __init__(self, store: ObjectStore, files: list[_Received], incoming: set[ObjectId], chunks: list):
         self.store = store
