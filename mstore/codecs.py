@@ -55,6 +55,7 @@ import struct
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import zstandard
 
@@ -426,16 +427,8 @@ def decode_delta_into(
     return view
 
 
-def lowrank_predict(base: bytes | memoryview, rows: int, cols: int, u, v, out) -> None:
-    """``float32(base + u @ v)`` into ``out`` (float32, rows x cols), identically everywhere.
-
-    The decoder must reproduce the encoder's prediction bit for bit on any machine, so no BLAS
-    (whose summation order and fused multiply-adds vary by CPU): each product of two float32
-    values is exact in float64, the rank-1 terms are added in a fixed order with plain IEEE
-    additions (numpy never fuses them), and the sum is rounded to float32 once. Bases and
-    predictions with subnormal or non-finite values are never encoded this way (a thread that
-    flushes subnormals would compute something else). Works in row blocks of ~64 Ki elements.
-    """
+def _predicted_blocks(base: bytes | memoryview, rows: int, cols: int, u, v) -> Iterator[tuple[int, int, Any]]:
+    """``(start, end, float32 prediction of rows start:end)``, in row blocks of ~64 Ki elements."""
     import numpy as np
 
     b = np.frombuffer(base, dtype="<f4", count=rows * cols).reshape(rows, cols)
@@ -444,14 +437,31 @@ def lowrank_predict(base: bytes | memoryview, rows: int, cols: int, u, v, out) -
     step = max(1, (1 << 16) // max(1, cols))
     acc = np.empty((min(step, rows), cols), dtype=np.float64)
     term = np.empty_like(acc)
+    pred = np.empty(acc.shape, dtype=np.float32)
     for s in range(0, rows, step):
         e = min(rows, s + step)
-        a, t = acc[: e - s], term[: e - s]
+        a, t, p = acc[: e - s], term[: e - s], pred[: e - s]
         a[:] = b[s:e]
         for k in range(u64.shape[1]):
             np.multiply(u64[s:e, k, None], v64[None, k, :], out=t)
             np.add(a, t, out=a)
-        out[s:e] = a
+        p[:] = a
+        yield s, e, p
+
+
+def lowrank_predict(base: bytes | memoryview, rows: int, cols: int, u, v, out) -> None:
+    """``float32(base + u @ v)`` into ``out`` (float32, rows x cols), identically everywhere.
+
+    The decoder must reproduce the encoder's prediction bit for bit on any machine, so no BLAS
+    (whose summation order and fused multiply-adds vary by CPU): each product of two float32
+    values is exact in float64, the rank-1 terms are added in a fixed order with plain IEEE
+    additions (numpy never fuses them), and the sum is rounded to float32 once. Bases, factors
+    and predictions with subnormal or non-finite values are never encoded this way (a thread
+    that flushes subnormals would compute something else); with every input a normal float32,
+    no float64 intermediate is subnormal. Works in row blocks of ~64 Ki elements.
+    """
+    for s, e, p in _predicted_blocks(base, rows, cols, u, v):
+        out[s:e] = p
 
 
 def _decode_lowrank_into(body: memoryview, raw_len: int, base: bytes | memoryview, out: bytearray) -> memoryview:
@@ -462,24 +472,26 @@ def _decode_lowrank_into(body: memoryview, raw_len: int, base: bytes | memoryvie
     rows, cols, rank = LOWRANK_HEAD.unpack_from(body)
     if rows * cols * 4 != raw_len or not 1 <= rank <= MAX_RANK:
         raise IntegrityError(f"low-rank delta of {rows}x{cols}, rank {rank} does not fit {raw_len} bytes")
+    if min(rows, cols) <= MAX_RANK + _LR_OVERSAMPLE:  # never written; bounds the decoder's memory
+        raise IntegrityError(f"low-rank delta of {rows}x{cols}: a side of at most {MAX_RANK + _LR_OVERSAMPLE}")
     pos = LOWRANK_HEAD.size
     nu, nv = rows * rank * 4, rank * cols * 4
     if len(body) < pos + nu + nv + 1:
         raise IntegrityError("low-rank delta factors truncated")
     u = np.frombuffer(body, dtype="<f4", count=rows * rank, offset=pos).reshape(rows, rank)
     v = np.frombuffer(body, dtype="<f4", count=rank * cols, offset=pos + nu).reshape(rank, cols)
-    if not (np.isfinite(u).all() and np.isfinite(v).all()):
-        raise IntegrityError("low-rank delta factors are not finite")
+    if _has_tiny_or_nonfinite(u) or _has_tiny_or_nonfinite(v):
+        raise IntegrityError("low-rank delta factors are not finite normal numbers")
     rcodec = body[pos + nu + nv]
     if rcodec in (DELTA, LOWRANK):
         raise IntegrityError(f"low-rank delta residual has codec {rcodec}")
-    resid = np.frombuffer(decode_into(rcodec, body[pos + nu + nv + 1 :], raw_len, bytearray(raw_len)), dtype="<u4")
     if len(out) < raw_len:
         raise ValueError("output buffer too small")
-    pred = np.frombuffer(out, dtype="<f4", count=rows * cols)
-    lowrank_predict(base, rows, cols, u, v, pred.reshape(rows, cols))
-    bits = pred.view("<u4")
-    np.bitwise_xor(bits, resid, out=bits)
+    resid = decode_into(rcodec, body[pos + nu + nv + 1 :], raw_len, out)  # a view of out or of body
+    r32 = np.frombuffer(resid, dtype="<u4", count=rows * cols).reshape(rows, cols)
+    o32 = np.frombuffer(out, dtype="<u4", count=rows * cols).reshape(rows, cols)
+    for s, e, p in _predicted_blocks(base, rows, cols, u, v):
+        np.bitwise_xor(p.view("<u4"), r32[s:e], out=o32[s:e])  # same positions: safe in place
     return memoryview(out)[:raw_len]
 
 
@@ -517,8 +529,7 @@ def encode_lowrank_delta(
     if _has_tiny_or_nonfinite(a) or _has_tiny_or_nonfinite(b):
         return None
     try:
-        with _one_blas_thread():
-            return _lowrank_payload(a, b, base, base_id, depth, rows, cols, k, level)
+        return _lowrank_payload(a, b, base, base_id, depth, rows, cols, k, level)
     except np.linalg.LinAlgError:
         return None
 
@@ -533,7 +544,8 @@ def _one_blas_thread() -> Iterator[None]:
 
     Commit workers already keep every core busy; OpenBLAS threads that spin beside them made
     one merged-LoRA commit take 11.9 s instead of 0.97 s. The limit is process-wide, so
-    encoders take turns (low-rank candidates are rare) and the previous limit comes back.
+    encoders take turns finding factors (the prediction and its check run outside) and the
+    previous limit comes back.
     """
     with _blas_lock:
         if not _blas_controller:
@@ -551,7 +563,8 @@ def _one_blas_thread() -> Iterator[None]:
             yield
 
 
-def _lowrank_payload(a, b, base, base_id: bytes, depth: int, rows: int, cols: int, k: int, level: int) -> bytes | None:
+def _lowrank_factors(a, b, rows: int, cols: int, k: int) -> tuple[Any, Any] | None:
+    """Float32 factors U, V with ``a - b ~ U @ V`` (rank <= MAX_RANK), or None if of higher rank."""
     import numpy as np
 
     p = min(_LR_PROBE, rows, cols)  # > MAX_RANK + 8: a full-rank corner shows more than MAX_RANK
@@ -576,18 +589,31 @@ def _lowrank_payload(a, b, base, base_id: bytes, depth: int, rows: int, cols: in
     rank = int((sv > sv[0] * _LR_RELATIVE).sum()) if sv[0] > 0 else 0
     if not 1 <= rank <= MAX_RANK:
         return None
-    u = (q @ (ub[:, :rank] * sv[:rank])).astype(np.float32)
-    v = vt[:rank].astype(np.float32)
+    return (q @ (ub[:, :rank] * sv[:rank])).astype(np.float32), vt[:rank].astype(np.float32)
+
+
+def _lowrank_payload(a, b, base, base_id: bytes, depth: int, rows: int, cols: int, k: int, level: int) -> bytes | None:
+    import numpy as np
+
+    with _one_blas_thread():
+        factors = _lowrank_factors(a, b, rows, cols, k)
+    if factors is None:
+        return None
+    u, v = factors
     if not (np.isfinite(u).all() and np.isfinite(v).all()):
         return None
+    for f in (u, v):  # a subnormal factor reads as 0 where a thread flushes subnormals
+        f[np.abs(f) < _F32_TINY] = 0
     pred = np.empty((rows, cols), dtype=np.float32)
     lowrank_predict(base, rows, cols, u, v, pred)
-    if _has_tiny_or_nonfinite(pred):
+    # AArch64 with flush-to-zero detects tininess before rounding: keep clear of that edge too.
+    tiny = np.abs(pred)
+    if (~np.isfinite(pred)).any() or ((tiny < 2 * _F32_TINY) & (tiny > 0)).any():
         return None
     resid = np.bitwise_xor(pred.view("<u4"), a.view("<u4")).reshape(-1).view(np.uint8)
     rcodec, renc = encode(resid.data, level, 4, DELTA_PLANE_MIN_SAVING)
     payload = b"".join(
-        (DELTA_HEAD.pack(base_id, depth, LOWRANK), LOWRANK_HEAD.pack(rows, cols, rank), u.tobytes(), v.tobytes(),
+        (DELTA_HEAD.pack(base_id, depth, LOWRANK), LOWRANK_HEAD.pack(rows, cols, len(v)), u.tobytes(), v.tobytes(),
          bytes([rcodec]), renc)
     )
     n = rows * cols * 4

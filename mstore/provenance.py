@@ -56,13 +56,12 @@ def installed_versions(names: tuple[str, ...]) -> dict[str, str]:
                     continue
                 dist, _, version = stem.partition("-")
                 name = wanted.get(_normalize(dist))
-                if name is None or name in out:
-                    continue
+                if name is None or name in out or name in eggs:
+                    continue  # an earlier path entry decided it, as for an import
                 if suffix == "dist-info" and version:
                     out[name] = version
-                elif name not in eggs:
+                else:
                     eggs.append(name)
-    eggs = [n for n in eggs if n not in out]
     if eggs:
         from importlib import metadata  # ~10 ms to import: only for egg-info installs
 

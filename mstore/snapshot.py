@@ -171,20 +171,46 @@ class _Lineage:
         return self.gens[j - 1] if j <= len(self.gens) else None
 
     def bases(self, key: Any) -> tuple[ObjectId, ...]:
-        """Delta bases for the piece ``key``, best first; empty: store it whole (a keyframe)."""
+        """Delta bases for the piece ``key``, best first; empty: store it whole (a keyframe).
+
+        Versions in which the piece did not change are not counted (an unchanged tensor keeps
+        its chunk, whose chain did not grow). When the parent's piece does not chain down to
+        the whole piece found (its chunk came from another line: a revert, a copied
+        checkpoint), the history says nothing about it and the base is the parent's piece.
+        """
         store, max_depth = self.ingest.store, self.ingest.max_depth
-        seen: list[ObjectId] = []
-        for j in range(1, max_depth + 1):
+        distinct: list[ObjectId] = []  # the piece's versions, nearest first, repeats collapsed
+        j = 0
+        while True:
+            j += 1
             gen = self._gen(j)
             cid = gen.get(key) if gen is not None else None
             entry = store.entry("c", cid) if cid is not None else None
             if entry is None:  # the history runs out before a whole piece: plain chain
-                return (seen[0],) if seen else ()
-            seen.append(cid)
-            if entry.codec != codecs.DELTA:  # the last piece stored whole is j versions back
-                skip = seen[(j & -j) - 1]
+                return (distinct[0],) if distinct else ()
+            if not distinct or distinct[-1] != cid:
+                distinct.append(cid)
+            if entry.codec != codecs.DELTA:  # the last whole piece, v distinct versions back
+                v = len(distinct)
+                if v > 1 and cid not in self._chain_of(distinct[0]):
+                    return (distinct[0],)
+                skip = distinct[(v & -v) - 1]
                 return (skip,) if skip == cid else (skip, cid)
-        return ()  # max_depth versions since the last whole piece: this one is stored whole
+            if len(distinct) >= max_depth:
+                return ()  # max_depth versions since the last whole piece: this one is stored whole
+
+    def _chain_of(self, cid: ObjectId) -> set[ObjectId]:
+        """``cid`` and the bases its decoding goes through (the ``deltas`` table's edges)."""
+        out = {cid}
+        digest = cid.digest
+        with self.ingest.store.index.read() as txn:
+            for _ in range(MAX_DELTA_CHAIN):
+                row = txn.db_get("deltas", digest)
+                if row is None:
+                    break
+                digest = bytes(row[:32])
+                out.add(ObjectId.from_digest(digest))
+        return out
 
 
 class Ingest:

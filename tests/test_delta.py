@@ -162,6 +162,47 @@ def test_a_delta_skips_back_lowbit_of_its_distance_from_the_last_whole_piece(rep
     assert [base_of(c) for c in pieces] == [None, 0, 0, 2, 0, 4, 4, 6, 0]
 
 
+def _base_index(repo: Repo, cid: ObjectId) -> bytes | None:
+    if codec_of(repo, cid) != DELTA:
+        return None
+    with repo.store.index.read() as txn:
+        return bytes(txn.db_get("deltas", cid.digest)[:32])
+
+
+def test_versions_in_which_a_piece_did_not_change_do_not_count_towards_a_keyframe(repo, work):
+    s = Series(repo, work)
+    s.step()
+    s.step()  # v1: a delta against v0
+    for i in range(9):  # nine commits in which nothing changed
+        repo.commit(s.dirs[-1], "run", f"unchanged {i}")
+    s.step()  # now it moves again
+
+    piece = chunk_ids(repo, "run")[1]
+    # Eleven commits since v0 but two distinct versions: still a delta (counting commits made it
+    # a keyframe); v0 is beyond the nine versions read back, so the base is the unchanged piece.
+    assert codec_of(repo, piece) == DELTA
+    assert _base_index(repo, piece) == chunk_ids(repo, str(s.commits[1]))[1].digest
+    dest = work.parent / "out-unchanged"
+    repo.checkout("run", dest)
+    assert tree_bytes(dest) == tree_bytes(s.dirs[-1])
+
+
+def test_a_parent_whose_piece_came_from_another_line_is_the_base_itself(repo, work):
+    x = Series(repo, work / "x", seed=1)
+    for _ in range(4):
+        x.step("x")
+    y = Series(repo, work / "y", seed=2)  # other weights under the same tensor names
+    y.step("y")
+    repo.commit(x.dirs[-1], "y", "copy of x's head")  # its pieces are x's, chained in x's line
+    y.w = {k: v.copy() for k, v in x.w.items()}
+    y.commits.append(repo.resolve("y"))
+    y.step("y")  # a small step from the copy
+
+    piece = chunk_ids(repo, "y")[1]
+    assert codec_of(repo, piece) == DELTA  # against the copy, not against y's unrelated first version
+    assert _base_index(repo, piece) == chunk_ids(repo, "y~1")[1].digest
+
+
 def test_nan_inf_and_denormal_bit_patterns_survive_a_delta_chain_bit_exact(repo, work, tmp_path):
     rng = np.random.default_rng(5)
     base = rng.integers(0, 1 << 32, (64, 67), dtype=np.uint32)  # every bit pattern, NaNs included

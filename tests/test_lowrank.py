@@ -78,6 +78,7 @@ def _with_head(payload: bytes, rows: int, cols: int, rank: int) -> bytes:
         (lambda p, r, c, k: _with_head(p, r, c, 0), "rank 0"),
         (lambda p, r, c, k: _with_head(p, r, c, 65), "rank 65"),
         (lambda p, r, c, k: _with_head(p, r + 1, c, k), "does not fit"),
+        (lambda p, r, c, k: _with_head(p, 1, r * c, k), "a side of at most 72"),  # 16 B/column to decode
         (lambda p, r, c, k: p[: DELTA_HEAD.size + LOWRANK_HEAD.size + 40], "truncated"),
         (lambda p, r, c, k: p[: DELTA_HEAD.size + 3], "truncated"),
     ],
@@ -97,6 +98,34 @@ def test_non_finite_factors_are_refused():
     payload[at : at + 4] = struct.pack("<f", np.inf)
     with pytest.raises(IntegrityError, match="not finite"):
         codecs.decode_delta(bytes(payload), merged.nbytes, base.tobytes())
+
+
+def test_subnormal_factors_are_refused():  # a thread that flushes subnormals would read them as 0
+    base, merged = merged_pair()
+    payload = bytearray(encode(merged, base))
+    at = DELTA_HEAD.size + LOWRANK_HEAD.size
+    payload[at : at + 4] = struct.pack("<f", 1e-40)
+    with pytest.raises(IntegrityError, match="not finite normal"):
+        codecs.decode_delta(bytes(payload), merged.nbytes, base.tobytes())
+
+
+def test_the_writer_flushes_factors_that_would_be_subnormal():
+    rng = np.random.default_rng(2)
+    rows, cols = 192, 160
+    scale_b = np.where(np.arange(rows) < rows // 2, 2.0**-95, 2.0**-110)  # tiny but normal weights
+    scale_d = np.where(np.arange(rows) < rows // 2, 2.0**-100, 2.0**-127)
+    base = ((np.abs(rng.standard_normal((rows, cols))) + 1) * scale_b[:, None]).astype(np.float32)
+    update = (rng.standard_normal((rows, 4)) * scale_d[:, None]) @ rng.standard_normal((4, cols))
+    merged = (base.astype(np.float64) + update).astype(np.float32)
+
+    payload = encode(merged, base)
+
+    assert payload is not None
+    rows_, cols_, rank = _parts(payload)
+    at = DELTA_HEAD.size + LOWRANK_HEAD.size
+    factors = np.frombuffer(payload, "<f4", rank * (rows_ + cols_), at)
+    assert not ((np.abs(factors) < 2.0**-126) & (factors != 0)).any()
+    assert codecs.decode_delta(payload, merged.nbytes, base.tobytes()) == merged.tobytes()
 
 
 def test_a_residual_that_claims_to_be_a_delta_is_refused():

@@ -38,3 +38,13 @@ def test_an_egg_info_install_is_asked_of_importlib_metadata(tmp_path, monkeypatc
     (egg / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: some-egg\nVersion: 3.4.5\n")
     monkeypatch.setattr(sys, "path", [str(tmp_path)])
     assert provenance.installed_versions(("some-egg",)) == {"some-egg": "3.4.5"}
+
+
+def test_an_egg_info_earlier_on_the_path_wins_over_a_later_dist_info(tmp_path, monkeypatch):
+    first, second = tmp_path / "a", tmp_path / "b"
+    egg = first / "some_egg.egg-info"
+    egg.mkdir(parents=True)
+    (egg / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: some-egg\nVersion: 1.0\n")
+    (second / "some_egg-9.9.dist-info").mkdir(parents=True)
+    monkeypatch.setattr(sys, "path", [str(first), str(second)])
+    assert provenance.installed_versions(("some-egg",)) == {"some-egg": "1.0"}
