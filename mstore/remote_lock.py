@@ -21,8 +21,17 @@ the catalog after the gc.
 
 A lock older than ``stale_after`` (24 h by default) is *stale*: its holder is presumed dead
 (killed without running its clean-up) and it no longer blocks anyone. :func:`remove_locks`
-removes stale locks, or fresh ones with ``force`` (``mstore gc unlock --remote NAME``).
+removes stale locks, or fresh ones with ``force`` (``mstore gc unlock --remote NAME``); without
+``force`` nothing younger than the stale age is removed, whatever ``older_than`` says.
 A lock whose document cannot be parsed has no age: it blocks until removed with ``force``.
+
+A holder checks, with :meth:`Held.refresh`, that its lock document is still the one it wrote
+before each step it must not take unprotected (remote gc: before moving each pack); if someone
+removed or replaced it, :class:`LockLost` is raised and the holder stops.
+
+Ages are judged by the writers' clocks: a lock's time is its holder's clock, compared with the
+reader's. A pusher whose clock is more than the stale age behind looks stale to a gc
+(docs/remote-gc.md, "Clocks").
 """
 
 from __future__ import annotations
@@ -121,6 +130,10 @@ def list_locks(backend: Backend, ops: tuple[str, ...] = OPS) -> list[Lock]:
     return out
 
 
+class LockLost(RemoteBusy):
+    """The lock this process holds was removed or replaced (``gc unlock --force``, or taken for stale)."""
+
+
 def _busy(mine: str, others: list[Lock], what: str) -> RemoteBusy:
     first = others[0]
     more = f" (and {len(others) - 1} more)" if len(others) > 1 else ""
@@ -138,24 +151,45 @@ class Held:
     def __init__(self, backend: Backend, key: str, op: str, user: str, clock: Clock):
         self.backend, self.key, self.op, self.user, self.clock = backend, key, op, user, clock
         self.time = clock()
+        self.body = _body(op, user, self.time)  # what is at ``key`` while we hold it
+
+    def check(self) -> None:
+        """Raise :class:`LockLost` unless the lock document is still the one this holder wrote."""
+        try:
+            raw = self.backend.get(self.key)
+        except BackendNotFound:
+            raw = None
+        if raw != self.body:
+            what = "removed" if raw is None else "replaced"
+            raise LockLost(
+                f"this {self.op} lost its lock: {self.key} was {what} while it ran (gc unlock --force, or a "
+                f"clock that made it look stale); it stopped before its next step. What it did so far is "
+                f"consistent; run it again",
+                [],
+            )
 
     def refresh(self, every: float = 3600.0) -> None:
-        """Re-write the lock with the current time if it is older than ``every`` seconds.
+        """Check the lock is still ours, then re-write it with the current time if older than ``every`` s.
 
-        A holder that may run longer than the stale age calls this as it goes, so that nobody
-        takes it for dead.
+        A holder calls this before each step that needs the lock (and so, as it goes, nobody
+        takes a long run for dead).
+
+        Raises:
+            LockLost: the lock document was removed or replaced; nothing is re-created.
         """
+        self.check()
         now = self.clock()
         if now - self.time >= every:
-            self.backend.put(self.key, _body(self.op, self.user, now))
-            self.time = now
+            body = _body(self.op, self.user, now)
+            self.backend.put(self.key, body)
+            self.time, self.body = now, body
 
 
 @contextmanager
 def _hold(backend: Backend, op: str, user: str, against: tuple[str, ...], what: str,
           stale_after: float, clock: Clock) -> Iterator[Held]:
     held = Held(backend, f"locks/{op}/{uuid.uuid4().hex}.json", op, user, clock)
-    backend.put(held.key, _body(op, user, held.time))  # 1. write our own lock ...
+    backend.put(held.key, held.body)  # 1. write our own lock ...
     try:
         # 2. ... then list: of two racing operations, the one listing second sees the other.
         now = clock()
@@ -199,17 +233,21 @@ def remove_locks(
     force: bool = False,
     keys: list[str] | None = None,
     clock: Clock = time.time,
+    stale_after: float = STALE_AFTER,
 ) -> list[Lock]:
     """Remove locks left by dead operations; returns the removed ones.
 
-    Without ``force`` only locks older than ``older_than`` seconds are removed, and a request
-    naming (``keys``) a fresher or unreadable one is refused. With ``force`` every lock named
-    (or, without ``keys``, every lock) is removed: only do that when you know its holder is dead.
+    Without ``force`` only locks older than both ``older_than`` and ``stale_after`` seconds are
+    removed (a younger lock's holder may be alive: ``older_than`` can only raise the bar), and a
+    request naming (``keys``) a fresher or unreadable one is refused. With ``force`` every lock
+    named (or, without ``keys``, every lock) is removed: only when you know its holder is dead.
 
     Raises:
         UserError: a named key is not a lock on the remote, or is fresh and ``force`` is not given
             (nothing removed).
     """
+    if not force:
+        older_than = max(older_than, stale_after)
     now = clock()
     locks = list_locks(backend)
     if keys is not None:
@@ -231,4 +269,6 @@ def remove_locks(
     return chosen
 
 
-__all__ = ["GC", "PUSH", "STALE_AFTER", "Held", "Lock", "gc_lock", "list_locks", "push_lock", "remove_locks"]
+__all__ = [
+    "GC", "PUSH", "STALE_AFTER", "Held", "Lock", "LockLost", "gc_lock", "list_locks", "push_lock", "remove_locks",
+]

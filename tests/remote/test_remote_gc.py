@@ -20,7 +20,7 @@ from mstore import Repo, remote_gc
 from mstore.errors import IntegrityError, RemoteBusy, RemoteIntegrityError, UserError
 from mstore.gc import GcRefused, store_proof
 from mstore.remote import log_key, read_ref, ref_key
-from mstore.remote_lock import STALE_AFTER, gc_lock, list_locks, push_lock, remove_locks
+from mstore.remote_lock import STALE_AFTER, LockLost, gc_lock, list_locks, push_lock, remove_locks
 from mstore.storage.backends import open_backend
 from mstore.storage.packs import RECORD
 from tests.conftest import Clock, tree_bytes
@@ -78,6 +78,59 @@ def test_an_unreadable_lock_blocks_until_forced_away(remote):
     assert [lk.key for lk in remove_locks(backend, force=True)] == [junk]
     with push_lock(backend, "pusher"):
         pass
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)
+def test_unlock_without_force_never_removes_a_lock_younger_than_the_stale_age(remote):
+    backend = _backend(remote)
+    t = [time.time()]
+    with gc_lock(backend, "gc-user", clock=lambda: t[0]) as held:
+        later = lambda: t[0] + 2 * 3600  # noqa: E731 - two hours on: fresh, whatever --older-than says
+        assert remove_locks(backend, older_than=3600, clock=later) == []
+        assert remove_locks(backend, older_than=0, clock=later) == []
+        with pytest.raises(UserError, match="may be alive"):
+            remove_locks(backend, older_than=0, keys=[held.key], clock=later)
+        assert [lk.key for lk in list_locks(backend)] == [held.key]
+        assert [lk.key for lk in remove_locks(backend, older_than=0, clock=lambda: t[0] + STALE_AFTER)] == [held.key]
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)
+@pytest.mark.parametrize("how", ["removed", "replaced"])
+def test_a_holder_whose_lock_was_removed_or_replaced_stops_and_recreates_nothing(remote, how):
+    backend = _backend(remote)
+    t = [time.time()]
+    with gc_lock(backend, "gc-user", clock=lambda: t[0]) as held:
+        held.refresh()  # still ours: fine
+        if how == "removed":
+            remove_locks(backend, force=True)
+        else:
+            backend.put(held.key, json.dumps({"op": "gc", "host": "h", "pid": 1, "user": "u", "time": t[0]}).encode())
+        t[0] += 2 * 3600  # past the refresh interval: the old code re-wrote it
+        with pytest.raises(LockLost, match=how):
+            held.refresh()
+        assert isinstance(LockLost("x", []), RemoteBusy)
+        assert [lk.user for lk in list_locks(backend)] == ([] if how == "removed" else ["u"])
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)  # the order of steps: one backend
+def test_apply_stops_before_the_next_pack_once_its_lock_is_removed(series, tmp_path):
+    s = series
+    pid, doc = _planned(s)
+    assert len(doc["packs"]) >= 2
+    backend = s["backend"]
+
+    def unlock_force(at: str) -> None:
+        if at == "pack-deleted":
+            remove_locks(backend, force=True)  # someone else's gc unlock --force
+
+    with pytest.raises(LockLost):
+        remote_gc.apply(s["repo"].store, backend, pid, doc, s["clock"](), "tester", "origin", s["settings"]["url"],
+                        crash_hook=unlock_force)
+
+    assert len(s["b"] - _packs(backend)) == 1  # one pack moved, then it stopped
+    assert remote_gc.proof_status(backend, pid) is None
+    assert list_locks(backend) == []
+    _clone_matches(s["settings"], tmp_path / "clone", {"keep": s["dirs"]["keep"], "exp": s["dirs"]["v1"]})
 
 
 # -- plan / verify / apply / undo ----------------------------------------------------------------
