@@ -1,9 +1,9 @@
 """Remote gc: the plan / verify / apply protocol of local gc, against a remote's refs and packs.
 
 (docs/remote-gc.md.) The unit of deletion on a remote is a *pack*: remote packs are immutable
-and shared by nobody, so a pack whose every record is unreachable is deleted whole, and a pack
-mostly dead (live fraction below ``compact_below``) is repacked: its live records go to a new
-pack before the old one is deleted. Other partly dead packs are reported with their dead bytes.
+and shared by nobody, so a pack whose every record is unreachable is deleted whole. A pack with
+any live record is never rewritten or moved (readers hold pack locations); partly dead packs are
+only reported, with their dead bytes.
 
 * :func:`plan` reads the remote's refs and every remote reflog; the roots are the current refs
   and the old and new value of every reflog entry inside the retention window. It marks
@@ -14,20 +14,21 @@ pack before the old one is deleted. Other partly dead packs are reported with th
   name starts with the time it was created), or if it has no index at all (a push killed before
   it wrote one) and is older than the grace period. The proof, canonical JSON named by its
   BLAKE3, is stored locally beside local gc proofs. Plan deletes nothing, and refuses if the
-  remote lacks or cannot serve any live object (keep on doubt).
+  remote lacks or cannot serve any live object, or lists a pack index or reflog entry it cannot
+  read (keep on doubt).
 * :func:`verify` re-reads the remote's refs, reflogs and pack indexes and re-marks.
 * :func:`apply` takes the remote's gc lock (mstore/remote_lock.py), re-verifies *under* it, and
   moves each candidate pack to ``trash/<proof>/packs/`` on the remote: copy the pack and its
   index there, delete the index from ``packs/`` (so no reader or pusher sees the pack's
   records any more), then the pack. :func:`undo` copies them back (pack before index, R1);
-  :func:`purge` deletes the trash of proofs applied longer ago than the quarantine period.
-  Packs to repack are rewritten first (every live record verified, new pack before its index),
-  then moved like the dead ones.
+  :func:`purge` re-marks under the lock and deletes the trash of proofs applied longer ago than
+  the quarantine period whose packs hold nothing live now.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import socket
 import tempfile
@@ -59,10 +60,7 @@ from .remote import (
     Catalog,
     Location,
     RemoteRef,
-    _decode_delta_checked,
-    _PackBuilder,
     _RemoteSource,
-    _verify_record,
     check_layout,
     parse_index,
     read_ref,
@@ -72,14 +70,19 @@ from .remote import (
 from .remote_lock import gc_lock
 from .storage.backends import Backend, BackendNotFound, open_backend
 from .storage.index import KINDS
-from .storage.packs import FOOTER, HEADER, RECORD
-from .storage.store import MAX_DELTA_CHAIN
+from .storage.packs import RECORD
 
 REMOTE_PROOF_VERSION = 1
-POLICY_KEYS = ("retention_days", "grace_days", "proof_max_age_seconds", "quarantine_days", "compact_below")
+POLICY_KEYS = ("retention_days", "grace_days", "proof_max_age_seconds", "quarantine_days")
+#: What this store's configured policy is a floor for: a proof may be stricter, never laxer
+#: (quarantine needs none here: purge waits for the longer of the proof's and the configured one).
+FLOOR_KEYS = ("retention_days", "grace_days")
 #: Remote pack names are ``<time_ns hex>-<pid hex>-<64 random bits hex>`` (fsutil.unique_name).
 _PACK_NAME = re.compile(r"([0-9a-f]{1,16})-[0-9a-f]{1,16}-[0-9a-f]{16}")
 _MARKERS = ("applied", "undone", "purged")
+#: What ``log`` reads: ``started`` is written by apply once its re-check passed, before it moves
+#: anything; a proof started but never applied or undone is an apply that did not finish.
+_LOG_ACTIONS = ("started", *_MARKERS)
 
 Hook = Callable[[str], None]
 
@@ -158,21 +161,34 @@ def read_state(backend: Backend) -> RemoteState:
         RemoteIntegrityError: a ref or reflog key or document is malformed.
     """
     names: set[str] = set()
+    listed: dict[str, set[int]] = {}  # full ref -> the reflog entries listed
     for prefix, strip in (("refs/", ""), ("logs/", "logs/")):
         for key, _size in backend.list(prefix):
             refkey = key[len(strip):]
             if strip:
-                refkey = refkey.rsplit("/", 1)[0]
+                refkey, _, seq = refkey.rpartition("/")
             try:
-                names.add(ref_from_key(refkey))
+                full = ref_from_key(refkey)
             except MstoreError as exc:
                 raise RemoteIntegrityError(f"{backend.url}: {exc}") from None
+            names.add(full)
+            if strip and seq.isdigit():
+                listed.setdefault(full, set()).add(int(seq))
     state = RemoteState()
     for full in sorted(names):
         ref = read_ref(backend, full)
         if ref is not None and ref.id is not None:
             state.refs[full] = ref
         state.logs[full] = remote_reflog(backend, full)
+        # Entries are never deleted: one listed but not read is unreadable, and its values
+        # may be roots (keep on doubt).
+        lost = sorted(listed.get(full, set()) - {e.get("seq") for e in state.logs[full]})
+        if lost:
+            raise RemoteIntegrityError(
+                f"{backend.url}: remote reflog entry {lost[0]} of {full} is listed but cannot be read"
+                + (f" (and {len(lost) - 1} more)" if len(lost) > 1 else "")
+                + ": remote gc cannot know what it names, so it deletes nothing"
+            )
     return state
 
 
@@ -188,11 +204,17 @@ class Survey:
     index_digest: dict[str, str] = field(default_factory=dict)  # pack name -> BLAKE3 of its .idx bytes
     catalog: Catalog = field(default_factory=Catalog)
     bases: dict[bytes, set[bytes]] = field(default_factory=dict)  # delta chunk -> every base a record names
+    unreadable: dict[str, str] = field(default_factory=dict)  # pack name -> why its listed .idx did not read
 
     @property
     def orphans(self) -> list[str]:
-        """Packs without an index (a push killed between its pack and its index, R1)."""
-        return sorted(n for n in self.sizes if n not in self.indexes)
+        """Packs without an index key (a push killed between its pack and its index, R1)."""
+        return sorted(n for n in self.sizes if n not in self.indexes and n not in self.unreadable)
+
+    def doubts(self) -> list[str]:
+        """Why this view of the remote is incomplete: every listed index that did not read."""
+        return [f"pack index packs/{n}.idx is listed but cannot be read ({why}): what its pack holds is "
+                f"unknown, so nothing is safe to delete" for n, why in sorted(self.unreadable.items())]
 
 
 def survey(backend: Backend, cache_dir: Path | None = None) -> Survey:
@@ -201,8 +223,8 @@ def survey(backend: Backend, cache_dir: Path | None = None) -> Survey:
     Builds the same catalog as :func:`mstore.remote.load_catalog` from the same documents, so
     the packs judged and the catalog marked through are one view of the remote.
 
-    Raises:
-        RemoteIntegrityError, OversizedObject: a malformed index.
+    An index that is listed but cannot be read or parsed is recorded in ``unreadable`` (never
+    taken for a pack without index): callers refuse on it.
     """
     sv = Survey()
     names: list[str] = []
@@ -216,10 +238,12 @@ def survey(backend: Backend, cache_dir: Path | None = None) -> Survey:
             names.append(name[: -len(".idx")])
     cat = sv.catalog
     for name in names:
-        raw = _read_index(backend, name, cache_dir)
-        if raw is None:
+        try:
+            raw = _read_index(backend, name, cache_dir)
+            doc = parse_index(raw, name, MAX_OBJECT)
+        except Exception as exc:  # noqa: BLE001 - any failure is doubt, recorded and refused on
+            sv.unreadable[name] = f"{type(exc).__name__}: {exc}"
             continue
-        doc = parse_index(raw, name, MAX_OBJECT)
         keys = [(r[0], bytes.fromhex(r[1])) for r in doc["records"]]
         actual = sv.sizes.get(name)
         if actual != doc["size"]:
@@ -241,7 +265,7 @@ def survey(backend: Backend, cache_dir: Path | None = None) -> Survey:
     return sv
 
 
-def _read_index(backend: Backend, name: str, cache_dir: Path | None) -> bytes | None:
+def _read_index(backend: Backend, name: str, cache_dir: Path | None) -> bytes:
     cached = cache_dir / f"{name}.idx" if cache_dir is not None else None
     if cached is not None and cached.is_file():
         raw = cached.read_bytes()
@@ -250,10 +274,7 @@ def _read_index(backend: Backend, name: str, cache_dir: Path | None) -> bytes | 
             return raw
         except MstoreError:
             pass  # a damaged cache: read the remote's copy
-    try:
-        return backend.get(f"packs/{name}.idx")
-    except BackendNotFound:
-        return None  # removed between the listing and the read
+    return backend.get(f"packs/{name}.idx")  # BackendNotFound for a listed index: doubt, not absence
 
 
 # -- marking -----------------------------------------------------------------------------------
@@ -339,6 +360,28 @@ def _policy(policy: dict[str, Any]) -> dict[str, Any]:
     return {k: policy.get(k, POLICY_DEFAULTS[k]) for k in POLICY_KEYS}
 
 
+def _bad_policy(policy: dict[str, Any]) -> list[str]:
+    """Every policy value that is not a finite, non-negative number."""
+    out = []
+    for k in POLICY_KEYS:
+        v = policy.get(k)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+        if not ok:
+            out.append(f"policy {k} is {v!r}: it must be a finite number, not negative")
+    return out
+
+
+def below_floor(policy: dict[str, Any], floor: dict[str, Any]) -> list[str]:
+    """Every value of a proof's policy below this store's configured one (the floor)."""
+    out = []
+    for k in FLOOR_KEYS:
+        want = float(floor.get(k, POLICY_DEFAULTS[k]))
+        if float(policy[k]) < want:
+            out.append(f"the proof's {k} is {float(policy[k]):g}, below this store's {want:g} ([gc] {k} in "
+                       f"config.toml is the floor: a proof cannot lower it)")
+    return out
+
+
 def _dead_bytes(records: list[list[Any]]) -> int:
     return sum(RECORD.size + r[3] for r in records)
 
@@ -356,30 +399,37 @@ def plan(
     """Compute and store a remote gc proof; returns ``(proof id, document)``. Deletes nothing.
 
     Raises:
-        GcRefused: a live object cannot be read or is not on the remote (all are listed); no
-            proof is written.
-        UserError: the remote is not an mstore remote yet (nothing pushed).
+        GcRefused: a live object cannot be read or is not on the remote, or a listed pack index
+            cannot be read (all are listed); no proof is written.
+        RemoteIntegrityError: a listed remote reflog entry cannot be read.
+        UserError: the remote is not an mstore remote yet (nothing pushed), or a policy value is
+            not a finite, non-negative number.
     """
     policy = _policy(policy)
+    bad = _bad_policy(policy)
+    if bad:
+        raise UserError(f"remote gc plan for {remote!r}: {'; '.join(bad)}")
     if not check_layout(backend):
         raise UserError(f"remote {remote!r} ({url}) is empty: nothing to collect")
     state = read_state(backend)
     sv = survey(backend, cache_dir)
     roots = state.roots(now, float(policy["retention_days"]))
     marks = mark(store, backend, sv, roots)
-    if marks.problems:
+    problems = sv.doubts() + marks.problems
+    if problems:
         raise GcRefused(
-            f"remote gc plan for {remote!r} refused: some live objects cannot be read, so nothing is safe to delete",
-            marks.problems[:20] + ([f"... and {len(marks.problems) - 20} more"] if len(marks.problems) > 20 else []),
+            f"remote gc plan for {remote!r} refused: some live objects or pack indexes cannot be read, so nothing "
+            f"is safe to delete",
+            problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else []),
         )
     grace_cut = now - float(policy["grace_days"]) * DAY
-    candidates, partial, repack, young = [], [], [], 0
+    candidates, partial, young = [], [], 0
     dead_records: dict[str, list[list[Any]]] = {}
     for name in sorted(sv.sizes):
         created = pack_created(name)
         old_enough = created is not None and created < grace_cut
         doc = sv.indexes.get(name)
-        if name in sv.catalog.damaged:
+        if name in sv.catalog.damaged or name in sv.unreadable:
             continue  # reported below; never judged from an index its pack does not match
         if doc is None:
             if old_enough:
@@ -393,14 +443,9 @@ def plan(
             continue
         dead = [r for r in doc["records"] if (r[0], bytes.fromhex(r[1])) not in marks.live]
         if len(dead) < len(doc["records"]):
-            if dead:
-                item = {"pack": name, "bytes": sv.sizes[name], "records": len(doc["records"]),
-                        "dead_records": len(dead), "dead_bytes": _dead_bytes(dead)}
-                partial.append(item)
-                live_bytes = HEADER.size + FOOTER.size + _dead_bytes(doc["records"]) - item["dead_bytes"]
-                if old_enough and live_bytes / sv.sizes[name] < float(policy["compact_below"]):
-                    repack.append({**item, "index": sv.index_digest[name], "meta": bool(doc.get("meta")),
-                                   "created": created})
+            if dead:  # reported, never rewritten or moved: it holds live records (docs/remote-gc.md)
+                partial.append({"pack": name, "bytes": sv.sizes[name], "records": len(doc["records"]),
+                                "dead_records": len(dead), "dead_bytes": _dead_bytes(dead)})
             continue
         if not old_enough:
             young += 1
@@ -426,12 +471,11 @@ def plan(
             "bytes": sum(c["bytes"] for c in candidates),
             "records": sum(c["records"] or 0 for c in candidates),
             "younger_than_grace": young,
-            "repack": len(repack),
-            "repack_dead_bytes": sum(r["dead_bytes"] for r in repack),
+            "partial_packs": len(partial),
+            "partial_dead_bytes": sum(p["dead_bytes"] for p in partial),
         },
         "packs": candidates,
         "partial_packs": partial,
-        "repack": repack,
         "damaged_packs": [{"pack": n, "problem": p} for n, p in sorted(sv.catalog.damaged.items())],
         "dead_commits": commits,
     }
@@ -555,9 +599,10 @@ def _check_shape(pid: str, doc: dict[str, Any]) -> None:
         and isinstance(doc.get("packs"), list)
         and isinstance(doc.get("state_digest"), str)
     )
-    ok = ok and isinstance(doc.get("repack"), list)
+    # A proof from when remote gc repacked partly dead packs: it is never applied (plan again).
+    ok = ok and not doc.get("repack")
     if ok:
-        for p in doc["packs"] + doc["repack"]:
+        for p in doc["packs"]:
             if not (
                 isinstance(p, dict)
                 and isinstance(p.get("pack"), str)
@@ -567,8 +612,8 @@ def _check_shape(pid: str, doc: dict[str, Any]) -> None:
             ):
                 ok = False
                 break
-        names = [p["pack"] for p in doc["packs"] + doc["repack"]]
-        ok = ok and len(set(names)) == len(names) and all(isinstance(p.get("index"), str) for p in doc["repack"])
+        names = [p["pack"] for p in doc["packs"]]
+        ok = ok and len(set(names)) == len(names)
     if not ok:
         raise IntegrityError(f"remote gc proof {pid[:7]} is malformed: refusing it")
 
@@ -595,11 +640,15 @@ def _put_marker(backend: Backend, pid: str, action: str, now: float, user: str, 
 
 
 def log(backend: Backend) -> list[dict[str, Any]]:
-    """The remote gc audit log: every proof applied, undone or purged on this remote, oldest first."""
+    """The remote gc audit log: every proof started, applied, undone or purged here, oldest first.
+
+    A ``started`` entry with no later ``applied`` or ``undone`` of its proof gets
+    ``"unfinished": true``: an apply was interrupted (run it again to finish, or undo it).
+    """
     out = []
     for key, _size in backend.list("trash/"):
         parts = key.split("/")
-        if len(parts) == 3 and parts[2] in {f"{a}.json" for a in _MARKERS}:
+        if len(parts) == 3 and parts[2] in {f"{a}.json" for a in _LOG_ACTIONS}:
             try:
                 e = json.loads(backend.get(key))
             except (ValueError, BackendNotFound):
@@ -608,7 +657,12 @@ def log(backend: Backend) -> list[dict[str, Any]]:
                   and isinstance(e.get("time"), (int, float)) and not isinstance(e.get("time"), bool))
             if ok:  # a marker that is not what apply, undo or purge wrote is no audit entry
                 out.append(e)
-    return sorted(out, key=lambda e: (e["time"], _MARKERS.index(e["action"])))
+    out.sort(key=lambda e: (e["time"], _LOG_ACTIONS.index(e["action"])))
+    ended = {e["proof"] for e in out if e["action"] in ("applied", "undone")}
+    for e in out:
+        if e["action"] == "started":
+            e["unfinished"] = e["proof"] not in ended
+    return out
 
 
 # -- verify ------------------------------------------------------------------------------------
@@ -623,20 +677,28 @@ def _check_remote(doc: dict[str, Any], remote: str, url: str) -> list[str]:
 
 def verify(
     store: Any, backend: Backend, pid: str, doc: dict[str, Any], now: float, remote: str, url: str,
-    cache_dir: Path | None = None,
+    cache_dir: Path | None = None, floor: dict[str, Any] | None = None,
 ) -> Verdict:
-    """Re-read the remote's refs, reflogs and packs, re-mark, and list every reason the proof fails."""
-    return _verify(store, backend, pid, doc, now, remote, url, cache_dir)[0]
+    """Re-read the remote's refs, reflogs and packs, re-mark, and list every reason the proof fails.
+
+    ``floor`` is this store's configured gc policy (default: the built-in one): a proof whose
+    retention or grace period is below it is refused, whatever it says.
+    """
+    return _verify(store, backend, pid, doc, now, remote, url, cache_dir, floor)[0]
 
 
-def _verify(store, backend, pid, doc, now, remote, url, cache_dir=None) -> tuple[Verdict, Marks | None]:
+def _verify(store, backend, pid, doc, now, remote, url, cache_dir=None, floor=None) -> tuple[Verdict, Marks | None]:
     reasons = _check_remote(doc, remote, url)
     if reasons:  # never judge one remote's packs by another's proof
         return Verdict(pid, False, reasons, None), None
+    policy = doc["policy"]
+    reasons = _bad_policy(policy)
+    if reasons:  # a NaN retention would make every reflog entry old
+        return Verdict(pid, False, reasons, None), None
+    reasons = below_floor(policy, POLICY_DEFAULTS if floor is None else floor)
     status = proof_status(backend, pid)
     if status is not None:
         reasons.append(f"the proof was already {status}")
-    policy = doc["policy"]
     age = now - float(doc["created"])
     if age > float(policy["proof_max_age_seconds"]):
         reasons.append(f"the proof is {age / 60:.0f} minutes old; the limit is "
@@ -645,6 +707,7 @@ def _verify(store, backend, pid, doc, now, remote, url, cache_dir=None) -> tuple
     sv = survey(backend, cache_dir)
     roots = state.roots(now, float(policy["retention_days"]))
     marks = mark(store, backend, sv, roots)
+    reasons += sv.doubts()
     if marks.problems:
         reasons.append(f"{len(marks.problems)} live objects cannot be read; nothing is safe to delete "
                        f"(e.g. {marks.problems[0]})")
@@ -663,7 +726,7 @@ def _verify(store, backend, pid, doc, now, remote, url, cache_dir=None) -> tuple
             reasons.append(f"pack {name} is {sv.sizes[name]:,} bytes, not {p['bytes']:,} as planned")
             continue
         if p["index"] is None:
-            if name in sv.indexes:
+            if name in sv.indexes or name in sv.unreadable:
                 reasons.append(f"pack {name} has an index now (a push finished it)")
             continue
         idx = _index_of(backend, pid, name, p, sv)
@@ -676,19 +739,6 @@ def _verify(store, backend, pid, doc, now, remote, url, cache_dir=None) -> tuple
     if reachable:
         reasons.append(f"{len(reachable)} candidate packs hold objects reachable from the remote's current refs "
                        f"and reflog (e.g. {reachable[0]})")
-    # A pack to repack may hold more live records now than at the plan: apply copies what is
-    # live then, and the old pack goes whole to the trash. It must still be the pack planned.
-    for p in doc["repack"]:
-        name = p["pack"]
-        created = pack_created(name)
-        if created is None or created >= grace_cut:
-            reasons.append(f"pack {name} is younger than the {policy['grace_days']:g}-day grace period")
-        if name not in sv.sizes and not _moved_copy(backend, pid, name, p):
-            reasons.append(f"pack {name} (to repack) is no longer on the remote")
-        elif name in sv.sizes and sv.sizes[name] != p["bytes"]:
-            reasons.append(f"pack {name} is {sv.sizes[name]:,} bytes, not {p['bytes']:,} as planned")
-        elif _index_of(backend, pid, name, p, sv) is None:
-            reasons.append(f"the index of pack {name} changed or vanished since the plan")
     return Verdict(pid, not reasons, reasons, status), marks
 
 
@@ -721,14 +771,12 @@ class RemoteApplyResult:
     remote: str
     packs: int  # dead packs moved to the trash
     bytes: int  # their size
-    repacked: int = 0  # partly dead packs rewritten (the old ones are in the trash too)
-    repacked_live_bytes: int = 0  # what the new packs hold
+    kept: list[str] = field(default_factory=list)  # candidates without index that have one now: not moved
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
         return {"proof": self.proof, "remote": self.remote, "packs": self.packs, "bytes": self.bytes,
-                "repacked": self.repacked, "repacked_live_bytes": self.repacked_live_bytes,
-                "trash": _trash(self.proof)}
+                "kept": self.kept, "trash": _trash(self.proof)}
 
 
 def _copy(backend: Backend, src: str, dst: str, size: int, tmp: Path) -> None:
@@ -752,109 +800,44 @@ def _tmpdir(store: Any):
     return tempfile.TemporaryDirectory(dir=base if base.is_dir() else None, prefix="remote-gc-")
 
 
-def _repack(store: Any, backend: Backend, pid: str, p: dict[str, Any], marks: Marks, sv: Survey, tmp: Path) -> int:
-    """Write a new pack holding the records of pack ``p`` that are live now; returns its size.
-
-    Every record copied is verified first (framing against the index, payload decoded and
-    hashed against its id; a delta chunk decoded through its base). Records travel as encoded.
-    A marker ``trash/<proof>/repacked/<old>.json`` names the new pack once its index is up, so
-    an interrupted apply run again does not write it twice.
-
-    Raises:
-        RemoteIntegrityError: a live record is damaged (nothing has been deleted).
-    """
-    name = p["pack"]
-    marker = f"{_trash(pid)}repacked/{name}.json"
-    try:
-        done = json.loads(backend.get(marker))
-        return int(done.get("bytes") or 0)
-    except BackendNotFound:
-        pass
-    idx = _index_of(backend, pid, name, p, sv)
-    if idx is None:
-        raise RemoteIntegrityError(f"the index of pack {name} changed during apply")
-    src = f"packs/{name}.pack"
-    if backend.stat(src) is None:
-        src = f"{_trash(pid)}packs/{name}.pack"
-    path = tmp / "repack"
-    backend.get_file(src, path)
-    data = path.read_bytes()
-    path.unlink()
-    if len(data) != p["bytes"]:
-        raise RemoteIntegrityError(f"remote pack {name} is {len(data):,} bytes, not {p['bytes']:,}")
-    builder = _PackBuilder(bool(idx.get("meta")))
-    for r in idx["records"]:
-        kind, oid = r[0], ObjectId(r[1])
-        if (kind, oid.digest) not in marks.live:
-            continue
-        base = bytes.fromhex(r[6]) if len(r) == 7 else None
-        loc = Location(name, r[2], r[3], r[4], r[5], base)
-        rec = _verify_record(data[r[2]: r[2] + RECORD.size + r[3]], kind, oid, loc, False)
-        if base is not None:  # a delta: decode it through its base and check its id
-            _decode_delta_checked(rec, _chunk_raw(store, backend, sv, base))
-        builder.add(kind, oid.digest, rec.check, rec.codec, rec.raw_len, bytes(rec.payload), base)
-    size = 0
-    new = None
-    if builder.records:
-        pack, index = builder.seal()
-        backend.put(f"packs/{builder.name}.pack", pack)
-        backend.put(f"packs/{builder.name}.idx", index)  # R1: only after its pack
-        new, size = builder.name, len(pack)
-    backend.put(marker, canonical_json({"old": name, "new": new, "bytes": size}))
-    return size
-
-
-def _chunk_raw(store: Any, backend: Backend, sv: Survey, digest: bytes, depth: int = 0) -> bytes:
-    """The raw bytes of a chunk the remote holds, verified (a local copy if there is one)."""
-    oid = ObjectId.from_digest(digest)
-    if store.has("c", oid):
-        return store.get("c", oid)
-    loc = sv.catalog.objects.get(("c", digest))
-    if loc is None or depth > MAX_DELTA_CHAIN:
-        raise RemoteIntegrityError(f"delta base chunk {oid} is not on the remote (or its chain is too long)")
-    buf = backend.get_range(f"packs/{loc.pack}.pack", loc.offset, RECORD.size + loc.enc_len)
-    rec = _verify_record(buf, "c", oid, loc, True)
-    if loc.base is None:
-        return rec.raw
-    return _decode_delta_checked(rec, _chunk_raw(store, backend, sv, loc.base, depth + 1))
-
-
 def apply(
     store: Any, backend: Backend, pid: str, doc: dict[str, Any], now: float, user: str, remote: str, url: str,
-    crash_hook: Hook | None = None,
+    crash_hook: Hook | None = None, floor: dict[str, Any] | None = None,
 ) -> RemoteApplyResult:
     """Under the remote's gc lock, re-verify the proof and move its candidate packs to the trash.
 
-    For each pack: copy the pack and then its index to ``trash/<proof>/packs/``, delete the
-    index from ``packs/`` (from then on no reader or pusher counts its records), then the pack.
-    A crash leaves each pack either in ``packs/`` (maybe also copied) or in the trash (maybe
-    without its index in ``packs/`` any more): applying again finishes; undo brings all back.
+    For each pack: check the lock is still ours, copy the pack and then its index to
+    ``trash/<proof>/packs/``, delete the index from ``packs/`` (from then on no reader or pusher
+    counts its records), then the pack. A candidate planned without an index whose ``.idx`` key
+    exists now (read directly, not from a listing) stays. A crash leaves each pack either in
+    ``packs/`` (maybe also copied) or in the trash (maybe without its index in ``packs/`` any
+    more): applying again finishes; undo brings all back. ``trash/<proof>/started.json`` records
+    that an apply began, so ``log`` shows one that never finished.
 
     Raises:
-        RemoteBusy: a push or another gc holds a lock; nothing changed.
+        RemoteBusy: a push or another gc holds a lock, or this gc's lock was removed or replaced
+            while it ran (LockLost); nothing more is moved.
         GcRefused: the proof is not valid now (every reason listed); nothing changed.
     """
     hook = crash_hook or _noop
     raw = canonical_json(doc)
     with gc_lock(backend, user) as lock:
         hook("locked")
-        verdict, marks = _verify(store, backend, pid, doc, now, remote, url)  # refs re-read under the lock
+        verdict, marks = _verify(store, backend, pid, doc, now, remote, url, floor=floor)  # under the lock
         if not verdict.valid:
             raise GcRefused(f"remote gc proof {pid[:7]} cannot be applied", verdict.reasons)
         backend.put_if_absent(f"{_trash(pid)}proof.json", raw)
+        _put_marker(backend, pid, "started", now, user, packs=len(doc["packs"]))
+        kept: list[str] = []
+        moved = 0
         with _tmpdir(store) as tmp:
-            # 1. New packs with the live records of the packs to repack, each pack before its
-            #    index (R1); nothing is deleted until all of them are up.
-            sv = survey(backend)
-            repacked = 0
-            for p in doc["repack"]:
-                repacked += _repack(store, backend, pid, p, marks, sv, Path(tmp))
-                hook("repacked")
-                lock.refresh()
-            # 2. Every candidate, and every pack just repacked, to the trash: index first.
-            for p in doc["packs"] + doc["repack"]:
+            for p in doc["packs"]:
                 name, size = p["pack"], p["bytes"]
                 tkey = f"{_trash(pid)}packs/{name}"
+                if p["index"] is None and backend.stat(f"packs/{name}.idx") is not None:
+                    kept.append(name)  # a push finished it after the listing: never judged, kept
+                    continue
+                lock.refresh()  # still ours? (copying terabytes may also outlast the stale age)
                 if backend.stat(f"{tkey}.pack") != size:
                     _copy(backend, f"packs/{name}.pack", f"{tkey}.pack", size, Path(tmp))
                 hook("pack-copied")
@@ -863,15 +846,15 @@ def apply(
                     if isize is not None and backend.stat(f"{tkey}.idx") != isize:
                         _copy(backend, f"packs/{name}.idx", f"{tkey}.idx", isize, Path(tmp))
                     hook("index-copied")
+                    lock.refresh()
                     backend.delete(f"packs/{name}.idx")  # first: nobody dedups against it any more
                     hook("index-deleted")
                 backend.delete(f"packs/{name}.pack")
                 hook("pack-deleted")
-                lock.refresh()  # copying terabytes may outlast the stale age
-        total = sum(p["bytes"] for p in doc["packs"])
-        _put_marker(backend, pid, "applied", now, user, packs=len(doc["packs"]), bytes=total,
-                    repacked=len(doc["repack"]))
-    return RemoteApplyResult(pid, remote, len(doc["packs"]), total, len(doc["repack"]), repacked)
+                moved += 1
+        total = sum(p["bytes"] for p in doc["packs"] if p["pack"] not in kept)
+        _put_marker(backend, pid, "applied", now, user, packs=moved, bytes=total, kept=kept)
+    return RemoteApplyResult(pid, remote, moved, total, kept)
 
 
 def _trash_packs(backend: Backend, pid: str) -> dict[str, dict[str, int]]:
@@ -889,13 +872,14 @@ def _trash_packs(backend: Backend, pid: str) -> dict[str, dict[str, int]]:
 def undo(store: Any, backend: Backend, pid: str, now: float, user: str) -> int:
     """Under the gc lock, move an applied (or interrupted) proof's packs back; returns the pack count.
 
-    Each pack is copied back before its index (R1), then the trash copies are deleted.
+    Each pack is copied back before its index (R1), then the trash copies are deleted. Undo
+    deletes nothing under ``packs/``.
 
     Raises:
-        RemoteBusy: a push or another gc holds a lock. GcRefused: nothing to undo (the proof was
-            not applied here, or was undone or purged).
+        RemoteBusy: a push or another gc holds a lock (or this one's lock was lost). GcRefused:
+            nothing to undo (the proof was not applied here, or was undone or purged).
     """
-    with gc_lock(backend, user):
+    with gc_lock(backend, user) as lock:
         status = proof_status(backend, pid)
         held = _trash_packs(backend, pid)
         if status not in ("applied", None) or (status is None and not held):
@@ -905,54 +889,126 @@ def undo(store: Any, backend: Backend, pid: str, now: float, user: str) -> int:
                 tkey = f"{_trash(pid)}packs/{name}"
                 if "pack" not in sizes:
                     continue
+                lock.refresh()
                 if backend.stat(f"packs/{name}.pack") != sizes["pack"]:
                     _copy(backend, f"{tkey}.pack", f"packs/{name}.pack", sizes["pack"], Path(tmp))
                 if "idx" in sizes and backend.stat(f"packs/{name}.idx") != sizes["idx"]:
                     _copy(backend, f"{tkey}.idx", f"packs/{name}.idx", sizes["idx"], Path(tmp))
                 backend.delete(f"{tkey}.idx")
                 backend.delete(f"{tkey}.pack")
-        # The packs a repack wrote hold only copies of records now back in their old packs.
-        for key, _size in backend.list(f"{_trash(pid)}repacked/"):
-            try:
-                new = json.loads(backend.get(key)).get("new")
-            except (ValueError, BackendNotFound):
-                continue
-            if isinstance(new, str) and _PACK_NAME.fullmatch(new):
-                backend.delete(f"packs/{new}.idx")  # index first, as for any deletion
-                backend.delete(f"packs/{new}.pack")
-            backend.delete(key)
         _put_marker(backend, pid, "undone", now, user, packs=len(held))
     return len(held)
 
 
+def _trashed_proof(backend: Backend, pid: str) -> tuple[dict[str, Any] | None, str]:
+    """The proof apply copied to ``trash/<proof>/proof.json``, checked; or None and why not."""
+    try:
+        raw = backend.get(f"{_trash(pid)}proof.json")
+    except BackendNotFound:
+        return None, "its proof is not in its trash (trash/PROOF/proof.json)"
+    if blake3.blake3(raw).hexdigest() != pid:
+        return None, "the proof in its trash does not hash to its id"
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None, "the proof in its trash is not JSON"
+    if not isinstance(doc, dict) or not isinstance(doc.get("policy"), dict) or not isinstance(doc.get("packs"), list):
+        return None, "the proof in its trash is malformed"
+    bad = _bad_policy(doc["policy"])
+    if bad:
+        return None, bad[0]
+    return doc, ""
+
+
+def _live_in_trash(backend: Backend, pid: str, pdoc: dict[str, Any], held: dict[str, dict[str, int]],
+                   live: set[tuple[str, bytes]]) -> str:
+    """Why the trash of proof ``pid`` must not be purged now ("" if it may)."""
+    planned = {p.get("pack"): p for p in pdoc["packs"] if isinstance(p, dict)}
+    for name, sizes in sorted(held.items()):
+        p = planned.get(name)
+        if p is None:
+            return f"its trash holds pack {name}, which its proof does not list"
+        if "idx" not in sizes:
+            if p.get("index") is None:
+                continue  # planned without index: never visible to any reader
+            return f"pack {name} is in its trash without its index"
+        try:
+            idx = parse_index(backend.get(f"{_trash(pid)}packs/{name}.idx"), name, MAX_OBJECT)
+        except Exception as exc:  # noqa: BLE001 - unreadable is doubt
+            return f"the index of pack {name} in its trash cannot be read ({type(exc).__name__}: {exc})"
+        for r in idx["records"]:
+            if (r[0], bytes.fromhex(r[1])) in live:
+                return f"pack {name} in its trash holds {KINDS[r[0]]} {r[1]}, which is live now"
+    return ""
+
+
 def purge(store: Any, backend: Backend, now: float, quarantine_days: float, user: str,
-          dry_run: bool = False) -> list[dict[str, Any]]:
-    """Under the gc lock, delete for good the trash of proofs applied over ``quarantine_days`` ago.
+          dry_run: bool = False, retention_days: float = POLICY_DEFAULTS["retention_days"]) -> list[dict[str, Any]]:
+    """Under the gc lock, delete for good the trash of proofs applied over the quarantine period ago.
 
     The point of no return on the remote: afterwards the remote reflog entries that named those
-    versions lead nowhere.
+    versions lead nowhere. So first, under the lock, the refs and reflogs are read again and
+    everything marked again (retention: the larger of ``retention_days`` and each due proof's);
+    a proof whose trash holds a record live now is skipped (listed with ``skipped``), and purge
+    refuses outright if a live object cannot be read. A proof is due when both its own
+    quarantine and ``quarantine_days`` have passed since it was applied.
+
+    Raises:
+        RemoteBusy: a push or another gc holds a lock (or this one's lock was lost).
+        GcRefused: a live object is unreadable or missing, or a listed index cannot be read
+            (perhaps its only copy is in a trash: ``gc undo`` brings it back); nothing deleted.
+        RemoteIntegrityError: a listed remote reflog entry cannot be read; nothing deleted.
     """
-    with gc_lock(backend, user):
+    if _bad_policy({**POLICY_DEFAULTS, "quarantine_days": quarantine_days, "retention_days": retention_days}):
+        raise UserError(f"quarantine {quarantine_days!r} and retention {retention_days!r} days must be finite, "
+                        "not negative")
+    with gc_lock(backend, user) as lock:
         applied: dict[str, dict[str, Any]] = {}
         for e in log(backend):
             if e.get("action") == "applied":
                 applied[e["proof"]] = e
-            else:
+            elif e.get("action") in ("undone", "purged"):
                 applied.pop(e.get("proof"), None)
-        out = []
+        out: list[dict[str, Any]] = []
+        due: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
         for pid, e in sorted(applied.items()):
-            if not is_full_id(pid) or now - float(e["time"]) < quarantine_days * DAY:
+            if not is_full_id(pid):
                 continue
+            pdoc, why = _trashed_proof(backend, pid)
+            quarantine = max(float(quarantine_days), float(pdoc["policy"]["quarantine_days"]) if pdoc else 0.0)
+            if now - float(e["time"]) < quarantine * DAY:
+                continue
+            if pdoc is None:
+                out.append({"proof": pid, "applied": e["time"], "packs": 0, "bytes": 0, "skipped": why})
+                continue
+            due.append((pid, e, pdoc))
+        if not due:
+            return out
+        retention = max([float(retention_days)] + [float(d["policy"]["retention_days"]) for _p, _e, d in due])
+        state = read_state(backend)
+        sv = survey(backend)
+        marks = mark(store, backend, sv, state.roots(now, retention))
+        problems = sv.doubts() + marks.problems
+        if problems:
+            raise GcRefused("remote gc purge refused: some live objects or pack indexes cannot be read (a trash may "
+                            "hold their only copy: gc undo PROOF brings it back); nothing was deleted", problems[:20])
+        for pid, e, pdoc in due:
             held = _trash_packs(backend, pid)
             size = sum(s.get("pack", 0) + s.get("idx", 0) for s in held.values())
-            out.append({"proof": pid, "applied": e["time"], "packs": len(held), "bytes": size})
+            item = {"proof": pid, "applied": e["time"], "packs": len(held), "bytes": size, "skipped": None}
+            out.append(item)
+            why = _live_in_trash(backend, pid, pdoc, held, marks.live)
+            if why:
+                item["skipped"] = why
+                continue
             if dry_run:
                 continue
             for name in held:
+                lock.refresh()  # the point of no return: only while the lock is still ours
                 backend.delete(f"{_trash(pid)}packs/{name}.idx")
                 backend.delete(f"{_trash(pid)}packs/{name}.pack")
             _put_marker(backend, pid, "purged", now, user, packs=len(held), bytes=size)
-    return out
+    return sorted(out, key=lambda i: i["proof"])
 
 
 def resolve(root: Path, prefix: str) -> tuple[str, dict[str, Any] | None]:
@@ -977,6 +1033,7 @@ __all__ = [
     "RemoteState",
     "Survey",
     "apply",
+    "below_floor",
     "load_proof",
     "log",
     "mark",

@@ -67,20 +67,23 @@ class _RemoteGc:
 
     def verify(self, pid, doc):
         with self.backend() as b:
-            return self.rg.verify(self.repo.store, b, pid, doc, self.repo.clock(), self.name, self.url)
+            return self.rg.verify(self.repo.store, b, pid, doc, self.repo.clock(), self.name, self.url,
+                                  floor=self.repo.gc_policy())
 
     def apply(self, pid, doc):
         with self.backend() as b:
-            return self.rg.apply(self.repo.store, b, pid, doc, self.repo.clock(), self.repo.user, self.name, self.url)
+            return self.rg.apply(self.repo.store, b, pid, doc, self.repo.clock(), self.repo.user, self.name, self.url,
+                                 floor=self.repo.gc_policy())
 
     def undo(self, pid):
         with self.backend() as b:
             return self.rg.undo(self.repo.store, b, pid, self.repo.clock(), self.repo.user)
 
     def purge(self, quarantine_days=None, dry_run=False):
-        q = float(self.repo.gc_policy(quarantine_days=quarantine_days)["quarantine_days"])
+        policy = self.repo.gc_policy(quarantine_days=quarantine_days)
         with self.backend() as b:
-            return self.rg.purge(self.repo.store, b, self.repo.clock(), q, self.repo.user, dry_run)
+            return self.rg.purge(self.repo.store, b, self.repo.clock(), float(policy["quarantine_days"]),
+                                 self.repo.user, dry_run, retention_days=float(policy["retention_days"]))
 
     def log(self):
         with self.backend() as b:
@@ -109,16 +112,11 @@ def _remote_summary(pid: str, doc: dict) -> None:
     for p in doc["packs"]:
         n = "?" if p["records"] is None else p["records"]
         out.echo(f"  {p['pack']}  {out.human_bytes(p['bytes']):>10}  {n} records  {p['reason']}")
-    for p in doc["repack"]:
-        out.echo(
-            f"  {p['pack']}  {out.human_bytes(p['bytes']):>10}  repack: {p['dead_records']} of {p['records']} records "
-            f"dead ({out.human_bytes(p['dead_bytes'])}); the live ones go to a new pack, the old one to trash"
-        )
-    kept = [p for p in doc["partial_packs"] if p["pack"] not in {r["pack"] for r in doc["repack"]}]
+    kept = doc["partial_packs"]
     if kept:
         dead = sum(p["dead_bytes"] for p in kept)
         out.echo(
-            f"  partly dead, kept (live fraction above {doc['policy']['compact_below']:g}, or young): "
+            f"  partly dead, kept (a pack with any live record is never rewritten or moved; not reclaimable): "
             f"{out.plural(len(kept), 'pack')} with {out.human_bytes(dead)} of dead records"
         )
     if doc["damaged_packs"]:
@@ -211,6 +209,10 @@ def gc_plan(ctx, retention_days, grace_days, verify_data, require_remote, remote
                 out.emit_json({"proof": pid, **doc})
                 return
             _remote_summary(pid, doc)
+            from .. import remote_gc
+
+            for why in remote_gc.below_floor(doc["policy"], repo.gc_policy()):
+                out.echo(f"  note: {why}; apply will refuse this proof")
             out.echo(f"review with: mstore gc show {pid[:7]};  apply with: mstore gc apply {pid[:7]}")
             return
         pid, doc = repo.gc_plan(
@@ -366,10 +368,10 @@ def _apply_remote(repo, pid: str, remote: str, yes: bool, as_json: bool) -> None
     if as_json:
         out.emit_json(res.to_dict())
         return
-    rp = f"; {out.plural(res.repacked, 'pack')} repacked" if res.repacked else ""
+    kept = f"; kept {out.plural(len(res.kept), 'pack')} a push has indexed since the plan" if res.kept else ""
     out.echo(
         f"applied {pid[:7]} on {remote}: {out.plural(res.packs, 'pack')} ({out.human_bytes(res.bytes)}) "
-        f"moved to trash/{pid[:7]}…/ on the remote{rp}"
+        f"moved to trash/{pid[:7]}…/ on the remote{kept}"
     )
     out.echo(f"undo with: mstore gc undo {pid[:7]}  (until mstore gc purge --remote {remote})")
 
@@ -420,8 +422,16 @@ def gc_purge(ctx, quarantine_days, dry_run, remote, as_json) -> None:
 
     THIS IS THE POINT OF NO RETURN: after purge, `mstore gc undo` cannot bring those versions
     back, and the reflog entries that named them lead nowhere.
+
+    With --remote NAME, the remote's trash (trash/PROOF/ on it) is purged, not this store's:
+    under the remote's gc lock its refs and reflog are read and marked again, and a proof whose
+    trash holds anything live now is skipped. Each proof waits for the longer of its own
+    quarantine and this one.
     """
     with state(ctx).repo() as repo:
+        if remote is not None:
+            _purge_remote(repo, remote, quarantine_days, dry_run, as_json)
+            return
         items = repo.gc_purge(quarantine_days=quarantine_days, dry_run=dry_run)
         if as_json:
             out.emit_json(items)
@@ -431,6 +441,22 @@ def gc_purge(ctx, quarantine_days, dry_run, remote, as_json) -> None:
         for i in items:
             verb = "would purge" if dry_run else "purged"
             out.echo(f"{verb} trash of proof {i['proof'][:7]}: {i['objects']} objects, {out.human_bytes(i['bytes'])}")
+
+
+def _purge_remote(repo, remote: str, quarantine_days, dry_run: bool, as_json: bool) -> None:
+    items = _RemoteGc(repo, remote).purge(quarantine_days, dry_run)
+    if as_json:
+        out.emit_json(items)
+        return
+    if not items:
+        out.echo(f"nothing to purge on {remote}")
+    for i in items:
+        what = (f"trash of proof {i['proof'][:7]} on {remote}: {out.plural(i['packs'], 'pack')}, "
+                f"{out.human_bytes(i['bytes'])}")
+        if i.get("skipped"):
+            out.echo(f"kept {what}: {i['skipped']}")
+        else:
+            out.echo(f"{'would purge' if dry_run else 'purged'} {what}")
 
 
 @gc.command("log")
@@ -446,8 +472,9 @@ def gc_log(ctx, remote, as_json) -> None:
                 out.emit_json(entries)
                 return
             for e in entries:
+                note = "  (unfinished: apply again to finish, or undo)" if e.get("unfinished") else ""
                 out.echo(f"{out.fmt_time(e['time'])}  {e['action']:<8} {e['proof'][:7]}  {e['user']}@{e.get('host')}  "
-                         f"{e.get('packs', '')} packs")
+                         f"{e.get('packs', '')} packs{note}")
             return
         entries = repo.gc_log()
         if as_json:
@@ -473,11 +500,12 @@ def gc_unlock(ctx, remote, keys, older_than, force, list_only, as_json) -> None:
     A push holds a lock from before it reads what the remote has until its refs moved; a remote
     gc apply, undo or purge holds one while it deletes. Each removes its own when it ends; a
     killed process leaves it behind, and it blocks the other kind for 24 h, after which it is
-    stale and ignored. Without --force only locks older than --older-than are removed, and a
-    named fresher lock is refused.
+    stale and ignored. Without --force only locks older than --older-than and older than the
+    24 h stale age are removed (--older-than can only raise the bar), and a named fresher lock
+    is refused.
     """
     from .. import remote_gc
-    from ..remote_lock import list_locks, remove_locks
+    from ..remote_lock import STALE_AFTER, list_locks, remove_locks
 
     with state(ctx).repo() as repo:
         settings = remote_gc.remote_settings(repo.remotes(), remote)
@@ -494,7 +522,8 @@ def gc_unlock(ctx, remote, keys, older_than, force, list_only, as_json) -> None:
             return
         verb = "" if list_only else "removed "
         if not locks:
-            out.echo("no locks" if list_only else f"no lock older than {older_than:g} h (use --force for fresh ones)")
+            bar = older_than if force else max(older_than, STALE_AFTER / 3600)
+            out.echo("no locks" if list_only else f"no lock older than {bar:g} h (use --force for fresh ones)")
         for lk in locks:
             out.echo(f"{verb}{lk.key}  {lk.describe()}")
 

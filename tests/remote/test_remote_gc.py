@@ -21,8 +21,7 @@ from mstore.errors import IntegrityError, RemoteBusy, RemoteIntegrityError, User
 from mstore.gc import GcRefused, store_proof
 from mstore.remote import log_key, read_ref, ref_key
 from mstore.remote_lock import STALE_AFTER, LockLost, gc_lock, list_locks, push_lock, remove_locks
-from mstore.storage.backends import open_backend
-from mstore.storage.packs import RECORD
+from mstore.storage.backends import BackendNotFound, open_backend
 from tests.conftest import Clock, tree_bytes
 from tests.remote.conftest import add_remote, checkpoint
 
@@ -447,6 +446,7 @@ def test_an_interrupted_apply_leaves_a_readable_remote_and_finishes_when_run_aga
                         s["settings"]["url"], crash_hook=crash)
     assert list_locks(s["backend"]) == []  # released on the way out
     assert remote_gc.proof_status(s["backend"], pid) is None
+    assert [(e["action"], e["unfinished"]) for e in remote_gc.log(s["backend"])] == [("started", True)]
     _clone_matches(s["settings"], tmp_path / "midway", {"keep": s["dirs"]["keep"], "exp": s["dirs"]["v1"]})
 
     _apply(s["repo"], s["backend"], s["settings"], s["clock"], pid, doc)
@@ -454,6 +454,8 @@ def test_an_interrupted_apply_leaves_a_readable_remote_and_finishes_when_run_aga
     assert _packs(s["backend"]) & s["b"] == set()
     assert remote_gc.proof_status(s["backend"], pid) == "applied"
     assert {f"trash/{pid}/packs/{n}.{e}" for n in s["b"] for e in ("pack", "idx")} <= _keys(s["backend"], "trash/")
+    assert [e["action"] for e in remote_gc.log(s["backend"])] == ["started", "applied"]
+    assert not remote_gc.log(s["backend"])[0]["unfinished"]
 
 
 @pytest.mark.parametrize("remote", ["file"], indirect=True)  # S3 trash moves: tested above
@@ -476,77 +478,118 @@ def test_purge_deletes_the_trash_only_after_the_quarantine_period(series):
         remote_gc.undo(store, s["backend"], pid, s["clock"](), "tester")
 
 
-# -- repacking partly dead packs ---------------------------------------------------------------------
+# -- partly dead packs are reported, never rewritten or moved -------------------------------------
+
+
+def _remote_problems(s) -> list[str]:
+    """Why the remote's refs and in-window reflog do not all read whole from what it holds."""
+    backend = s["backend"]
+    sv = remote_gc.survey(backend)
+    roots = remote_gc.read_state(backend).roots(s["clock"](), POLICY["retention_days"])
+    return sv.doubts() + remote_gc.mark(s["repo"].store, backend, sv, roots).problems
 
 
 @pytest.fixture
-def shared(store, tmp_path):
-    """keep and exp pushed together (so they share packs), then exp deleted on the remote."""
+def mixed(store, tmp_path):
+    """keep and exp pushed together (so they share packs), gone pushed alone; exp and gone then
+    deleted on the remote: the shared packs are partly dead, gone's are wholly dead."""
     repo, clock, backend, settings = store
     keep = checkpoint(tmp_path / "keep", 0)
     repo.commit(keep, "keep", "kept")
-    repo.commit(checkpoint(tmp_path / "exp", 3, changed=4), "exp", "exp")
-    packs = _push(repo, backend, ["keep", "exp"])
+    exp = checkpoint(tmp_path / "exp", 3, changed=4)
+    repo.commit(exp, "exp", "exp")
+    shared = _push(repo, backend, ["keep", "exp"])
+    repo.commit(checkpoint(tmp_path / "gone", 5), "gone", "gone")
+    gone = _push(repo, backend, ["gone"])
     _delete_remote_ref(backend, "refs/heads/exp", clock())
+    _delete_remote_ref(backend, "refs/heads/gone", clock())
     clock.advance(days=40)
-    return {"repo": repo, "clock": clock, "backend": backend, "settings": settings, "packs": packs, "keep": keep}
+    return {"repo": repo, "clock": clock, "backend": backend, "settings": settings, "shared": shared,
+            "gone": gone, "dirs": {"keep": keep, "exp": exp}}
 
 
-def test_apply_repacks_partly_dead_packs_into_new_packs_of_their_live_records(shared, tmp_path):
-    s = shared
+def _pack_keys(backend, names) -> dict[str, bytes]:
+    return {k: backend.get(k) for n in names for k in (f"packs/{n}.pack", f"packs/{n}.idx")}
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)  # what moves, not how: one backend
+def test_a_partly_dead_pack_is_reported_with_its_dead_bytes_and_never_moved(mixed, tmp_path):
+    s = mixed
     backend = s["backend"]
+    shared = _pack_keys(backend, s["shared"])
+    # A policy that once asked for repacking mostly dead packs changes nothing.
     pid, doc = _plan(s["repo"], backend, s["settings"], s["clock"], compact_below=0.95)
-    assert doc["packs"] == [] and {p["pack"] for p in doc["repack"]} == s["packs"]
-    dead = {(p["pack"], p["dead_records"]) for p in doc["repack"]}
+
+    assert {p["pack"] for p in doc["packs"]} == s["gone"]
+    partial = {p["pack"]: p for p in doc["partial_packs"]}
+    assert set(partial) == s["shared"] and all(0 < p["dead_bytes"] < p["bytes"] for p in partial.values())
+    assert doc["candidates"]["partial_dead_bytes"] == sum(p["dead_bytes"] for p in partial.values())
+    assert "repack" not in doc
 
     result = _apply(s["repo"], backend, s["settings"], s["clock"], pid, doc)
 
-    assert result.repacked == len(s["packs"]) and result.packs == 0
-    assert _packs(backend) & s["packs"] == set()  # the old packs are in the trash, whole
-    assert {f"trash/{pid}/packs/{n}.{e}" for n in s["packs"] for e in ("pack", "idx")} <= _keys(backend, "trash/")
-    new = _packs(backend)
-    records = sum(len(json.loads(backend.get(f"packs/{n}.idx"))["records"]) for n in new)
-    assert records == sum(p["records"] for p in doc["repack"]) - sum(n for _p, n in dead)
-    _pid, again = _plan(s["repo"], backend, s["settings"], s["clock"], compact_below=0.95, grace_days=0)
-    assert again["partial_packs"] == [] and again["packs"] == []  # nothing dead is left
-    _clone_matches(s["settings"], tmp_path / "clone", {"keep": s["keep"]})
+    assert result.packs == len(s["gone"])
+    assert _pack_keys(backend, s["shared"]) == shared  # byte for byte, in packs/
+    s["repo"].push("origin", ["exp"])  # exp again: dedups against the shared packs
+    assert _remote_problems(s) == []
+    _clone_matches(s["settings"], tmp_path / "clone", s["dirs"])
 
 
-@pytest.mark.parametrize("remote", ["file"], indirect=True)  # the disk damages a pack
-def test_a_damaged_live_record_in_a_pack_to_repack_refuses_apply_and_deletes_nothing(shared, remote):
-    s = shared
+@pytest.mark.parametrize("remote", ["file"], indirect=True)  # the order of steps: one backend
+def test_a_push_between_an_interrupted_apply_and_its_rerun_loses_nothing(mixed):
+    s = mixed
     backend = s["backend"]
     pid, doc = _plan(s["repo"], backend, s["settings"], s["clock"], compact_below=0.95)
-    (data,) = [p["pack"] for p in doc["repack"] if not p["meta"]]
-    state = remote_gc.read_state(backend)
-    live = remote_gc.mark(s["repo"].store, backend, remote_gc.survey(backend), state.roots(s["clock"](), 30)).live
-    keep_chunk = next(r for r in json.loads(backend.get(f"packs/{data}.idx"))["records"]
-                      if ("c", bytes.fromhex(r[1])) in live and r[3] > 1000)
-    disk = Path(remote["url"][len("file://"):]) / "packs" / f"{data}.pack"
-    raw = bytearray(disk.read_bytes())
-    raw[keep_chunk[2] + RECORD.size + keep_chunk[3] // 2] ^= 0xFF  # in the payload of a live chunk
-    disk.write_bytes(bytes(raw))
-    before = {k: backend.get(k) for k in _keys(backend)}
 
-    with pytest.raises(RemoteIntegrityError, match=keep_chunk[1][:12]):
-        _apply(s["repo"], backend, s["settings"], s["clock"], pid, doc)
+    def crash(at: str) -> None:
+        if at == "pack-copied":
+            raise KeyboardInterrupt(at)
 
-    assert all(backend.get(k) == v for k, v in before.items())  # every pack and index still there
-    assert remote_gc.proof_status(backend, pid) is None
-    assert list_locks(backend) == []
-
-
-@pytest.mark.parametrize("remote", ["file"], indirect=True)  # S3 trash moves: tested above
-def test_undo_of_a_repack_restores_the_old_packs_and_removes_the_new_ones(shared):
-    s = shared
-    backend = s["backend"]
-    before = _keys(backend)
-    pid, doc = _plan(s["repo"], backend, s["settings"], s["clock"], compact_below=0.95)
+    with pytest.raises(KeyboardInterrupt):
+        remote_gc.apply(s["repo"].store, backend, pid, doc, s["clock"](), "tester", "origin",
+                        s["settings"]["url"], crash_hook=crash)
+    s["repo"].push("origin", ["exp"])  # exp live again, only through records of the shared packs
     _apply(s["repo"], backend, s["settings"], s["clock"], pid, doc)
 
-    remote_gc.undo(s["repo"].store, backend, pid, s["clock"](), "tester")
+    assert _remote_problems(s) == []
+    assert s["shared"] <= _packs(backend)
 
-    assert _keys(backend) == before
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)  # the order of steps: one backend
+def test_undo_after_an_interrupted_purge_deletes_nothing_a_ref_reaches(mixed, monkeypatch):
+    s = mixed
+    backend, store = s["backend"], s["repo"].store
+    pid, doc = _plan(s["repo"], backend, s["settings"], s["clock"], compact_below=0.95)
+    _apply(s["repo"], backend, s["settings"], s["clock"], pid, doc)
+    s["clock"].advance(days=8)
+    real = remote_gc._put_marker
+
+    def network_down(backend, p, action, *a, **k):
+        if action == "purged":
+            raise ConnectionError("network down")
+        return real(backend, p, action, *a, **k)
+
+    monkeypatch.setattr(remote_gc, "_put_marker", network_down)
+    with pytest.raises(ConnectionError):
+        remote_gc.purge(store, backend, s["clock"](), 7, "tester")
+    monkeypatch.setattr(remote_gc, "_put_marker", real)
+    assert remote_gc.proof_status(backend, pid) == "applied"
+
+    remote_gc.undo(store, backend, pid, s["clock"](), "tester")
+
+    assert _remote_problems(s) == []  # keep reads whole
+    assert s["shared"] <= _packs(backend)
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)  # about the proof, not the backend
+def test_a_proof_that_lists_packs_to_repack_is_refused(mixed):
+    s = mixed
+    _pid, doc = _plan(s["repo"], s["backend"], s["settings"], s["clock"])
+    p = doc["partial_packs"][0]
+    fid = store_proof(s["repo"].root, {**doc, "repack": [{**p, "index": "0" * 64, "meta": False, "created": 1.0}]})
+
+    with pytest.raises(IntegrityError, match="malformed"):
+        remote_gc.load_proof(s["repo"].root, fid)
 
 
 # -- hostile and mismatched proofs -----------------------------------------------------------------
@@ -626,6 +669,196 @@ def test_a_local_gc_apply_of_a_remote_proof_is_a_named_error(series):
     assert _keys(s["backend"], "") == before
 
 
+# -- doubt: what is listed but cannot be read ------------------------------------------------------
+
+
+class _Flaky:
+    """A remote whose listing shows every key, but whose GET of some keys fails (a flaky gateway)."""
+
+    def __init__(self, inner, hide: set[str], error: type[Exception] = BackendNotFound):
+        self.inner, self.hide, self.error = inner, hide, error
+
+    def get(self, key: str) -> bytes:
+        if key in self.hide:
+            raise self.error(key)
+        return self.inner.get(key)
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
+class _Lagging:
+    """A remote whose listing does not show some keys yet (they read and stat fine)."""
+
+    def __init__(self, inner, unlisted: set[str]):
+        self.inner, self.unlisted = inner, unlisted
+
+    def list(self, prefix: str):
+        return [(k, n) for k, n in self.inner.list(prefix) if k not in self.unlisted]
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)  # marking logic: one backend
+@pytest.mark.parametrize("how", ["not-found", "error", "garbage"])
+def test_a_listed_pack_index_that_cannot_be_read_refuses_the_plan(series, how):
+    """v2 is reached only through a reflog entry inside the window; its indexes do not read."""
+    s = series
+    _force_exp_back_to_v1(s)
+    s["clock"].advance(days=20)
+    backend = s["backend"]
+    hide = {f"packs/{n}.idx" for n in s["b"]}
+    if how == "garbage":
+        for key in hide:
+            backend.put(key, b"not an index")
+        view = backend
+    else:
+        view = _Flaky(backend, hide, BackendNotFound if how == "not-found" else ConnectionError)
+    proofs = s["repo"].root / "gc" / "proofs"
+
+    with pytest.raises(GcRefused) as info:
+        remote_gc.plan(s["repo"].store, view, "origin", s["settings"]["url"], s["clock"](), POLICY, "tester")
+
+    assert sum("is listed but cannot be read" in r for r in info.value.reasons) == len(s["b"])
+    assert not proofs.exists() or list(proofs.iterdir()) == []
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)  # marking logic: one backend
+def test_a_listed_reflog_entry_that_cannot_be_read_refuses_the_plan(series):
+    s = series
+    _force_exp_back_to_v1(s)
+    s["clock"].advance(days=20)
+    backend = s["backend"]
+    pushed_v2 = sorted(k for k, _n in backend.list("logs/") if "exp" in k)[-2]  # not the current one
+
+    with pytest.raises(RemoteIntegrityError, match="is listed but cannot be read"):
+        remote_gc.plan(s["repo"].store, _Flaky(backend, {pushed_v2}), "origin", s["settings"]["url"], s["clock"](),
+                       {**POLICY, "grace_days": 0}, "tester")
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)  # the order of steps: one backend
+def test_a_pack_planned_without_index_stays_if_its_index_exists_at_apply(series):
+    """The listing lags behind the index a push wrote: apply stats the .idx key itself."""
+    s = series
+    _force_exp_back_to_v1(s)
+    s["clock"].advance(days=40)
+    backend = s["backend"]
+    view = _Lagging(backend, {f"packs/{n}.idx" for n in s["b"]})
+    pid, doc = remote_gc.plan(s["repo"].store, view, "origin", s["settings"]["url"], s["clock"](), POLICY, "tester")
+    assert {p["pack"] for p in doc["packs"] if p["index"] is None} == s["b"]
+    before = _keys(backend)
+
+    result = remote_gc.apply(s["repo"].store, view, pid, doc, s["clock"](), "tester", "origin", s["settings"]["url"])
+
+    assert result.packs == 0 and result.kept == sorted(s["b"])
+    assert _keys(backend) == before
+
+
+# -- purge: the last re-check ----------------------------------------------------------------------
+
+
+def _set_remote_ref(backend, full: str, oid: str, when: float) -> None:
+    """What a push that takes no lock writes when it moves a ref (no upload: it deduped)."""
+    cur = read_ref(backend, full)
+    doc = {"v": 1, "ref": full, "id": oid, "old": str(cur.id), "seq": cur.seq + 1, "time": when,
+           "user": "old-client", "command": "push", "message": "pushed"}
+    raw = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    assert backend.put_if_version(ref_key(full), raw, cur.version)
+    backend.put_if_absent(log_key(full, cur.seq + 1), raw)
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)  # marking logic: one backend
+def test_purge_skips_a_proof_whose_trash_holds_a_record_live_now(series):
+    s = series
+    pid, doc = _planned(s)
+    _apply(s["repo"], s["backend"], s["settings"], s["clock"], pid, doc)
+    _push(s["repo"], s["backend"], ["exp"], force=True)  # v2 is live again (uploaded anew)
+    s["clock"].advance(days=8)
+    trash = _keys(s["backend"], f"trash/{pid}/packs/")
+
+    (item,) = remote_gc.purge(s["repo"].store, s["backend"], s["clock"](), 7, "tester")
+
+    assert item["proof"] == pid and "which is live now" in item["skipped"]
+    assert _keys(s["backend"], f"trash/{pid}/packs/") == trash
+    assert remote_gc.proof_status(s["backend"], pid) == "applied"
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)  # marking logic: one backend
+def test_purge_refuses_when_a_ref_names_objects_only_in_the_trash(series):
+    s = series
+    pid, doc = _planned(s)
+    _apply(s["repo"], s["backend"], s["settings"], s["clock"], pid, doc)
+    _set_remote_ref(s["backend"], "refs/heads/exp", doc["dead_commits"][0]["id"], s["clock"]())
+    s["clock"].advance(days=8)
+    trash = _keys(s["backend"], f"trash/{pid}/packs/")
+
+    with pytest.raises(GcRefused, match="gc undo"):
+        remote_gc.purge(s["repo"].store, s["backend"], s["clock"](), 7, "tester")
+
+    assert _keys(s["backend"], f"trash/{pid}/packs/") == trash
+    remote_gc.undo(s["repo"].store, s["backend"], pid, s["clock"](), "tester")
+    assert _remote_problems(s) == []  # the ref reads whole again
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)  # about the policy, not the backend
+def test_purge_waits_for_the_longer_of_the_proofs_quarantine_and_the_one_given(series):
+    s = series
+    _force_exp_back_to_v1(s)
+    s["clock"].advance(days=40)
+    pid, doc = _plan(s["repo"], s["backend"], s["settings"], s["clock"], quarantine_days=10)
+    _apply(s["repo"], s["backend"], s["settings"], s["clock"], pid, doc)
+    s["clock"].advance(days=8)
+
+    assert remote_gc.purge(s["repo"].store, s["backend"], s["clock"](), 7, "tester") == []
+    s["clock"].advance(days=3)
+    (done,) = remote_gc.purge(s["repo"].store, s["backend"], s["clock"](), 7, "tester")
+    assert done["proof"] == pid and done["skipped"] is None
+    assert remote_gc.proof_status(s["backend"], pid) == "purged"
+
+
+# -- the proof's policy: range-checked, and never below this store's --------------------------------
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)  # about the proof, not the backend
+def test_a_proof_planned_below_the_configured_retention_and_grace_is_refused_at_apply(series):
+    s = series
+    _force_exp_back_to_v1(s)
+    s["clock"].advance(days=10)  # v2 is in the 30-day window, not in a 5-day one
+    pid, doc = _plan(s["repo"], s["backend"], s["settings"], s["clock"], retention_days=5, grace_days=0)
+    assert {p["pack"] for p in doc["packs"]} == s["b"]
+    before = _keys(s["backend"])
+
+    with pytest.raises(GcRefused) as info:
+        _apply(s["repo"], s["backend"], s["settings"], s["clock"], pid, doc)  # the floor: 30 and 14 days
+
+    assert any("retention_days is 5, below this store's 30" in r for r in info.value.reasons)
+    assert any("grace_days is 0, below this store's 14" in r for r in info.value.reasons)
+    assert _keys(s["backend"]) == before
+    floor = {**POLICY, "retention_days": 5, "grace_days": 0}  # a store configured so
+    result = remote_gc.apply(s["repo"].store, s["backend"], pid, doc, s["clock"](), "tester", "origin",
+                             s["settings"]["url"], floor=floor)
+    assert result.packs == len(s["b"])
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)  # about the proof, not the backend
+def test_a_proof_with_a_negative_policy_value_is_refused_and_a_nan_one_is_never_planned(series):
+    s = series
+    _pid, doc = _planned(s)
+    forged = {**doc, "policy": {**doc["policy"], "retention_days": -1}}
+    fid, loaded = remote_gc.load_proof(s["repo"].root, store_proof(s["repo"].root, forged))
+    before = _keys(s["backend"])
+
+    verdict = remote_gc.verify(s["repo"].store, s["backend"], fid, loaded, s["clock"](), "origin", s["settings"]["url"])
+    with pytest.raises(GcRefused, match="must be a finite number"):
+        _apply(s["repo"], s["backend"], s["settings"], s["clock"], fid, loaded)
+    with pytest.raises(UserError, match="must be a finite number"):
+        _plan(s["repo"], s["backend"], s["settings"], s["clock"], grace_days=float("nan"))
+
+    assert not verdict.valid and "retention_days is -1" in verdict.reasons[0]
+    assert _keys(s["backend"]) == before
+
+
 # -- the command line --------------------------------------------------------------------------------
 
 
@@ -644,6 +877,7 @@ def test_the_cli_plans_shows_verifies_applies_and_undoes_a_remote_proof(tmp_path
     repo.create_branch("back", "exp~1")
     repo.push("origin", ["back:exp"], force=True)
     repo.close()
+    _configure_gc(tmp_path / "store", retention_days=0, grace_days=0)  # else apply refuses a 0-day proof
     (tmp_path / "work").mkdir()
     cli = Cli(tmp_path / "store", tmp_path / "work")
     before = _keys(backend)
@@ -663,6 +897,56 @@ def test_the_cli_plans_shows_verifies_applies_and_undoes_a_remote_proof(tmp_path
     assert "is valid" in verified
     assert wrong.returncode == 2 and b"is for remote 'origin'" in wrong.stderr
     assert applied["packs"] == len(b) and after_apply == before - {f"packs/{n}.{e}" for n in b for e in ("pack", "idx")}
-    assert [e["action"] for e in logged] == ["applied"]
+    assert [e["action"] for e in logged] == ["started", "applied"] and not logged[0]["unfinished"]
     assert _keys(backend) == before
     assert cli.json("gc", "unlock", "--remote", "origin", "--list") == []
+
+
+def _configure_gc(root: Path, **values) -> None:
+    """Set ``[gc]`` values in a store's config.toml (the floor a remote proof cannot go below)."""
+    import tomllib
+
+    import tomli_w
+
+    path = root / "config.toml"
+    cfg = tomllib.loads(path.read_text())
+    cfg.setdefault("gc", {}).update(values)
+    path.write_text(tomli_w.dumps(cfg))
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)
+def test_cli_gc_purge_remote_purges_the_remotes_trash_and_not_this_stores(tmp_path, remote):
+    from tests.conftest import Cli
+
+    repo = Repo.init(tmp_path / "store")
+    add_remote(repo, remote)
+    repo.commit(checkpoint(tmp_path / "keep", 0), "keep", "kept")
+    repo.commit(checkpoint(tmp_path / "v1", 1), "exp", "v1")
+    repo.push("origin", ["keep", "exp"])
+    repo.commit(checkpoint(tmp_path / "v2", 2), "exp", "v2")
+    repo.push("origin", ["exp"])
+    repo.create_branch("back", "exp~1")
+    repo.push("origin", ["back:exp"], force=True)
+    repo.commit(checkpoint(tmp_path / "scratch", 7), "scratch", "local only")
+    repo.delete_branch("scratch")
+    repo.close()
+    _configure_gc(tmp_path / "store", retention_days=0, grace_days=0, quarantine_days=0)
+    (tmp_path / "work").mkdir()
+    cli = Cli(tmp_path / "store", tmp_path / "work")
+    local = cli.json("gc", "plan")
+    cli("gc", "apply", local["proof"][:7], "--yes")
+    rdoc = cli.json("gc", "plan", "--remote", "origin")
+    cli("gc", "apply", rdoc["proof"][:7], "--yes")
+    backend = _backend(remote)
+    assert _keys(backend, f"trash/{rdoc['proof']}/packs/")
+    local_trash = sorted(p for p in (tmp_path / "store" / "trash").rglob("*") if p.is_file())
+    assert local_trash
+
+    shown = cli("gc", "purge", "--remote", "origin", "--dry-run").stdout.decode()
+    purged = cli("gc", "purge", "--remote", "origin").stdout.decode()
+
+    assert f"would purge trash of proof {rdoc['proof'][:7]} on origin" in shown
+    assert f"purged trash of proof {rdoc['proof'][:7]} on origin" in purged
+    assert _keys(backend, f"trash/{rdoc['proof']}/packs/") == set()
+    assert remote_gc.proof_status(backend, rdoc["proof"]) == "purged"
+    assert sorted(p for p in (tmp_path / "store" / "trash").rglob("*") if p.is_file()) == local_trash
