@@ -188,6 +188,64 @@ def _now_iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+class RemoteGc:
+    """Remote gc of one configured remote, with this store's clock, user and gc policy as floor.
+
+    The same protocol as local gc (plan, verify, apply, undo, purge, log) against the remote's
+    refs and reflogs, under the remote's gc lock; see :mod:`mstore.remote_gc`.
+    """
+
+    def __init__(self, repo: Repo, name: str):
+        from . import remote_gc
+
+        self.repo, self.name, self._rg = repo, name, remote_gc
+        self.settings = remote_gc.remote_settings(repo.remotes(), name)
+        self.url = self.settings["url"]
+
+    @contextmanager
+    def _backend(self) -> Iterator[Any]:
+        b = self._rg.open_remote(self.settings)
+        try:
+            yield b
+        finally:
+            b.close()
+
+    def plan(self, retention_days: float | None = None, grace_days: float | None = None) -> tuple[str, dict]:
+        """Write a proof of the remote's dead packs (moves nothing): ``(proof id, document)``."""
+        policy = self.repo.gc_policy(retention_days=retention_days, grace_days=grace_days)
+        with self._backend() as b:
+            return self._rg.plan(self.repo.store, b, self.name, self.url, self.repo.clock(), policy, self.repo.user)
+
+    def verify(self, pid: str, doc: dict) -> Any:
+        """Re-check a proof against the remote as it is now."""
+        with self._backend() as b:
+            return self._rg.verify(self.repo.store, b, pid, doc, self.repo.clock(), self.name, self.url,
+                                   floor=self.repo.gc_policy())
+
+    def apply(self, pid: str, doc: dict) -> Any:
+        """Re-check under the gc lock, then move the proof's packs to the remote's trash."""
+        with self._backend() as b:
+            return self._rg.apply(self.repo.store, b, pid, doc, self.repo.clock(), self.repo.user, self.name,
+                                  self.url, floor=self.repo.gc_policy())
+
+    def undo(self, pid: str) -> Any:
+        """Bring an applied proof's packs back from the remote's trash."""
+        with self._backend() as b:
+            return self._rg.undo(self.repo.store, b, pid, self.repo.clock(), self.repo.user)
+
+    def purge(self, quarantine_days: float | None = None, dry_run: bool = False) -> Any:
+        """Delete the remote's trash older than the quarantine: the point of no return."""
+        policy = self.repo.gc_policy(quarantine_days=quarantine_days)
+        with self._backend() as b:
+            return self._rg.purge(self.repo.store, b, self.repo.clock(), float(policy["quarantine_days"]),
+                                  self.repo.user, dry_run, retention_days=float(policy["retention_days"]))
+
+    def log(self) -> Any:
+        """The remote's gc audit log."""
+        with self._backend() as b:
+            return self._rg.log(b)
+
+
 class Repo:
     """An opened mstore repository."""
 
@@ -996,6 +1054,14 @@ class Repo:
 
         return audit_entries(self.store)
 
+    def remote_gc(self, remote: str) -> RemoteGc:
+        """Garbage collection of a configured remote's dead packs (docs/remote-gc.md).
+
+        ``g = repo.remote_gc("origin"); pid, doc = g.plan(); g.verify(pid, doc); g.apply(pid, doc)``;
+        then ``g.undo(pid)`` until ``g.purge()``. Proofs are stored beside local ones.
+        """
+        return RemoteGc(self, remote)
+
     def pin(self, rev: str, note: str = "") -> ObjectId:
         """Keep a commit whatever happens to refs (a gc root)."""
         from .gc import pin
@@ -1040,6 +1106,19 @@ class Repo:
         from .mount import mount_commit
 
         return mount_commit(self, rev, mountpoint, **options)
+
+    def mount_remote(
+        self, remote: str, rev: str, mountpoint: str | os.PathLike, *, keep: bool = False, **options: Any
+    ) -> Mount:
+        """Mount a remote's branch, tag or commit lazily, without fetching (docs/mount.md).
+
+        Only the commit's metadata is read up front; each chunk is fetched and verified on its
+        first read. ``keep=True`` also indexes the verified chunks locally (no ref moves).
+        Options: see :func:`mstore.remote_mount.mount_remote`.
+        """
+        from .remote_mount import mount_remote
+
+        return mount_remote(self, remote, rev, mountpoint, keep=keep, **options)
 
     def umount(self, mountpoint: str | os.PathLike, *, lazy: bool = False) -> MountInfo | None:
         """Unmount a mount of this store (also a dead one) and wait for its process to exit."""

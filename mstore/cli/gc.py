@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import click
 
 from . import _output as out
@@ -40,54 +38,6 @@ def gc() -> None:
     mstore gc log --remote origin       the remote's audit log
     mstore gc unlock --remote origin    remove locks left by killed pushes or gcs
     """
-
-
-class _RemoteGc:
-    """Remote gc for one configured remote: the calls a Repo facade would make (docs/remote-gc.md)."""
-
-    def __init__(self, repo, name: str):
-        from .. import remote_gc
-
-        self.repo, self.name, self.rg = repo, name, remote_gc
-        self.settings = remote_gc.remote_settings(repo.remotes(), name)
-        self.url = self.settings["url"]
-
-    @contextmanager
-    def backend(self):
-        b = self.rg.open_remote(self.settings)
-        try:
-            yield b
-        finally:
-            b.close()
-
-    def plan(self, retention_days=None, grace_days=None):
-        policy = self.repo.gc_policy(retention_days=retention_days, grace_days=grace_days)
-        with self.backend() as b:
-            return self.rg.plan(self.repo.store, b, self.name, self.url, self.repo.clock(), policy, self.repo.user)
-
-    def verify(self, pid, doc):
-        with self.backend() as b:
-            return self.rg.verify(self.repo.store, b, pid, doc, self.repo.clock(), self.name, self.url,
-                                  floor=self.repo.gc_policy())
-
-    def apply(self, pid, doc):
-        with self.backend() as b:
-            return self.rg.apply(self.repo.store, b, pid, doc, self.repo.clock(), self.repo.user, self.name, self.url,
-                                 floor=self.repo.gc_policy())
-
-    def undo(self, pid):
-        with self.backend() as b:
-            return self.rg.undo(self.repo.store, b, pid, self.repo.clock(), self.repo.user)
-
-    def purge(self, quarantine_days=None, dry_run=False):
-        policy = self.repo.gc_policy(quarantine_days=quarantine_days)
-        with self.backend() as b:
-            return self.rg.purge(self.repo.store, b, self.repo.clock(), float(policy["quarantine_days"]),
-                                 self.repo.user, dry_run, retention_days=float(policy["retention_days"]))
-
-    def log(self):
-        with self.backend() as b:
-            return self.rg.log(b)
 
 
 def _proof_remote(repo, proof: str, remote: str | None) -> tuple[str, str | None]:
@@ -204,7 +154,7 @@ def gc_plan(ctx, retention_days, grace_days, verify_data, require_remote, remote
         raise click.UsageError("--remote cannot be combined with --verify-data or --require-remote")
     with state(ctx).repo() as repo:
         if remote is not None:
-            pid, doc = _RemoteGc(repo, remote).plan(retention_days, grace_days)
+            pid, doc = repo.remote_gc(remote).plan(retention_days, grace_days)
             if as_json:
                 out.emit_json({"proof": pid, **doc})
                 return
@@ -290,7 +240,7 @@ def gc_verify(ctx, proof, remote, as_json) -> None:
             from .. import remote_gc
 
             pid, doc = remote_gc.load_proof(repo.root, pid)
-            v = _RemoteGc(repo, for_remote).verify(pid, doc)
+            v = repo.remote_gc(for_remote).verify(pid, doc)
         else:
             v = repo.gc_verify(proof)
         if as_json:
@@ -355,7 +305,7 @@ def _apply_remote(repo, pid: str, remote: str, yes: bool, as_json: bool) -> None
     from ..gc import GcRefused
 
     pid, doc = remote_gc.load_proof(repo.root, pid)
-    rgc = _RemoteGc(repo, remote)
+    rgc = repo.remote_gc(remote)
     if not yes:
         v = rgc.verify(pid, doc)  # before asking; apply checks everything again under the lock
         if not v.valid:
@@ -398,7 +348,7 @@ def gc_undo(ctx, proof, remote, as_json) -> None:
                 raise
             pid, for_remote = proof, remote
         if for_remote is not None:
-            n = _RemoteGc(repo, for_remote).undo(pid)
+            n = repo.remote_gc(for_remote).undo(pid)
             if as_json:
                 out.emit_json({"proof": pid, "remote": for_remote, "packs": n})
             else:
@@ -444,7 +394,7 @@ def gc_purge(ctx, quarantine_days, dry_run, remote, as_json) -> None:
 
 
 def _purge_remote(repo, remote: str, quarantine_days, dry_run: bool, as_json: bool) -> None:
-    items = _RemoteGc(repo, remote).purge(quarantine_days, dry_run)
+    items = repo.remote_gc(remote).purge(quarantine_days, dry_run)
     if as_json:
         out.emit_json(items)
         return
@@ -467,7 +417,7 @@ def gc_log(ctx, remote, as_json) -> None:
     """The audit log: every proof applied, undone or purged, by whom and when (--remote: on that remote)."""
     with state(ctx).repo() as repo:
         if remote is not None:
-            entries = _RemoteGc(repo, remote).log()
+            entries = repo.remote_gc(remote).log()
             if as_json:
                 out.emit_json(entries)
                 return

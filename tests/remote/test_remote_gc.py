@@ -950,3 +950,30 @@ def test_cli_gc_purge_remote_purges_the_remotes_trash_and_not_this_stores(tmp_pa
     assert _keys(backend, f"trash/{rdoc['proof']}/packs/") == set()
     assert remote_gc.proof_status(backend, rdoc["proof"]) == "purged"
     assert sorted(p for p in (tmp_path / "store" / "trash").rglob("*") if p.is_file()) == local_trash
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)
+def test_the_python_api_plans_applies_and_undoes_a_remote_gc(tmp_path, remote):
+    repo = Repo.init(tmp_path / "store")
+    add_remote(repo, remote)
+    repo.commit(checkpoint(tmp_path / "keep", 0), "keep", "kept")
+    repo.push("origin", ["keep"])
+    repo.commit(checkpoint(tmp_path / "v1", 1), "exp", "v1")
+    repo.push("origin", ["exp"])  # a pack of its own
+    repo.push("origin", ["exp"], delete=True)
+    repo.close()
+    _configure_gc(tmp_path / "store", retention_days=0, grace_days=0, quarantine_days=0)
+    repo = Repo.open(tmp_path / "store")
+    g = repo.remote_gc("origin")
+    backend = _backend(remote)
+    before = _packs(backend)
+
+    pid, doc = g.plan()
+    assert g.verify(pid, doc).valid
+    g.apply(pid, doc)
+    gone = before - _packs(backend)
+    g.undo(pid)
+
+    assert gone and gone == {p["pack"] for p in doc["packs"]}
+    assert _packs(backend) == before
+    repo.close()
