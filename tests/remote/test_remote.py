@@ -206,3 +206,25 @@ def test_packs_larger_than_a_multipart_part_round_trip_from_the_push_buffer(repo
     clone.checkout(cid, tmp_path / "out")
     assert tree_bytes(tmp_path / "out") == tree_bytes(d)
     clone.close()
+
+
+def test_a_push_meeting_a_remote_gc_lock_is_busy_and_sends_nothing(repo, work, remote):
+    from mstore.errors import RemoteBusy
+    from mstore.remote_lock import gc_lock, list_locks
+
+    _series(repo, work, [0])
+    add_remote(repo, remote)
+    repo.push("origin", ["exp1"])
+    repo.commit(checkpoint(work / "ck1", 1), "exp1", "step 1")
+    backend = open_backend(remote["url"], endpoint_url=remote.get("endpoint_url"))
+    try:
+        with gc_lock(backend, "gc-user"):
+            before = sorted(k for k, _s in backend.list("packs/"))
+            with pytest.raises(RemoteBusy):
+                repo.push("origin", ["exp1"])
+            assert sorted(k for k, _s in backend.list("packs/")) == before
+            assert [lk.op for lk in list_locks(backend)] == ["gc"]  # the push left no lock behind
+        assert repo.push("origin", ["exp1"]).refs[0].status == "ok"
+        assert list_locks(backend) == []
+    finally:
+        backend.close()
