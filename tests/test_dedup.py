@@ -153,3 +153,18 @@ def test_an_unchanged_file_is_still_recognised_by_one_whole_file_hash(repo, work
 
     assert calls == [(work / "ckpt" / "model.safetensors").stat().st_size]
     assert res.new_bytes == len(res.commit.to_bytes())
+
+
+def test_an_older_version_committed_again_is_still_recognised_by_one_whole_file_hash(repo, work, monkeypatch):
+    tensors = checkpoint(8, seed=5)
+    write_safetensors(work / "old" / "model.safetensors", tensors)
+    repo.commit(work / "old", "exp", "step 1")
+    tensors["layer07.weight"] = random_f32(np.random.default_rng(8), (512, 512))
+    write_safetensors(work / "new" / "model.safetensors", tensors)
+    repo.commit(work / "new", "exp", "step 2")
+    calls = _count_whole_file_hashes(monkeypatch)
+
+    res = repo.commit(work / "old", "exp", "back to step 1")  # same size as the parent, other bytes
+
+    assert calls == [(work / "old" / "model.safetensors").stat().st_size]
+    assert res.new_bytes == len(res.commit.to_bytes())
