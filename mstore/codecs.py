@@ -81,9 +81,11 @@ DELTA_HEAD = struct.Struct("<32sBB")
 # A plane whose first SAMPLE bytes do not compress is stored raw without compressing the rest.
 _SAMPLE = 64 * 1024
 
-# Elements per block when splitting or interleaving planes: 32 Ki elements (64-256 KiB) keep a
-# block and its temporaries in the L2 cache (measured best of 8, 16, 32 and 128 Ki).
-_BLOCK = 1 << 15
+# Elements per block when splitting or interleaving planes. Each block costs a dozen numpy calls,
+# and every call hands the GIL over: with 32 Ki-element blocks (fastest on one thread) two
+# decoding threads were slower together than one alone. 1 Mi elements (4 MiB of float32):
+# one thread 3.1-3.3 GB/s, two 5.4-6.0 GB/s (32 Ki: 2.7 and 2.4; whole 16 MiB chunks: 2.1, 3.9).
+_BLOCK = 1 << 20
 
 # Keep a compressed form only if it saves at least this fraction; below that, reading raw bytes
 # is cheaper than decompressing them for a gain nobody would notice.
@@ -181,8 +183,8 @@ def split_planes(raw: bytes | memoryview, item: int, rotate: bool) -> list:
 
     With ``rotate`` each element is first rotated left by one bit (FLOATPLANE). Works in blocks
     that stay in the CPU cache and takes plane ``i`` as the low byte of the element shifted
-    right: 2-3x faster than a strided copy out of a rotated whole copy (16 MiB fp32: ~1.8 ->
-    ~5 GB/s), and no second full-size buffer.
+    right: faster than a strided copy out of a rotated whole copy, with no second full-size
+    buffer.
     """
     import numpy as np
 
@@ -274,8 +276,8 @@ def interleave(planes: list, raw_len: int, into: memoryview | bytearray | None =
     With ``rotate`` each element is also rotated right by one bit (undoing FLOATPLANE's
     rotation) in the same pass. Writes into ``into`` (and returns b"") when given, else returns
     new bytes. Elements are composed in cache-sized blocks as ``sum(plane_i << 8i)`` (for
-    FLOATPLANE: ``(p0 >> 1) | (p0 << bits-1) | sum(plane_i << 8i-1)``): 2x faster than
-    strided byte stores followed by a separate rotation pass (16 MiB fp32: ~1.9 -> ~3.8 GB/s).
+    FLOATPLANE: ``(p0 >> 1) | (p0 << bits-1) | sum(plane_i << 8i-1)``): faster than strided
+    byte stores followed by a separate rotation pass.
     """
     import numpy as np
 
