@@ -407,9 +407,14 @@ def remote_reflog(backend: Backend, full: str) -> list[dict[str, Any]]:
     for key, _size in backend.list(prefix):
         try:
             seq = int(key[len(prefix) :])
-            entries[seq] = _parse_ref_doc(backend.get(key), full)
-        except (ValueError, BackendNotFound):
-            continue
+        except ValueError:
+            continue  # not an entry of this log
+        try:
+            raw = backend.get(key)
+        except BackendNotFound:
+            # Listed but unreadable: a lost entry is a lost gc root, so say so instead of skipping.
+            raise RemoteIntegrityError(f"{backend.url}: remote reflog entry {key} is listed but unreadable") from None
+        entries[seq] = _parse_ref_doc(raw, full)
     cur = read_ref(backend, full)
     if cur is not None and cur.seq not in entries:
         entries[cur.seq] = cur.doc
@@ -1396,8 +1401,29 @@ def _decode_delta_checked(r: _Received, base: bytes | memoryview) -> memoryview:
 
 
 def _append(batch: Any, r: _Received) -> None:
-    """Append a verified record to the local batch."""
+    """Append a verified record to the local batch.
+
+    Raises:
+        UnsupportedFormat: the record uses an encoding the local store's format version lacks
+            (an older mstore would read it as damage); nothing of the batch gets indexed.
+    """
+    _check_encoding(batch.store.config.version, r)
     batch.add_encoded(r.kind, r.oid, r.check, r.codec, r.raw_len, r.payload)
+
+
+def _check_encoding(version: int, r: _Received) -> None:
+    from .format import DELTA_MIN_VERSION, LOWRANK_MIN_VERSION
+
+    need, what = 0, ""
+    if r.codec in (codecs.DELTA, codecs.FLOATPLANE):
+        need, what = DELTA_MIN_VERSION, codecs.NAMES[r.codec]
+    if r.codec == codecs.DELTA and len(r.payload) > 33 and r.payload[33] == codecs.LOWRANK:
+        need, what = LOWRANK_MIN_VERSION, "low-rank delta"
+    if version < need:
+        raise UnsupportedFormat(
+            f"remote chunk {r.oid} is a {what} chunk (format version {need}); this store is version "
+            f"{version} and must not hold it: clone the remote into a new store instead"
+        )
 
 
 def _bounded_map(

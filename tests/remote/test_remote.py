@@ -7,7 +7,7 @@ import json
 import pytest
 
 from mstore import Repo
-from mstore.errors import Diverged, PushRejected, RemoteNotFound
+from mstore.errors import Diverged, MstoreError, PushRejected, RemoteNotFound
 from mstore.storage.backends import open_backend
 from tests.conftest import tree_bytes
 from tests.remote.conftest import add_remote, checkpoint
@@ -228,3 +228,58 @@ def test_a_push_meeting_a_remote_gc_lock_is_busy_and_sends_nothing(repo, work, r
         assert list_locks(backend) == []
     finally:
         backend.close()
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)
+def test_a_version_2_store_refuses_to_fetch_a_low_rank_delta_and_indexes_nothing(tmp_path, remote):
+    from mstore.errors import UnsupportedFormat
+    from mstore.format import Config, write_config
+    from tests.test_lowrank import _commit_base_then_merged
+
+    src = Repo.init(tmp_path / "src")
+    add_remote(src, remote)
+    _commit_base_then_merged(src, tmp_path / "work")
+    src.push("origin", ["lora"])
+    old = Repo.init(tmp_path / "old")
+    data = old.config.data
+    data["format"]["version"] = 2
+    write_config(old.root, Config(data))
+    old.close()
+    old = Repo.open(tmp_path / "old")
+    add_remote(old, remote)
+
+    with pytest.raises(UnsupportedFormat, match="low-rank delta"):
+        old.fetch("origin")
+
+    assert list(old.store.iter_entries()) == []  # no chunk, tree, manifest or commit
+    with pytest.raises(MstoreError):
+        old.resolve("refs/remotes/origin/lora")
+    old.close()
+    src.close()
+
+
+def test_a_remote_reflog_entry_that_is_listed_but_unreadable_is_an_integrity_error(tmp_path, monkeypatch):
+    from mstore import remote as rm
+    from mstore.errors import RemoteIntegrityError
+    from mstore.storage.backends.base import BackendNotFound
+
+    src = Repo.init(tmp_path / "src")
+    settings = {"url": (tmp_path / "remote-disk").as_uri()}
+    add_remote(src, settings)
+    src.commit(checkpoint(tmp_path / "c0", 0), "exp", "v0")
+    src.push("origin", ["exp"])
+    backend = open_backend(settings["url"])
+    listed = [k for k, _s in backend.list("logs/")]
+    assert listed
+    real_get = backend.get
+
+    def get(key):
+        if key == listed[0]:
+            raise BackendNotFound(key)
+        return real_get(key)
+
+    monkeypatch.setattr(backend, "get", get)
+
+    with pytest.raises(RemoteIntegrityError, match="listed but unreadable"):
+        rm.remote_reflog(backend, "refs/heads/exp")
+    src.close()
