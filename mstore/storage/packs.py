@@ -102,9 +102,16 @@ class PackWriter:
         self._append(HEADER.pack(PACK_MAGIC, PACK_VERSION, 0))
 
     def _append(self, data: bytes | memoryview) -> None:
-        self._buf += data
         self._hash.update(data)
         self.size += len(data)
+        if len(data) >= _WRITE_BUFFER:  # a big payload goes out as is: no copy into the buffer
+            self._drain()
+            try:
+                write_all(self.fd, data)
+            except OSError as exc:
+                raise StorageError(f"cannot write pack {self.path}: {exc.strerror}") from exc
+            return
+        self._buf += data
         if len(self._buf) >= _WRITE_BUFFER:
             self._drain()
 
