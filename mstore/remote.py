@@ -413,7 +413,9 @@ def remote_reflog(backend: Backend, full: str) -> list[dict[str, Any]]:
             raw = backend.get(key)
         except BackendNotFound:
             # Listed but unreadable: a lost entry is a lost gc root, so say so instead of skipping.
-            raise RemoteIntegrityError(f"{backend.url}: remote reflog entry {key} is listed but unreadable") from None
+            raise RemoteIntegrityError(
+                f"{backend.url}: remote reflog entry {key} is listed but cannot be read"
+            ) from None
         entries[seq] = _parse_ref_doc(raw, full)
     cur = read_ref(backend, full)
     if cur is not None and cur.seq not in entries:

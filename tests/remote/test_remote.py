@@ -280,6 +280,6 @@ def test_a_remote_reflog_entry_that_is_listed_but_unreadable_is_an_integrity_err
 
     monkeypatch.setattr(backend, "get", get)
 
-    with pytest.raises(RemoteIntegrityError, match="listed but unreadable"):
+    with pytest.raises(RemoteIntegrityError, match="listed but cannot be read"):
         rm.remote_reflog(backend, "refs/heads/exp")
     src.close()
