@@ -38,6 +38,18 @@ def repo(tmp_path: Path) -> Repo:
     r.close()
 
 
+def repo_at_version(path: Path, version: int) -> Repo:
+    """A new store whose config says format ``version`` (an older store, as an older mstore made it)."""
+    from mstore.format import Config, write_config
+
+    repo = Repo.init(path)
+    data = repo.config.data
+    data["format"]["version"] = version
+    write_config(repo.root, Config(data))
+    repo.close()
+    return Repo.open(path)
+
+
 @pytest.fixture
 def work(tmp_path: Path) -> Path:
     """A scratch directory for files to commit."""

@@ -19,7 +19,7 @@ from mstore import IntegrityError, MstoreError, ObjectId, Repo
 from mstore.codecs import DELTA, delta_base
 from mstore.format import Config, write_config
 from mstore.storage.packs import RECORD
-from tests.conftest import DAY, Clock, tree_bytes, write_safetensors
+from tests.conftest import DAY, Clock, repo_at_version, tree_bytes, write_safetensors
 
 
 def _bf16(x: np.ndarray) -> np.ndarray:
@@ -257,12 +257,7 @@ def test_a_series_with_deltas_costs_less_than_without(tmp_path):
 
 
 def test_deltas_are_off_in_a_version_1_store(tmp_path):
-    repo = Repo.init(tmp_path / "old")
-    data = repo.config.data
-    data["format"]["version"] = 1
-    write_config(repo.root, Config(data))
-    repo.close()
-    repo = Repo.open(tmp_path / "old")
+    repo = repo_at_version(tmp_path / "old", 1)
     s = Series(repo, tmp_path / "work")
     s.step()
     s.step()

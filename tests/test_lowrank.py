@@ -15,8 +15,7 @@ import pytest
 
 from mstore import IntegrityError, Repo, codecs
 from mstore.codecs import DELTA, DELTA_HEAD, LOWRANK, LOWRANK_HEAD
-from mstore.format import Config, write_config
-from tests.conftest import tree_bytes, write_safetensors
+from tests.conftest import repo_at_version, tree_bytes, write_safetensors
 
 ID = b"\x01" * 32
 
@@ -200,12 +199,7 @@ def test_a_delta_on_top_of_a_low_rank_delta_reads_back_bit_exact(repo, work, tmp
 
 
 def test_a_version_2_store_never_writes_a_low_rank_delta(tmp_path):
-    repo = Repo.init(tmp_path / "v2")
-    data = repo.config.data
-    data["format"]["version"] = 2
-    write_config(repo.root, Config(data))
-    repo.close()
-    repo = Repo.open(tmp_path / "v2")
+    repo = repo_at_version(tmp_path / "v2", 2)
     _commit_base_then_merged(repo, tmp_path / "work")
 
     assert LOWRANK not in _inner_codecs(repo, "lora")

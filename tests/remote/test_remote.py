@@ -233,19 +233,14 @@ def test_a_push_meeting_a_remote_gc_lock_is_busy_and_sends_nothing(repo, work, r
 @pytest.mark.parametrize("remote", ["file"], indirect=True)
 def test_a_version_2_store_refuses_to_fetch_a_low_rank_delta_and_indexes_nothing(tmp_path, remote):
     from mstore.errors import UnsupportedFormat
-    from mstore.format import Config, write_config
+    from tests.conftest import repo_at_version
     from tests.test_lowrank import _commit_base_then_merged
 
     src = Repo.init(tmp_path / "src")
     add_remote(src, remote)
     _commit_base_then_merged(src, tmp_path / "work")
     src.push("origin", ["lora"])
-    old = Repo.init(tmp_path / "old")
-    data = old.config.data
-    data["format"]["version"] = 2
-    write_config(old.root, Config(data))
-    old.close()
-    old = Repo.open(tmp_path / "old")
+    old = repo_at_version(tmp_path / "old", 2)
     add_remote(old, remote)
 
     with pytest.raises(UnsupportedFormat, match="low-rank delta"):
