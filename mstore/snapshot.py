@@ -72,6 +72,8 @@ PREHASH_MIN = 1 << 20
 
 # A delta is stored only if it is smaller than this fraction of the piece stored whole.
 DELTA_MIN_GAIN = 0.95
+# A delta below this fraction of the raw piece is taken without estimating the whole encoding.
+DELTA_SURE = 0.25
 # A float32 matrix piece whose XOR delta is above this fraction of the piece stored whole is
 # also tried as a low-rank delta (full fine-tunes' XORs save 20-30 %: they are not tried).
 LOWRANK_TRY = 0.9
@@ -283,8 +285,13 @@ class Ingest:
         if delta is DELTA_HOPELESS:
             delta = None
         # A delta clearly smaller than the whole piece would be (estimated from a prefix) wins
-        # without encoding the piece whole as well; a close call encodes both and compares.
-        elif delta is not None and len(delta) <= 0.9 * codecs.estimate_size(data, self.level, item_size):
+        # without encoding the piece whole as well; a close call encodes both and compares. A
+        # delta under a quarter of the raw bytes needs no estimate: float tensors stored whole
+        # do not get near that (bf16 weights ~0.66, fp32 ~0.82).
+        elif delta is not None and (
+            len(delta) <= DELTA_SURE * len(data)
+            or len(delta) <= 0.9 * codecs.estimate_size(data, self.level, item_size)
+        ):
             return data, oid, codecs.DELTA, delta, False, item_size
         codec, payload = codecs.encode(data, self.level, item_size)
         # Every read of a delta decodes its chain, so a delta must save at least 5 % of the
