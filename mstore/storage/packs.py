@@ -99,17 +99,28 @@ class PackWriter:
         self.records = 0
         self.sealed = False
         self._dir_synced = False
+        # Set by the first failed write: the file no longer holds what offsets say, so nothing
+        # more may be appended, synced or sealed (an index entry could point past its bytes).
+        self._broken: str | None = None
         self._append(HEADER.pack(PACK_MAGIC, PACK_VERSION, 0))
+
+    def _check_usable(self) -> None:
+        if self._broken is not None:
+            raise StorageError(f"pack {self.path} is unusable after an earlier write error: {self._broken}")
+
+    def _write(self, data: bytes | memoryview) -> None:
+        try:
+            write_all(self.fd, data)
+        except OSError as exc:
+            self._broken = exc.strerror or str(exc)
+            raise StorageError(f"cannot write pack {self.path}: {exc.strerror}") from exc
 
     def _append(self, data: bytes | memoryview) -> None:
         self._hash.update(data)
         self.size += len(data)
         if len(data) >= _WRITE_BUFFER:  # a big payload goes out as is: no copy into the buffer
             self._drain()
-            try:
-                write_all(self.fd, data)
-            except OSError as exc:
-                raise StorageError(f"cannot write pack {self.path}: {exc.strerror}") from exc
+            self._write(data)
             return
         self._buf += data
         if len(self._buf) >= _WRITE_BUFFER:
@@ -117,14 +128,16 @@ class PackWriter:
 
     def _drain(self) -> None:
         if self._buf:
-            try:
-                write_all(self.fd, self._buf)
-            except OSError as exc:
-                raise StorageError(f"cannot write pack {self.path}: {exc.strerror}") from exc
+            self._write(self._buf)
             self._buf = bytearray()
 
     def add(self, kind: str, oid: bytes, check: bytes, codec: int, raw_len: int, payload: bytes) -> int:
-        """Append one encoded object; returns the record's offset."""
+        """Append one encoded object; returns the record's offset.
+
+        Raises:
+            StorageError: the disk refused, now or at an earlier write of this pack.
+        """
+        self._check_usable()
         offset = self.size
         self._append(RECORD.pack(RECORD_MAGIC, ord(kind), codec, 0, raw_len, len(payload), oid, check))
         self._append(payload)
@@ -140,8 +153,9 @@ class PackWriter:
         """Make every appended byte durable (write, fsync the file, and the directory once).
 
         Raises:
-            StorageError: the disk refused.
+            StorageError: the disk refused (now, or at an earlier write of this pack).
         """
+        self._check_usable()
         self._drain()
         try:
             os.fsync(self.fd)
@@ -149,12 +163,14 @@ class PackWriter:
                 fsync_dir(self.path.parent)
                 self._dir_synced = True
         except OSError as exc:
+            self._broken = exc.strerror or str(exc)  # what reached the disk is unknown: no retry
             raise StorageError(f"cannot fsync pack {self.path}: {exc.strerror}") from exc
 
     def seal(self) -> None:
         """Write the footer, make it durable and close. Nothing is appended afterwards."""
         if self.sealed:
             return
+        self._check_usable()
         digest = self._hash.digest()
         self._buf += FOOTER.pack(FOOTER_MAGIC, 0, self.records, digest)
         self.size += FOOTER.size
@@ -166,7 +182,8 @@ class PackWriter:
         """Close without sealing (an error path); the file stays for compaction to reclaim."""
         if not self.sealed:
             try:
-                self._drain()
+                if self._broken is None:
+                    self._drain()
             finally:
                 os.close(self.fd)
                 self.sealed = True

@@ -1,0 +1,90 @@
+"""Pack writing: big payloads go straight to the file; a failed write makes the pack unusable."""
+
+from __future__ import annotations
+
+import errno
+
+import numpy as np
+import pytest
+
+import mstore.storage.packs as packs
+from mstore import Repo
+from mstore.errors import StorageError
+from mstore.storage.packs import PackReader, PackWriter
+from tests.conftest import tree_bytes, write_safetensors
+
+
+def _fail_writes(monkeypatch, times: int = 1) -> list[int]:
+    """Make the next ``times`` pack writes fail with ENOSPC; returns the sizes attempted."""
+    real = packs.write_all
+    attempts: list[int] = []
+
+    def write_all(fd, data):
+        attempts.append(len(data))
+        if len(attempts) <= times:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data)
+
+    monkeypatch.setattr(packs, "write_all", write_all)
+    return attempts
+
+
+def test_records_around_a_payload_of_more_than_the_write_buffer_read_back_in_order(tmp_path):
+    rng = np.random.default_rng(0)
+    payloads = [rng.bytes(100), rng.bytes(packs._WRITE_BUFFER + 12345), rng.bytes(7), rng.bytes(3 << 20)]
+    w = PackWriter(tmp_path, 1 << 30)
+    offsets = [w.add("c", bytes([i]) * 32, bytes([i]) * 32, 0, len(p), p) for i, p in enumerate(payloads)]
+    w.seal()
+
+    reader = PackReader(tmp_path)
+    for off, p in zip(offsets, payloads, strict=True):
+        _rec, got = reader.read(w.name, off, len(p))
+        assert bytes(got) == p
+
+
+def test_after_a_failed_write_a_pack_refuses_to_append_sync_or_seal(tmp_path, monkeypatch):
+    w = PackWriter(tmp_path, 1 << 30)
+    _fail_writes(monkeypatch)
+    big = b"x" * (packs._WRITE_BUFFER + 1)
+    with pytest.raises(StorageError, match="No space left"):
+        w.add("c", b"a" * 32, b"a" * 32, 0, len(big), big)
+
+    for attempt in (
+        lambda: w.add("c", b"b" * 32, b"b" * 32, 0, 3, b"abc"),
+        w.sync,
+        w.seal,
+    ):
+        with pytest.raises(StorageError, match="unusable after an earlier write error"):
+            attempt()
+    w.abandon()
+
+
+def test_a_commit_whose_pack_write_fails_stores_nothing_and_moves_no_ref(repo, work, tmp_path, monkeypatch):
+    rng = np.random.default_rng(1)
+    write_safetensors(work / "v0" / "model.safetensors", {"w": rng.standard_normal((1024, 1024)).astype(np.float32)})
+    first = repo.commit(work / "v0", "exp", "v0").id
+    big = rng.integers(0, 1 << 32, (1536, 1024), dtype=np.uint32).view(np.float32)  # 6 MiB, incompressible
+    write_safetensors(work / "v1" / "model.safetensors", {"w": big})
+    keys = {(k, str(o)) for k, o, _e in repo.store.iter_entries()}
+    _fail_writes(monkeypatch)
+
+    with pytest.raises(StorageError):
+        repo.commit(work / "v1", "exp", "v1", allow_regression=True)
+
+    monkeypatch.undo()
+    assert repo.resolve("exp") == first
+    assert {(k, str(o)) for k, o, _e in repo.store.iter_entries()} == keys
+    assert repo.fsck().ok
+    repo.checkout("exp", tmp_path / "out")
+    assert tree_bytes(tmp_path / "out") == tree_bytes(work / "v0")
+
+
+def test_an_incompressible_tensor_above_the_write_buffer_commits_and_checks_out_bit_exact(tmp_path):
+    repo = Repo.init(tmp_path / "store")
+    big = np.random.default_rng(2).integers(0, 1 << 32, (1536, 1024), dtype=np.uint32).view(np.float32)
+    write_safetensors(tmp_path / "v" / "model.safetensors", {"w": big})
+    repo.commit(tmp_path / "v", "exp", "big")
+    assert repo.fsck().ok
+    repo.checkout("exp", tmp_path / "out")
+    assert tree_bytes(tmp_path / "out") == tree_bytes(tmp_path / "v")
+    repo.close()
