@@ -520,7 +520,7 @@ def encode_lowrank_delta(
     import numpy as np
 
     n = len(raw)
-    if cols < 1 or n % (4 * cols):
+    if cols < 1 or n % (4 * cols) or len(base) != n:
         return None
     rows = n // (4 * cols)
     k = MAX_RANK + _LR_OVERSAMPLE
