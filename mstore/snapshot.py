@@ -136,8 +136,8 @@ class _Lineage:
     """One file's float pieces in its parent and earlier first-parent versions: delta bases.
 
     Bases follow the skip-delta rule (Subversion's, for the same reason): the piece ``v``
-    versions after the last one stored whole is a delta against the version ``v & (v - 1)``,
-    i.e. ``lowbit(v)`` versions back, not against its parent. A chain then has at most
+    distinct versions after the last one stored whole is a delta against the version
+    ``v & (v - 1)``, i.e. ``lowbit(v)`` distinct versions back, not against its parent. A chain then has at most
     popcount(v) links (at most 3 for v <= 8) instead of v, so reading any version decodes
     at most 4 chunks per piece instead of 9, and a commit decodes its base that much faster,
     for deltas over 1, 2, 4 or 8 versions of drift (full fine-tune series: 0.691 instead of
