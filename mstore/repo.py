@@ -916,6 +916,7 @@ class Repo:
             Conflict: ``dest`` is not empty (without ``force``).
             IntegrityError: damaged data; no damaged file is ever created under its final name.
         """
+        _import_numpy_meanwhile()
         from .snapshot import Checkout, resolve_path
 
         rev_s, inner = self._split_path(rev)
@@ -1536,8 +1537,9 @@ DELTA_LOOKBACK = 8
 def _import_numpy_meanwhile() -> None:
     """Start importing numpy on a thread, if no one has: the codecs need it for float pieces.
 
-    The import costs ~60 ms of a ~240 ms command-line commit of a 41 MB checkpoint; begun
-    here, it overlaps with scanning the input, the guards, provenance and the first hashes.
+    The import costs ~60 ms of a ~240 ms command-line commit of a 41 MB checkpoint; begun at
+    the start of a commit or checkout, it overlaps with scanning the input, the guards,
+    provenance and the first hashes, or with reading the tree and the first records.
     The import lock makes a second importer wait for this one, never run it twice.
     """
     if "numpy" in sys.modules:
