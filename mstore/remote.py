@@ -1255,6 +1255,14 @@ def fetch(
             for kind, oid, loc in group
         ]
 
+    # Encodings this store's format version lacks are refused before anything is written: the
+    # metadata's from the records received, the chunks' from the catalog (a low-rank delta is
+    # recognised only in its payload, so _append checks each chunk again).
+    version = store.config.version
+    for r in src.received.values():
+        _check_encoding(version, r)
+    for _k, o, loc in chunks:
+        _check_codec(version, "c", o, loc.codec)
     new_files = [r for r in src.received.values() if r.kind == "f"]
     verifier = _FileVerifier(store, new_files, {o for _k, o, _l in chunks}, chunks)
     with store.batch() as batch, ThreadPoolExecutor(_THREADS, thread_name_prefix="mstore-fetch") as pool:
@@ -1318,7 +1326,7 @@ def fetch(
         for key in sorted(src.received, key=lambda k: "ftm".index(k[0])):
             r = src.received[key]
             if not batch.contains(r.kind, r.oid):
-                batch.add_encoded(r.kind, r.oid, r.check, r.codec, r.raw_len, r.payload)
+                _append(batch, r)
             result.objects += 1
             result.bytes += len(r.payload)
             result.raw_bytes += r.raw_len
@@ -1407,25 +1415,42 @@ def _append(batch: Any, r: _Received) -> None:
 
     Raises:
         UnsupportedFormat: the record uses an encoding the local store's format version lacks
-            (an older mstore would read it as damage); nothing of the batch gets indexed.
+            (an older mstore would read it as damage); the record is not appended. No ref
+            moves, since refs move only when the batch commits. The batch indexes what it holds
+            whenever it has written ``WriteBatch.FLUSH_BYTES``, so in a fetch larger than that,
+            records appended before this one may already be indexed: only verified records,
+            unreachable until a later fetch re-uses them or gc reclaims them. (A fetch refuses
+            the encodings it can see in the catalog and the metadata before writing anything;
+            only a low-rank delta, recognised in its payload, can be refused here that late.)
     """
     _check_encoding(batch.store.config.version, r)
     batch.add_encoded(r.kind, r.oid, r.check, r.codec, r.raw_len, r.payload)
 
 
-def _check_encoding(version: int, r: _Received) -> None:
+def _check_codec(version: int, kind: str, oid: ObjectId, codec: int, lowrank: bool = False) -> None:
+    """Refuse an encoding newer than the local store's format version.
+
+    Raises:
+        UnsupportedFormat: the store's version predates the encoding.
+    """
     from .format import DELTA_MIN_VERSION, LOWRANK_MIN_VERSION
 
     need, what = 0, ""
-    if r.codec in (codecs.DELTA, codecs.FLOATPLANE):
-        need, what = DELTA_MIN_VERSION, codecs.NAMES[r.codec]
-    if r.codec == codecs.DELTA and len(r.payload) > 33 and r.payload[33] == codecs.LOWRANK:
+    if codec in (codecs.DELTA, codecs.FLOATPLANE):
+        need, what = DELTA_MIN_VERSION, codecs.NAMES[codec]
+    if codec == codecs.DELTA and lowrank:
         need, what = LOWRANK_MIN_VERSION, "low-rank delta"
     if version < need:
         raise UnsupportedFormat(
-            f"remote chunk {r.oid} is a {what} chunk (format version {need}); this store is version "
+            f"remote {KINDS[kind]} {oid} is a {what} record (format version {need}); this store is version "
             f"{version} and must not hold it: clone the remote into a new store instead"
         )
+
+
+def _check_encoding(version: int, r: _Received) -> None:
+    """:func:`_check_codec` of a received record (a low-rank delta is told by its payload)."""
+    lowrank = r.codec == codecs.DELTA and len(r.payload) > 33 and r.payload[33] == codecs.LOWRANK
+    _check_codec(version, r.kind, r.oid, r.codec, lowrank)
 
 
 def _bounded_map(
@@ -1478,7 +1503,9 @@ class _FileVerifier:
         self.states: dict[ObjectId, list] = {}
         self.records = {r.oid: r for r in files}
         self.later: list[ObjectId] = []
-        for _k, _o, loc in chunks:
+        incoming_len: dict[ObjectId, int] = {}
+        for _k, o, loc in chunks:
+            incoming_len[o] = loc.raw_len  # the length its record must have and decode to
             if loc.base is not None:
                 b = ObjectId.from_digest(loc.base)
                 if b in incoming:
@@ -1486,7 +1513,15 @@ class _FileVerifier:
         for r in files:
             fobj = FileObject.parse(r.raw)
             if len(fobj.chunks) == 1 and fobj.chunks[0][0] == r.oid:
-                continue  # one chunk: its verified id is the content hash
+                # One chunk: its verified id is the content hash, if the sizes agree too.
+                cid = fobj.chunks[0][0]
+                if cid in incoming_len:
+                    raw_len: int | None = incoming_len[cid]
+                else:
+                    entry = store.entry("c", cid)
+                    raw_len = entry.raw_len if entry is not None else None
+                _check_one_chunk_file(r.oid, fobj, raw_len)
+                continue
             for cid, _n in fobj.chunks:
                 if cid in incoming:
                     self.uses[cid] = self.uses.get(cid, 0) + 1
@@ -1581,11 +1616,32 @@ def _add_deltas(store: ObjectStore, batch: Any, deltas: list[_Received]) -> None
         batch.flush()
 
 
+def _check_one_chunk_file(fid: ObjectId, fobj: FileObject, raw_len: int | None) -> None:
+    """Check a one-chunk file whose id is its chunk's: every size it has must agree.
+
+    The manifest's size, its one chunk's length and that chunk's verified raw length
+    (``raw_len``: from the record, the catalog or the local index; None if unknown). Otherwise a manifest could claim any size for real bytes, and a later commit of the same
+    content would re-use it.
+
+    Raises:
+        RemoteIntegrityError: they differ.
+    """
+    n = fobj.chunks[0][1]
+    if raw_len is None or not fobj.size == n == raw_len:
+        have = "unknown" if raw_len is None else f"{raw_len:,} bytes"
+        raise RemoteIntegrityError(
+            f"remote file manifest {fid} is hostile or malformed: it claims {fobj.size:,} bytes in one "
+            f"chunk of {n:,}, but that chunk is {have}"
+        )
+
+
 def _verify_file_content(store: ObjectStore, r: _Received) -> None:
     """A file's id is the hash of its content: hash its (verified, indexed) chunks in order."""
     fobj = FileObject.parse(r.raw)
-    if len(fobj.chunks) == 1 and fobj.chunks[0][0] == r.oid and fobj.chunks[0][1] == fobj.size:
-        return  # one chunk: its id, already verified, is the content hash
+    if len(fobj.chunks) == 1 and fobj.chunks[0][0] == r.oid:
+        entry = store.entry("c", r.oid)
+        _check_one_chunk_file(r.oid, fobj, entry.raw_len if entry is not None else None)
+        return  # one chunk of the size it claims: its id, already verified, is the content hash
     h = blake3.blake3()
     for cid, n in fobj.chunks:
         raw = store.get("c", cid)
@@ -1609,6 +1665,10 @@ def repair(
 
     Returns:
         (repaired keys, {key: why it could not be repaired}).
+
+    Raises:
+        UnsupportedFormat: the remote holds a copy in an encoding the local store's format
+            version lacks; nothing is repaired (no pack written, no entry repointed).
     """
     cat = load_catalog(backend, cache_dir)
     src = _RemoteSource(store, backend, cat, MAX_OBJECT)
@@ -1630,7 +1690,10 @@ def repair(
                 r.codec, r.payload = codecs.encode(raw, int(store.config.get("codec", "zstd_level", 3)))
             elif r.raw is not None:
                 _parse_received(r)
+            _check_encoding(store.config.version, r)
             got.append(r)
+        except UnsupportedFormat:
+            raise  # not damage of one copy: this store cannot hold the remote's encoding
         except MstoreError as exc:
             failed[(kind, oid)] = str(exc)
     if not got:

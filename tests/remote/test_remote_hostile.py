@@ -81,8 +81,9 @@ def _publish(backend, objects, commit_id, branch="refs/heads/evil"):
     b = _PackBuilder(meta=True)
     import blake3
 
-    for kind, oid, raw in objects:
-        b.add(kind, oid.digest, blake3.blake3(raw).digest(), 0, len(raw), raw, None)
+    for kind, oid, raw, *encoded in objects:  # (kind, id, raw bytes[, codec, payload])
+        codec, payload = encoded if encoded else (0, raw)
+        b.add(kind, oid.digest, blake3.blake3(raw).digest(), codec, len(raw), payload, None)
     pack, index = b.seal()
     backend.put(f"packs/{b.name}.pack", pack)
     backend.put(f"packs/{b.name}.idx", index)
@@ -91,8 +92,8 @@ def _publish(backend, objects, commit_id, branch="refs/heads/evil"):
     backend.put(ref_key(branch), _log_entry(doc))
 
 
-def _commit_raw(tree_id: str) -> bytes:
-    d = {"author": "mallory", "inputs": {}, "kind": "other", "message": "evil", "meta": {}, "metrics": {},
+def _commit_raw(tree_id: str, message: str = "evil") -> bytes:
+    d = {"author": "mallory", "inputs": {}, "kind": "other", "message": message, "meta": {}, "metrics": {},
          "params": {}, "parents": [], "provenance": {}, "stats": {}, "time": "2026-01-01T00:00:00.000000Z",
          "tree": tree_id, "v": 1}
     return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
@@ -190,3 +191,133 @@ def test_fsck_repair_from_restores_a_damaged_delta_chunk(repo, work, tmp_path, r
     assert report["ok"] and oid in [r["id"] for r in report["repaired"]]
     repo.checkout(str(second), tmp_path / "out")
     assert tree_bytes(tmp_path / "out") == tree_bytes(work / "b")
+
+
+def _one_chunk_file_remote(repo, work, remote, claimed: int):
+    """A remote serving a real 110-byte chunk X and a manifest with id X that claims ``claimed``
+    bytes in one chunk X, with a tree and a commit naming it (branch ``evil``)."""
+    import os
+
+    from mstore.hashing import ObjectId
+    from mstore.objects import FileObject
+
+    cid = _pushed(repo, work, remote)
+    tree = json.loads(repo.store.get("t", repo.get_commit(str(cid)).tree))
+    real = next(e for e in tree["entries"] if e["kind"] == "file")
+    chunker = FileObject.parse(repo.store.get("f", ObjectId(real["id"]))).chunker
+    content = os.urandom(110)
+    import blake3
+
+    x = ObjectId.from_digest(blake3.blake3(content).digest())
+    manifest = FileObject(claimed, chunker, ((x, claimed),)).to_bytes()
+    entry = dict(real, name="weights.bin", id=str(x), size=claimed)
+    tree_raw = json.dumps({"entries": [entry], "v": 1}, sort_keys=True, separators=(",", ":")).encode()
+    tree_id = hash_typed("tree", tree_raw)
+    commit_raw = _commit_raw(str(tree_id))
+    commit_id = hash_typed("commit", commit_raw)
+    _publish(_backend(remote), [("c", x, content), ("f", x, manifest), ("t", tree_id, tree_raw),
+                                ("m", commit_id, commit_raw)], commit_id)
+    return x, content
+
+
+def test_a_one_chunk_manifest_claiming_another_size_than_its_chunk_is_refused(repo, work, tmp_path, remote):
+    x, content = _one_chunk_file_remote(repo, work, remote, claimed=115)
+    other = Repo.init(tmp_path / "other")
+    add_remote(other, remote)
+    before = _state(other)
+    with pytest.raises(RemoteIntegrityError, match=f"manifest {x}.*115.*110 bytes"):
+        other.fetch("origin", ["evil"])
+    assert _state(other) == before  # nothing indexed, no tracking ref
+    # The user's own identical file gets a manifest of its true size.
+    (work / "mine").mkdir()
+    (work / "mine" / "weights.bin").write_bytes(content)
+    other.commit(work / "mine", "main", "mine")
+    from mstore.objects import load_file
+
+    assert load_file(other.store, x).size == 110
+    other.close()
+
+
+def test_a_one_chunk_manifest_checked_from_the_store_needs_its_chunks_size(repo, work, tmp_path):
+    """The after-the-flush check of a file's content takes the same care as the streaming one."""
+    from mstore.hashing import ObjectId
+    from mstore.objects import FileObject
+    from mstore.remote import _Received, _verify_file_content
+
+    (work / "one").mkdir()
+    (work / "one" / "w.bin").write_bytes(b"w" * 110)
+    repo.commit(work / "one", "main", "one")
+    fid = next(o for _k, o, _e in repo.store.iter_entries("f"))
+    fobj = FileObject.parse(repo.store.get("f", fid))
+    assert fobj.chunks[0][0] == fid and fobj.size == 110
+    lying = FileObject(115, fobj.chunker, ((ObjectId(str(fid)), 115),)).to_bytes()
+    r = _Received("f", fid, b"", 0, len(lying), lying, lying)
+    with pytest.raises(RemoteIntegrityError, match="115"):
+        _verify_file_content(repo.store, r)
+    _verify_file_content(repo.store, _Received("f", fid, b"", 0, 0, b"", repo.store.get("f", fid)))
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)
+def test_a_version_1_store_refuses_a_commit_record_in_a_newer_encoding_and_indexes_nothing(tmp_path, remote):
+    """The encoding check covers metadata records too, not only chunks."""
+    from mstore import codecs
+    from mstore.errors import UnsupportedFormat
+    from tests.conftest import repo_at_version
+
+    tree_raw = json.dumps({"entries": [], "v": 1}, sort_keys=True, separators=(",", ":")).encode()
+    tree_id = hash_typed("tree", tree_raw)
+    message = "e" * 400
+    while len(_commit_raw(str(tree_id), message)) % 4:
+        message += "e"
+    commit_raw = _commit_raw(str(tree_id), message)
+    commit_id = hash_typed("commit", commit_raw)
+    payload = codecs._encode_planes(commit_raw, 4, -1.0, rotate=True)
+    assert codecs.decode(codecs.FLOATPLANE, payload, len(commit_raw)) == commit_raw
+    backend = _backend(remote)
+    from mstore.remote import check_layout
+
+    check_layout(backend, create=True)
+    _publish(backend, [("t", tree_id, tree_raw), ("m", commit_id, commit_raw, codecs.FLOATPLANE, payload)],
+             commit_id)
+    old = repo_at_version(tmp_path / "old", 1)
+    add_remote(old, remote)
+    before = _state(old)
+    with pytest.raises(UnsupportedFormat, match=f"commit {commit_id} is a floatplane record"):
+        old.fetch("origin")
+    assert _state(old) == before
+    old.close()
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)
+def test_repair_of_a_version_1_store_refuses_a_copy_in_a_newer_encoding(tmp_path, remote):
+    from mstore import codecs
+    from mstore.errors import UnsupportedFormat
+    from tests.conftest import repo_at_version
+
+    src = Repo.init(tmp_path / "src")
+    add_remote(src, remote)
+    src.commit(checkpoint(tmp_path / "ck", 1), "exp1", "one")
+    src.push("origin", ["exp1"])
+    planes = {o for _k, o, e in src.store.iter_entries("c") if e.codec == codecs.FLOATPLANE}
+    old = repo_at_version(tmp_path / "old", 1)
+    old.commit(tmp_path / "ck", "exp1", "one")
+    add_remote(old, remote)
+    mine = [(o, e) for _k, o, e in old.store.iter_entries("c") if o in planes]
+    assert mine, "the remote should hold some of the old store's chunks byte-plane encoded"
+    oid, entry = mine[0]
+    pack = old.root / "packs" / old.store.pack_name(entry.pack)
+    pack.chmod(0o644)
+    with open(pack, "r+b") as f:
+        f.seek(entry.offset + 88 + entry.enc_len // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+    old.store.forget_pack_names()
+    before = _state(old)
+    packs_before = sorted(p.name for p in (old.root / "packs").iterdir())
+    with pytest.raises(UnsupportedFormat, match="floatplane"):
+        old.fsck_repair("origin")
+    assert _state(old) == before
+    assert sorted(p.name for p in (old.root / "packs").iterdir()) == packs_before
+    old.close()
+    src.close()
