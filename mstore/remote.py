@@ -1620,8 +1620,9 @@ def _check_one_chunk_file(fid: ObjectId, fobj: FileObject, raw_len: int | None) 
     """Check a one-chunk file whose id is its chunk's: every size it has must agree.
 
     The manifest's size, its one chunk's length and that chunk's verified raw length
-    (``raw_len``: from the record, the catalog or the local index; None if unknown). Otherwise a manifest could claim any size for real bytes, and a later commit of the same
-    content would re-use it.
+    (``raw_len``: from the record, the catalog or the local index; None if unknown) must be
+    one figure. Otherwise a manifest could claim any size for real bytes, and a later commit
+    of the same content would re-use it.
 
     Raises:
         RemoteIntegrityError: they differ.
