@@ -926,12 +926,16 @@ def delete_refs(
     show``) treat a tombstone as no ref. The local tracking ref ``refs/remotes/NAME/BRANCH``
     goes too.
 
-    A branch whose tracking ref says it was at another commit than the remote has now was
-    moved by someone since you last fetched: its deletion is rejected unless ``force`` (you
-    would delete work you never saw). So is a deletion whose swap loses to a concurrent push.
+    Without ``force``, a branch is deleted only if its tracking ref is at the commit the
+    remote has now: a branch someone moved since you last fetched, or one you never fetched
+    (no tracking ref), is rejected (you would delete work you never saw). So is a deletion
+    whose swap loses to a concurrent push.
 
-    ``refs`` are names as :func:`resolve_remote_ref` takes them; every one is resolved before
-    anything changes.
+    ``refs`` are names as :func:`resolve_remote_ref` takes them; every one is resolved, then
+    read and checked, before anything changes: if any is refused, none is deleted (all are
+    reported rejected). The swaps are one per ref, so a push landing after the check can
+    still make one lose: the refs swapped before it stay deleted, the later ones are not
+    attempted (rejected), and each ref's status says which.
 
     Raises:
         RefNotFound: a named ref is not on the remote (nothing changed).
@@ -947,26 +951,28 @@ def delete_refs(
     fulls = list(dict.fromkeys(resolve_remote_ref(backend, name) for name in refs))
     # A deletion changes the refs a remote gc marks from: it holds the push lock like a push.
     with push_lock(backend, user):
+        # Every ref is read and checked before any is swapped: one refused deletion refuses
+        # them all, so a multi-ref delete never stops half-way over something it could check.
+        checked: list[tuple[RefUpdate, RemoteRef]] = []
+        refused = False
         for full in fulls:
             cur = read_ref(backend, full)
             upd = RefUpdate("(delete)", short_name(full), cur.id if cur is not None else None, None, full=full)
             result.refs.append(upd)
-            if cur is None or cur.id is None:  # deleted since it was resolved
-                upd.status, upd.reason = "rejected", "someone else deleted it meanwhile"
-                continue
-            if full.startswith(TAGS) and not force:
-                upd.status, upd.reason = "rejected", "tags are not deleted unless forced (--force)"
-                continue
-            if full.startswith(HEADS) and not force:
-                with store.index.read() as txn:
-                    seen = txn.get_ref(tracking_ref(remote_name, full))
-                if seen is not None and seen != cur.id.digest:
-                    upd.status = "rejected"
-                    upd.reason = (
-                        f"the remote is at {cur.id.short}, not at {ObjectId.from_digest(seen).short} as you last "
-                        "fetched: fetch first, or force"
-                    )
-                    continue
+            why = _delete_refusal(store, remote_name, full, cur, force)
+            if why or cur is None:
+                upd.status, upd.reason, refused = "rejected", why, True
+            else:
+                checked.append((upd, cur))
+        if refused:
+            for upd, _cur in checked:
+                upd.status, upd.reason = "rejected", "not deleted: another ref of this deletion was refused"
+            checked = []
+        # Then one swap per ref. A swap can still lose to a push landing after the check (swaps
+        # of several refs are not one atomic change); the refs before it stay deleted, and the
+        # ones after it are not attempted.
+        for i, (upd, cur) in enumerate(checked):
+            full = upd.full
             ensure_logged(backend, cur)  # R3: the change before this one, if its author was killed
             doc = {
                 "v": 1,
@@ -985,13 +991,39 @@ def delete_refs(
             if not won:
                 upd.status = "rejected"
                 upd.reason = "someone else pushed to it meanwhile: fetch first, then delete again"
-                continue
+                for later, _cur in checked[i + 1 :]:
+                    later.status = "rejected"
+                    later.reason = f"not deleted: the deletion of {short_name(full)} lost to a concurrent push"
+                break
             backend.put_if_absent(log_key(full, doc["seq"]), _log_entry(doc))
             hook("delete-logged")
             upd.status = "ok"
             _set_tracking(store, remote_name, full, None, RefChange(user, "push", f"deleted on {remote_name}"))
     result.seconds = time.monotonic() - t0
     return result
+
+
+def _delete_refusal(store: ObjectStore, remote_name: str, full: str, cur: RemoteRef | None, force: bool) -> str:
+    """Why the deletion of remote ref ``full`` (now ``cur``) must not go ahead ('' if it may)."""
+    if cur is None or cur.id is None:  # deleted since it was resolved
+        return "someone else deleted it meanwhile"
+    if force:
+        return ""
+    if full.startswith(TAGS):
+        return "tags are not deleted unless forced (--force)"
+    with store.index.read() as txn:
+        seen = txn.get_ref(tracking_ref(remote_name, full))
+    if seen is None:
+        return (
+            f"you never fetched it (no {short_name(tracking_ref(remote_name, full))}): the remote is at "
+            f"{cur.id.short}, which you have not seen: fetch first, or force"
+        )
+    if seen != cur.id.digest:
+        return (
+            f"the remote is at {cur.id.short}, not at {ObjectId.from_digest(seen).short} as you last "
+            "fetched: fetch first, or force"
+        )
+    return ""
 
 
 def tracking_ref(remote_name: str, full: str) -> str:

@@ -151,3 +151,42 @@ def test_a_delete_waits_for_no_gc_it_meets_a_gc_lock_and_changes_nothing(repo, w
     finally:
         backend.close()
     assert [r["ref"] for r in repo.remote_refs("origin")] == ["exp1"]
+
+
+def test_a_delete_of_a_branch_never_fetched_needs_force(repo, work, tmp_path, remote):
+    add_remote(repo, remote)
+    ids = _pushed(repo, work, remote, steps=(0,))
+    stranger = Repo.init(tmp_path / "stranger")  # has never fetched: no origin/exp1
+    add_remote(stranger, remote)
+    before = _everything(remote)
+
+    with pytest.raises(PushRejected, match="never fetched"):
+        stranger.push("origin", ["exp1"], delete=True)
+
+    assert _everything(remote) == before  # not even a log entry
+    assert repo.remote_refs("origin")[0]["id"] == ids[0]
+    stranger.push("origin", ["exp1"], delete=True, force=True)
+    assert repo.remote_refs("origin") == []
+    stranger.close()
+
+
+def test_a_multi_ref_delete_checks_every_ref_before_deleting_any(repo, work, tmp_path, remote):
+    add_remote(repo, remote)
+    _pushed(repo, work, remote, steps=(0,))
+    _pushed(repo, work, remote, steps=(5,), branch="keep")
+    other = Repo.clone(remote["url"], tmp_path / "other", endpoint_url=remote.get("endpoint_url"))
+    other.commit(checkpoint(work / "theirs", 7), "keep", "theirs")
+    other.push("origin", ["keep"])  # moved since this store last fetched
+    before = _everything(remote)
+
+    with pytest.raises(PushRejected) as err:
+        repo.push("origin", ["exp1", "keep"], delete=True)
+
+    assert {r.remote: r.status for r in err.value.result.refs} == {"exp1": "rejected", "keep": "rejected"}
+    assert "fetch first" in str(err.value) and "another ref of this deletion was refused" in str(err.value)
+    assert _everything(remote) == before  # exp1 was not deleted either
+    assert _tracking(repo) is not None
+    repo.fetch("origin")
+    repo.push("origin", ["exp1", "keep"], delete=True)
+    assert repo.remote_refs("origin") == []
+    other.close()
