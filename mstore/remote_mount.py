@@ -72,7 +72,7 @@ from .remote import (
 from .storage.backends import Backend, open_backend
 from .storage.index import KINDS
 from .storage.packs import RECORD
-from .storage.store import MAX_DELTA_CHAIN
+from .storage.store import MAX_DELTA_CHAIN, DeltaBaseMissing
 
 log = logging.getLogger("mstore.mount")
 
@@ -211,6 +211,13 @@ class _Keeper:
     Chunks arrive as chains, bases first, so a delta is appended only after its base. The
     queue is bounded by bytes: a reader that finds it full waits for the indexer.
     Nothing here moves a ref: the chunks are unreferenced until a fetch or commit names them.
+
+    ``kept`` counts chunks appended *and* indexed (their flush succeeded); ``dropped`` every
+    chunk offered that will not be: a chain skipped because its base is gone, what a failed
+    write or flush abandoned, and what arrived after the indexer stopped. A failure other than
+    a missing base (the disk is full, an I/O error, an encoding the store's format lacks)
+    stops keeping for the rest of the mount: the batch is abandoned, so nothing of it that was
+    not yet indexed ever is, and reads go on without keeping.
     """
 
     def __init__(self, store: Any):
@@ -222,6 +229,8 @@ class _Keeper:
         self.kept = 0
         self.dropped = 0
         self.failed = 0
+        self.error: str | None = None  # why keeping stopped, if it did
+        self._unindexed: list[tuple[str, bytes]] = []  # appended to the batch, not yet indexed
         self._thread = threading.Thread(target=self._run, name="mstore-mount-keep", daemon=True)
         self._thread.start()
 
@@ -240,7 +249,7 @@ class _Keeper:
                 self.dropped += len(records)
                 return
             self._bytes += size
-        self._q.put((records, size))
+            self._q.put((records, size))  # under the lock: a stopping indexer counts it as dropped
 
     def close(self) -> None:
         self._q.put(None)
@@ -249,28 +258,70 @@ class _Keeper:
     def _run(self) -> None:
         try:
             self._index()
-        except Exception:  # noqa: BLE001 - say why nothing more is kept; reads go on regardless
+        except Exception as exc:  # noqa: BLE001 - say why nothing more is kept; reads go on regardless
+            self._stop(exc)
             log.exception("stopped keeping fetched chunks in the local store")
         finally:
             with self._room:
                 self._alive = False
                 self._room.notify_all()
+            self._drain()
+
+    def _stop(self, exc: BaseException) -> None:
+        with self._room:
+            self.failed += 1
+            self.error = str(exc) or type(exc).__name__
+            self.dropped += len(self._unindexed)
+            self._unindexed.clear()
+            self._alive = False
+            self._room.notify_all()
+
+    def _drain(self) -> None:
+        """Count what is still queued as dropped (the indexer has stopped)."""
+        while True:
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                return
+            if item is None:
+                continue
+            records, size = item
+            with self._room:
+                self.dropped += len(records)
+                self._bytes -= size
+                self._room.notify_all()
+
+    def _indexed(self, batch: Any) -> None:
+        """Count as kept what the batch has indexed (it is no longer pending)."""
+        still = [key for key in self._unindexed if key in batch.pending]
+        with self._room:
+            self.kept += len(self._unindexed) - len(still)
+        self._unindexed = still
 
     def _index(self) -> None:
         # One batch (so one pack, rolled when full) for the life of the mount, indexed every
-        # few seconds; a failure abandons it (its indexed part stays) and starts another.
-        done = False
-        while not done:
-            try:
-                with self.store.batch() as batch:
-                    while not done:
-                        done = self._fill(batch)
-                        if batch.pending or batch.reused:
-                            batch.flush()
-                    batch.commit()
-            except MstoreError as exc:  # a concurrent gc took a base, the disk is full, ...
-                self.failed += 1
-                log.warning("could not keep fetched chunks in the local store: %s", exc)
+        # few seconds. Any failure ends keeping: leaving the block without commit abandons the
+        # batch, and what it had not indexed yet never is (a failed write can leave a pack
+        # that does not hold what was appended to it).
+        try:
+            with self.store.batch() as batch:
+                done = False
+                while not done:
+                    done = self._fill(batch)
+                    if batch.pending or batch.reused:
+                        batch.flush()
+                    self._indexed(batch)
+                batch.commit()
+                self._indexed(batch)
+        except MstoreError as exc:  # the disk is full, an I/O error, a concurrent gc, ...
+            self._stop(exc)
+            log.error(
+                "stopped keeping fetched chunks in the local store (%d kept, %d dropped; reads go on "
+                "from the remote): %s",
+                self.kept,
+                self.dropped,
+                exc,
+            )
 
     def _fill(self, batch: Any) -> bool:
         """Append queued chains until told to stop (True) or it is time to index (False)."""
@@ -283,13 +334,24 @@ class _Keeper:
             if item is None:
                 return True
             records, size = item
+            i = 0
             try:
-                for r in records:
-                    if not batch.contains(r.kind, r.oid):
+                for i, r in enumerate(records):
+                    if batch.contains(r.kind, r.oid):
+                        continue
+                    try:
                         _append(batch, r)
-                        self.kept += 1
-            except StorageError as exc:  # a delta whose base is gone (not kept): skip the chain
-                log.warning("not keeping chunk %s: %s", records[-1].oid, exc)
+                    except DeltaBaseMissing as exc:  # its base is gone (a gc): skip the rest of the chain
+                        log.warning("not keeping chunk %s: %s", records[-1].oid, exc)
+                        with self._room:
+                            self.dropped += len(records) - i
+                        break
+                    self._unindexed.append((r.kind, r.oid.digest))
+                    self._indexed(batch)  # an append may have flushed (a pack rolled)
+            except BaseException:
+                with self._room:
+                    self.dropped += len(records) - i  # this one and the rest of its chain
+                raise
             finally:
                 with self._room:
                     self._bytes -= size
@@ -303,6 +365,7 @@ class _Closed:
 
     def __init__(self, keeper: _Keeper):
         self.kept, self.dropped, self.failed = keeper.kept, keeper.dropped, keeper.failed
+        self.error = keeper.error
 
     def offer(self, records: list[_Received]) -> None:
         pass
@@ -516,9 +579,9 @@ class RemoteObjects:
             text += f", {self.fallbacks} local copies unreadable (read from the remote)"
         if self._keeper is not None:
             k = self._keeper
-            text += f"; {k.kept} chunks kept in the local store"
-            if k.dropped:
-                text += f", {k.dropped} not kept (the indexer had stopped)"
+            text += f"; {k.kept} chunks kept in the local store, {k.dropped} not kept"
+            if k.error is not None:
+                text += f" (keeping stopped: {k.error})"
         return text
 
     def __enter__(self) -> RemoteObjects:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import random
 import re
@@ -28,6 +29,7 @@ from mstore.objects import load_commit, load_file
 from mstore.remote import load_catalog
 from mstore.remote_mount import RemoteObjects, remote_target, resolve_remote
 from mstore.snapshot import resolve_path
+from mstore.storage import packs
 from mstore.storage.backends import open_backend
 from mstore.storage.packs import RECORD
 from tests.conftest import write_safetensors
@@ -468,3 +470,43 @@ def test_many_threads_reading_at_once_all_get_the_pushed_bytes(pushed, reader, r
         with ThreadPoolExecutor(8) as pool:
             assert all(pool.map(read, order))
     assert {c for c, _n in chunks} <= _chunk_ids(reader)
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)
+def test_a_failed_write_while_keeping_stops_keeping_and_indexes_nothing_it_cannot_read(
+    pushed, reader, remote, monkeypatch, caplog, tmp_path
+):
+    commits, files, chunks = pushed
+    starts = np.cumsum([0] + [n for _c, n in chunks])
+    monkeypatch.setattr(packs, "_WRITE_BUFFER", 1024)  # as for a 16 MiB tensor: payloads go straight out
+    real = packs.write_all
+    calls = []
+
+    def disk_full_once(fd, data):
+        calls.append(len(data))
+        if len(calls) == 3:  # mid-record
+            os.write(fd, bytes(data[: len(data) // 2]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data)
+
+    monkeypatch.setattr(packs, "write_all", disk_full_once)
+    backend = open_backend(remote["url"])
+    with caplog.at_level(logging.INFO, logger="mstore.mount"):
+        with RemoteObjects(reader.store, backend, "origin", commits[1], keep=True) as src:
+            for i in range(1, 6):  # reads go on, whatever the keeping does
+                off = int(starts[i])
+                assert src.get("c", chunks[i][0]) == files[1][off : off + chunks[i][1]]
+    monkeypatch.setattr(packs, "write_all", real)
+    assert len(calls) >= 3
+    kept = _chunk_ids(reader)
+    for c in kept:  # everything indexed reads back
+        reader.store.get("c", c)
+    summary = src.summary()
+    offered = 10  # five chunks, each a delta on its base
+    assert f"; {len(kept)} chunks kept in the local store, {offered - len(kept)} not kept (keeping stopped: " in summary
+    assert "No space left on device" in summary, summary
+    assert "stopped keeping fetched chunks in the local store" in caplog.text
+    # The store is whole: a fetch and a checkout afterwards work.
+    reader.fetch("origin", ["exp1"])
+    reader.checkout("origin/exp1", tmp_path / "out")
+    assert (tmp_path / "out" / MODEL).read_bytes() == files[1]
