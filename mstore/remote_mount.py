@@ -23,7 +23,8 @@ What a remote mount does (docs/mount.md, "Mounting from a remote"):
    ``mstore fetch`` take them locally. Nothing else is indexed and no ref moves: file manifests
    cannot be checked against their id (the hash of the whole content) until every chunk is
    read, and trees and commits without their chunks would give the store a commit whose
-   closure is incomplete. Unreferenced chunks are ordinary gc candidates.
+   closure is incomplete. Unreferenced chunks are ordinary gc candidates. Keeping needs a
+   store of the current format version; a failed write ends it, indexing nothing unwritten.
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ from .errors import (
     RemoteIntegrityError,
     RemoteNotFound,
     StorageError,
+    UserError,
 )
+from .format import FORMAT_VERSION
 from .hashing import ObjectId, is_full_id
 from .mount import DEFAULT_CACHE_BYTES, DEFAULT_READAHEAD_BYTES, READY_TIMEOUT, Mount, mount_commit
 from .objects import FileObject
@@ -203,6 +206,25 @@ def resolve_remote(name: str, backend: Backend, rev: str) -> Resolved:
 
 
 # -- the object source ---------------------------------------------------------------------------
+
+
+def check_keep(store: Any) -> None:
+    """Refuse ``keep`` for a store of an older format version than this mstore writes.
+
+    A remote may hold chunks in encodings (deltas, byte planes, low-rank deltas) such a store's
+    version lacks (an older mstore would read them as damage); one of them would end keeping
+    for the whole mount, after part of what was read had been kept and the rest not.
+
+    Raises:
+        UserError: the store's format version is below :data:`mstore.format.FORMAT_VERSION`.
+    """
+    version = store.config.version
+    if version < FORMAT_VERSION:
+        raise UserError(
+            f"--keep-chunks needs a store of format version {FORMAT_VERSION}; this one is version {version}, "
+            "which cannot hold every encoding a remote's chunks may use: mount without --keep-chunks "
+            "(nothing is kept), or clone the remote into a new store"
+        )
 
 
 class _Keeper:
@@ -383,6 +405,7 @@ class RemoteObjects:
     chunks still queued for the local store are indexed at the end.
 
     Raises (constructor):
+        UserError: ``keep`` for a store of an older format version (:func:`check_keep`).
         RemoteIntegrityError: the commit, a tree or a manifest is missing on the remote, or its
             bytes are wrong or hostile (nothing is mounted).
         StorageError: the remote cannot be reached.
@@ -411,6 +434,8 @@ class RemoteObjects:
         self.remote_chunks = 0  # chunks served from the remote (delta bases not counted)
         self.local_chunks = 0  # chunks served from the local store
         self.fallbacks = 0  # local copies that failed to read back, then read from the remote
+        if keep:
+            check_keep(store)
         try:
             cat = catalog if catalog is not None else load_catalog(backend, cache_dir, max_object)
             self.meta, chunks = self._metadata(cat, commit_id)
@@ -640,12 +665,15 @@ def mount_remote(
     options as :func:`mstore.mount.mount_commit`.
 
     Raises:
+        UserError: ``keep`` for a store of an older format version (:func:`check_keep`).
         RemoteNotFound: no such remote.
         RefNotFound: the remote has no such branch, tag or commit.
         StorageError: the remote cannot be reached.
         RemoteIntegrityError: the commit's metadata on the remote is missing or wrong.
         MountError, Conflict, UserError: as :func:`mstore.mount.mount_commit`.
     """
+    if keep:
+        check_keep(repo.store)
     label = label or f"{remote}/{rev}"
     child_args = ["--remote", remote, *(["--keep-chunks"] if keep else [])]
     common = dict(

@@ -23,7 +23,7 @@ import pytest
 
 from mstore import ObjectId, Repo
 from mstore.codecs import DELTA
-from mstore.errors import RefNotFound, RemoteIntegrityError
+from mstore.errors import RefNotFound, RemoteIntegrityError, UserError
 from mstore.format import Config, write_config
 from mstore.objects import load_commit, load_file
 from mstore.remote import load_catalog
@@ -32,7 +32,7 @@ from mstore.snapshot import resolve_path
 from mstore.storage import packs
 from mstore.storage.backends import open_backend
 from mstore.storage.packs import RECORD
-from tests.conftest import write_safetensors
+from tests.conftest import repo_at_version, write_safetensors
 from tests.fuse_helpers import cli, fuse, mounts_under, requires_fuse  # noqa: F401 - fuse is a fixture
 from tests.remote.conftest import add_remote
 
@@ -510,3 +510,26 @@ def test_a_failed_write_while_keeping_stops_keeping_and_indexes_nothing_it_canno
     reader.fetch("origin", ["exp1"])
     reader.checkout("origin/exp1", tmp_path / "out")
     assert (tmp_path / "out" / MODEL).read_bytes() == files[1]
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)
+def test_keep_chunks_is_refused_for_a_store_of_an_older_format_version(pushed, remote, tmp_path):
+    commits, files, chunks = pushed
+    old = repo_at_version(tmp_path / "old" / ".mstore", 1)
+    try:
+        add_remote(old, remote)
+        backend = open_backend(remote["url"])
+        with pytest.raises(UserError, match="--keep-chunks needs a store of format version 3; this one is version 1"):
+            RemoteObjects(old.store, backend, "origin", commits[1], keep=True)
+        mnt = tmp_path / "mnt"
+        proc = cli(old.root, "mount", "--keep-chunks", "origin/exp1", str(mnt), check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert "format version 3; this one is version 1" in proc.stderr and "without --keep-chunks" in proc.stderr
+        assert not mnt.exists()
+        # Without keeping, such a store reads the delta-stored version, and holds none of it.
+        with RemoteObjects(old.store, backend, "origin", commits[1]) as src:
+            off = sum(n for _c, n in chunks[:9])
+            assert src.get("c", chunks[9][0]) == files[1][off : off + chunks[9][1]]
+        assert _chunk_ids(old) == set()
+    finally:
+        old.close()
