@@ -10,8 +10,8 @@ What a remote mount does (docs/mount.md, "Mounting from a remote"):
    its whole life, whatever the remote branch does meanwhile.
 2. The commit's metadata closure (the commit, its trees, its file manifests; not its parents,
    not its chunks) is read through the remote module's verified reader, local copies first,
-   and held in memory. A missing or malformed object fails the mount before anything is
-   mounted.
+   and all of it (local copies too) held in memory: a local gc meanwhile cannot take it from
+   the mount. A missing or malformed object fails the mount before anything is mounted.
 3. A chunk is read from the local store if it is there (and reads back verified), else with one
    ranged GET of its record from the remote, checked against the pack index and its id before
    a byte of it is returned. A delta chunk needs its base: the chain is followed (through the
@@ -396,6 +396,24 @@ class _Closed:
         pass
 
 
+class _Holding:
+    """The walk's object source, remembering what it read from the local store (metadata)."""
+
+    def __init__(self, src: _RemoteSource):
+        self.src = src
+        self.local: dict[tuple[str, bytes], bytes] = {}
+
+    def get(self, kind: str, oid: ObjectId) -> bytes:
+        raw = self.src.get(kind, oid)
+        key = (kind, oid.digest)
+        if kind != "c" and key not in self.src.received:
+            self.local[key] = bytes(raw)
+        return raw
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.src, name)
+
+
 class RemoteObjects:
     """The objects of one commit, from the local store where it has them, else from a remote.
 
@@ -467,7 +485,8 @@ class RemoteObjects:
     def _metadata(self, cat: Catalog, commit_id: ObjectId) -> tuple[dict[tuple[str, bytes], bytes], set[ObjectId]]:
         """The commit's metadata objects read from the remote (raw), and its chunks."""
         src = _RemoteSource(self.store, self.backend, cat, self.max_object)
-        live = walk(src, [commit_id], follow_parents=False)
+        holding = _Holding(src)
+        live = walk(holding, [commit_id], follow_parents=False)
         if src.errors:
             raise src.errors[0]
         if not live.complete:
@@ -484,6 +503,10 @@ class RemoteObjects:
                         f"remote file manifest {r.oid}: its one chunk {fobj.chunks[0][0]} is another content"
                     )
             meta[(kind, digest)] = bytes(r.raw)
+        # What the walk read from the local store is held too: a gc of the store while the
+        # commit is mounted (it need not be reachable there) must not take a directory or file.
+        for key, raw in holding.local.items():
+            meta.setdefault(key, raw)
         return meta, live.chunks  # the source (and whole metadata packs it downloaded) is dropped
 
     def get(self, kind: str, oid: ObjectId) -> bytes:
@@ -494,7 +517,8 @@ class RemoteObjects:
             raw = self.meta.get((kind, oid.digest))
             if raw is not None:
                 return raw
-            return self.store.get(kind, oid)  # a local object the walk read from the store
+            # Every metadata object of the commit is held: this one is not part of it.
+            raise ObjectNotFound(f"{KINDS.get(kind, kind)} {oid} is not part of the mounted commit", oid)
         except MstoreError:
             raise
         except Exception as exc:  # noqa: BLE001 - a backend's own error must not leave FUSE without a reply

@@ -23,7 +23,7 @@ import pytest
 
 from mstore import ObjectId, Repo
 from mstore.codecs import DELTA
-from mstore.errors import RefNotFound, RemoteIntegrityError, UserError
+from mstore.errors import ObjectNotFound, RefNotFound, RemoteIntegrityError, UserError
 from mstore.format import Config, write_config
 from mstore.objects import load_commit, load_file
 from mstore.remote import load_catalog
@@ -533,3 +533,24 @@ def test_keep_chunks_is_refused_for_a_store_of_an_older_format_version(pushed, r
         assert _chunk_ids(old) == set()
     finally:
         old.close()
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)
+def test_metadata_read_from_the_local_store_is_held_so_a_local_gc_cannot_take_it(pushed, reader, remote, monkeypatch):
+    commits, files, chunks = pushed
+    reader.fetch("origin", ["exp1"])
+    backend = Counting(open_backend(remote["url"]))
+    with RemoteObjects(reader.store, backend, "origin", commits[1]) as src:
+        assert backend.ranges == []  # every object was local
+
+        def collected(kind, oid, *args, **kwargs):  # a gc took everything since
+            raise ObjectNotFound(f"{kind} {oid} is not in the store", oid)
+
+        monkeypatch.setattr(reader.store, "get", collected)
+        tree = load_commit(src, commits[1]).tree
+        fobj = load_file(src, resolve_path(src, tree, MODEL).id)
+        assert list(fobj.chunks) == chunks
+        assert json.loads(src.get("c", load_file(src, resolve_path(src, tree, "config.json").id).chunks[0][0])) == {
+            "step": 1
+        }
+        assert src.fallbacks == 1  # the chunk came from the remote
