@@ -562,13 +562,13 @@ class RemoteObjects:
         """Where the remote holds chunk ``oid`` of this commit (or a delta base of one)."""
         return self._locations.get(oid.digest)
 
-    def _fetch(self, oid: ObjectId, loc: Location) -> _Received:
+    def _fetch(self, oid: ObjectId, loc: Location, into: Any = None) -> _Received:
         n = RECORD.size + loc.enc_len
         buf = self.backend.get_range(f"packs/{loc.pack}.pack", loc.offset, n)
         with self._lock:
             self.gets += 1
             self.bytes += len(buf)
-        return _verify_record(buf, "c", oid, loc, keep_raw=True)
+        return _verify_record(buf, "c", oid, loc, keep_raw=True, into=into)
 
     def _remote_chunk(self, oid: ObjectId) -> bytes:
         # The chain from this chunk down to a base the store has, or one stored whole.
@@ -588,27 +588,59 @@ class RemoteObjects:
             base_raw = self._local(cur)
             if base_raw is not None:
                 break
-        # The chain's locations are all known from the pack index: its levels download at once.
-        later = [self._pool.submit(self._fetch, c, loc) for c, loc in chain[1:]]
-        try:
-            records = [self._fetch(*chain[0]), *(f.result() for f in later)]
-        finally:
-            for f in later:
-                f.cancel()
-        raw = base_raw
-        for r in reversed(records):  # the base first
-            if r.codec == codecs.DELTA:
-                if raw is None:
-                    raise RemoteIntegrityError(f"remote delta chunk {r.oid}: its base is neither local nor remote")
-                raw = _decode_delta(r, raw)
-            else:
-                raw = r.raw
+        levels = chain[::-1]  # the base first
+        size = levels[0][1].raw_len  # every level of a chain has the chunk's length
+        # Memory: the mount's cache reserves three raw lengths for a load. The chain is decoded
+        # through two buffers (each level into the one its base is not in) and each level's
+        # record is let go once decoded, so what is held is the records not yet decoded plus
+        # two raw lengths; levels are downloaded at once in as few rounds as keep that within
+        # the reservation (one round for a usual chain: a base and a delta or two).
+        bufs: list[memoryview | None] = [None, None]
+
+        def into(n: int) -> memoryview:  # the deepest level, stored whole: into buffer 0
+            bufs[0] = memoryview(bytearray(n))
+            return bufs[0]
+
+        raw: Any = base_raw  # bytes or a view of one of the two buffers
+        local_base = base_raw is not None
+        base_raw = None
+        side = 1  # the buffer the next level decodes into
+        start = 0
+        while start < len(levels):
+            end = _round(levels, start, size, local_base)
+            later = [self._pool.submit(self._fetch, c, loc) for c, loc in levels[start + 1 : end]]
+            try:
+                records: list[_Received | None] = [self._fetch(*levels[start], into if start == 0 else None)]
+                records += [f.result() for f in later]
+            finally:
+                for f in later:
+                    f.cancel()
+            later = []  # the futures would hold on to the records
+            for j in range(len(records)):
+                r = records[j]
+                assert r is not None
+                records[j] = None  # its bytes go once it is decoded (or to the keeper)
+                if r.codec == codecs.DELTA:
+                    if raw is None:
+                        raise RemoteIntegrityError(f"remote delta chunk {r.oid}: its base is neither local nor remote")
+                    out = bufs[side]
+                    if out is None:
+                        out = bufs[side] = memoryview(bytearray(size))
+                    raw = _decode_delta(r, raw, out)
+                    del out
+                    side = 1 - side
+                else:
+                    raw = r.raw
+                r.raw = None  # only the encoded record is kept
+                if self._keeper is not None:
+                    self._keeper.offer([r])  # verified: bases reach the keeper before their deltas
+                del r
+            start = end
         assert raw is not None
-        if self._keeper is not None:
-            for r in records:
-                r.raw = None  # only the encoded record is appended
-            self._keeper.offer(list(reversed(records)))
-        return raw
+        if isinstance(raw, bytes):
+            return raw
+        bufs[side] = None  # the last base's buffer: what is left is the result
+        return bytes(raw)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def close(self) -> None:
@@ -640,15 +672,42 @@ class RemoteObjects:
         self.close()
 
 
-def _decode_delta(r: _Received, base: bytes) -> bytes:
-    """A verified delta record decoded against its base's raw bytes; the result must be its id."""
+def _decode_delta(r: _Received, base: Any, out: memoryview) -> memoryview:
+    """A verified delta record decoded against its base's raw bytes into ``out`` (its view).
+
+    The result must hash to the record's id.
+    """
     try:
-        raw = codecs.decode_delta(r.payload, r.raw_len, base)
+        raw = codecs.decode_delta_into(r.payload, r.raw_len, base, out)  # type: ignore[arg-type]
     except IntegrityError as exc:
         raise RemoteIntegrityError(f"remote delta chunk {r.oid}: {exc}") from None
     if blake3.blake3(raw).digest() != r.oid.digest or r.check != r.oid.digest:
         raise RemoteIntegrityError(f"remote delta chunk {r.oid}: wrong bytes (they hash to another id)")
     return raw
+
+
+def _round(levels: list[tuple[ObjectId, Location]], start: int, size: int, local_base: bool) -> int:
+    """Where the download round of chain ``levels`` (base first) starting at ``start`` ends.
+
+    As many levels as keep a load within three raw lengths while they are decoded in turn:
+    level ``j`` is decoded while the round's records from ``j`` on are held, with its base
+    and its result (one raw length only for a base stored whole, which is the result itself).
+    At least one level.
+    """
+    end = start + 1
+    while end < len(levels):
+        held = 0
+        ok = True
+        for j in range(end, start - 1, -1):
+            held += levels[j][1].enc_len
+            bufs = size if (j == 0 and not local_base) else 2 * size
+            if held + bufs > 3 * size:
+                ok = False
+                break
+        if not ok:
+            break
+        end += 1
+    return end
 
 
 # -- mounting (the facade's glue: uses repo.remotes, repo.store, repo.root, repo.lease) -----------

@@ -15,13 +15,14 @@ import os
 import random
 import re
 import time
+import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mstore import ObjectId, Repo
+from mstore import ObjectId, Repo, codecs
 from mstore.codecs import DELTA
 from mstore.errors import ObjectNotFound, RefNotFound, RemoteIntegrityError, UserError
 from mstore.format import Config, write_config
@@ -554,3 +555,37 @@ def test_metadata_read_from_the_local_store_is_held_so_a_local_gc_cannot_take_it
             "step": 1
         }
         assert src.fallbacks == 1  # the chunk came from the remote
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)
+def test_a_remote_delta_chain_is_decoded_within_what_the_cache_reserves_for_a_load(pushed, reader, remote, repo):
+    commits, files, chunks = pushed
+    backend = open_backend(remote["url"])
+    cat = load_catalog(backend)
+    delta = chunks[9][0]
+    loc = cat.objects[("c", delta.digest)]
+    assert loc.codec == DELTA
+    size = loc.raw_len
+    # What decoding the delta takes by itself (the codec's own working memory), for comparison.
+    payload = backend.get_range(f"packs/{loc.pack}.pack", loc.offset, RECORD.size + loc.enc_len)[RECORD.size :]
+    base = repo.store.get("c", ObjectId.from_digest(loc.base))
+    out = bytearray(size)
+    tracemalloc.start()
+    try:
+        codecs.decode_delta_into(payload, size, base, out)
+        codec_own = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    del payload, base, out
+    with RemoteObjects(reader.store, backend, "origin", commits[1], catalog=cat) as src:
+        tracemalloc.start()
+        try:
+            raw = src.get("c", delta)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    off = sum(n for _c, n in chunks[:9])
+    assert raw == files[1][off : off + size]
+    # Three raw lengths (the mount's reservation for a load: its records and the two decode
+    # buffers, the result one of them) on top of the codec's own.
+    assert peak <= 3 * size + codec_own + size // 8, (peak / size, codec_own / size)
