@@ -72,7 +72,7 @@ from .remote import (
     load_catalog,
     read_ref,
 )
-from .storage.backends import Backend, open_backend
+from .storage.backends import Backend, BackendNotFound, open_backend
 from .storage.index import KINDS
 from .storage.packs import RECORD
 from .storage.store import MAX_DELTA_CHAIN, DeltaBaseMissing
@@ -463,6 +463,7 @@ class RemoteObjects:
         # whole remote's catalog (every version ever pushed) would grow with the remote.
         self._locations: dict[bytes, Location] = {}
         self._damaged: dict[bytes, str] = {}
+        self._gone: set[str] = set()  # remote packs found missing (logged once each)
         stack = [c.digest for c in chunks]
         while stack:
             digest = stack.pop()
@@ -564,7 +565,26 @@ class RemoteObjects:
 
     def _fetch(self, oid: ObjectId, loc: Location, into: Any = None) -> _Received:
         n = RECORD.size + loc.enc_len
-        buf = self.backend.get_range(f"packs/{loc.pack}.pack", loc.offset, n)
+        key = f"packs/{loc.pack}.pack"
+        try:
+            buf = self.backend.get_range(key, loc.offset, n)
+        except BackendNotFound:
+            # The pack index was read when the mount was made; a gc on the remote since then
+            # can move a pack away once no ref (or reflog entry in retention) reaches it.
+            with self._lock:
+                first = loc.pack not in self._gone
+                self._gone.add(loc.pack)
+            if first:
+                log.error(
+                    "remote %s no longer has pack %s (a gc on the remote since this mount was made? "
+                    "it may take what no remote ref reaches); chunks from it answer EIO: unmount and mount again",
+                    self.remote,
+                    loc.pack,
+                )
+            raise StorageError(
+                f"chunk {oid}: remote {self.remote} no longer has pack {loc.pack} (a gc on the remote?); "
+                "unmount and mount again"
+            ) from None
         with self._lock:
             self.gets += 1
             self.bytes += len(buf)

@@ -24,7 +24,7 @@ import pytest
 
 from mstore import ObjectId, Repo, codecs
 from mstore.codecs import DELTA
-from mstore.errors import ObjectNotFound, RefNotFound, RemoteIntegrityError, UserError
+from mstore.errors import ObjectNotFound, RefNotFound, RemoteIntegrityError, StorageError, UserError
 from mstore.format import Config, write_config
 from mstore.objects import load_commit, load_file
 from mstore.remote import load_catalog
@@ -589,3 +589,21 @@ def test_a_remote_delta_chain_is_decoded_within_what_the_cache_reserves_for_a_lo
     # Three raw lengths (the mount's reservation for a load: its records and the two decode
     # buffers, the result one of them) on top of the codec's own.
     assert peak <= 3 * size + codec_own + size // 8, (peak / size, codec_own / size)
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)
+def test_a_chunk_whose_remote_pack_a_remote_gc_took_fails_saying_to_mount_again(pushed, reader, remote, caplog):
+    commits, files, chunks = pushed
+    backend = open_backend(remote["url"])
+    with RemoteObjects(reader.store, backend, "origin", commits[1]) as src:
+        cid = chunks[5][0]
+        loc = src.location(cid)
+        pack = Path(remote["url"].removeprefix("file://")) / "packs" / f"{loc.pack}.pack"
+        pack.rename(pack.with_name("moved-away"))
+        with caplog.at_level(logging.ERROR, logger="mstore.mount"):
+            for _ in range(2):
+                with pytest.raises(StorageError, match=f"remote origin no longer has pack {loc.pack}") as exc:
+                    src.get("c", cid)
+                assert "unmount and mount again" in str(exc.value)
+        assert caplog.text.count(f"remote origin no longer has pack {loc.pack}") == 1  # logged once
+        assert "gc on the remote" in caplog.text
