@@ -255,8 +255,11 @@ def test_a_corrupted_remote_chunk_fails_that_read_with_eio_and_names_the_chunk(p
     finally:
         cli(reader.root, "umount", str(mnt))
     log = _log(reader)
-    assert f"remote delta chunk {bad_delta}" in log or str(bad_delta) in log
-    assert "returning EIO" in log and str(bad_base) in log
+    # Each failed read names its chunk, and what failed: the delta's own decoded bytes, and the
+    # damaged base's record (with its remote pack) under the delta that needed it.
+    assert re.search(rf"\(chunk 10, {bad_delta}\): remote delta chunk {bad_delta}: .*; returning EIO", log), log
+    at = cat.objects[("c", bad_base.digest)]
+    assert f"(chunk 4, {chunks[4][0]}): chunk {bad_base} (remote pack {at.pack}, offset {at.offset}): " in log, log
 
 
 @requires_fuse
@@ -607,3 +610,28 @@ def test_a_chunk_whose_remote_pack_a_remote_gc_took_fails_saying_to_mount_again(
                 assert "unmount and mount again" in str(exc.value)
         assert caplog.text.count(f"remote origin no longer has pack {loc.pack}") == 1  # logged once
         assert "gc on the remote" in caplog.text
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)
+def test_a_corrupted_remote_chunk_is_never_kept_in_the_local_store(pushed, reader, remote):
+    commits, files, chunks = pushed
+    backend = Counting(open_backend(remote["url"]))
+    with RemoteObjects(reader.store, backend, "origin", commits[1], keep=True) as src:
+        delta = chunks[10][0]
+        loc = src.location(delta)
+        assert loc.codec == DELTA
+        whole = next(c for c, _n in chunks if src.location(c).codec != DELTA)
+        good = chunks[12][0]
+        for bad in (delta, whole):
+            at = src.location(bad)
+            backend.flip_at = (f"packs/{at.pack}.pack", at.offset + RECORD.size + at.enc_len // 2)
+            with pytest.raises(RemoteIntegrityError, match=str(bad)):
+                src.get("c", bad)
+        backend.flip_at = None
+        off = sum(n for _c, n in chunks[:12])
+        assert src.get("c", good) == files[1][off : off + chunks[12][1]]
+    kept = _chunk_ids(reader)
+    assert delta not in kept and whole not in kept
+    assert good in kept and ObjectId.from_digest(loc.base) in kept  # the verified base of the bad delta too
+    for c in kept:
+        reader.store.get("c", c)
