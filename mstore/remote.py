@@ -71,7 +71,7 @@ from .storage.packs import (
     PackWriter,
     parse_record_header,
 )
-from .storage.store import MAX_DELTA_CHAIN, ObjectStore, verify_raw
+from .storage.store import MAX_DELTA_CHAIN, ObjectStore, Scratch, verify_raw
 
 REMOTE_FORMAT = "mstore-remote"
 REMOTE_VERSION = 1
@@ -85,6 +85,9 @@ MAX_OBJECT = 256 << 20
 #: Records closer than this in one remote pack are fetched with one ranged GET.
 _COALESCE_GAP = 1 << 20
 _RANGE_MAX = 16 << 20
+#: A range's records decode to at most this much in all (always at least one record): 16 MiB of
+#: small low-rank deltas could otherwise decode to gigabytes.
+_RANGE_RAW_MAX = 64 << 20
 _THREADS = 8
 #: A fetch keeps at most this much downloaded and decoded in flight (bounded memory: a 1 GB
 #: clone peaked at 830 MB of RSS with 16 ranges ahead of the writer, each with its raw copy;
@@ -562,8 +565,21 @@ class _LocalPackBuilder(_PackBuilder):
                 raise IntegrityError("record header does not match the index")
             base = None
             if _DELTA is not None and rec.codec == _DELTA:
+                # Verify the payload that is sent, as it lies in this buffer: decoded against its
+                # base's bytes into the scratch buffer, then hashed against the id. (The base is
+                # decoded through reusable buffers and not hashed on its own: bytes that hash to
+                # the id came from an intact payload on an intact base.)
                 base = codecs.delta_base(payload)[0]
-                store.get(kind, oid)  # decodes through its base and verifies
+                if kind != "c" or rec.check != oid.digest:
+                    raise IntegrityError("wrong bytes: the record's hash is another id")
+                base_id = ObjectId.from_digest(base)
+                base_entry = store.entry("c", base_id)
+                if base_entry is None:
+                    raise IntegrityError(f"its base chunk {base_id} is not in the store")
+                base_raw = store.chunk_view(base_id, base_entry, scratch.chain())
+                raw = codecs.decode_delta_into(payload, rec.raw_len, base_raw, scratch.get(rec.raw_len))
+                if blake3.blake3(raw).digest() != oid.digest:
+                    raise IntegrityError("payload hash does not match its id (wrong bytes)")
             else:
                 raw = codecs.decode_into(rec.codec, payload, rec.raw_len, scratch.get(rec.raw_len))
                 if blake3.blake3(raw).digest() != rec.check:
@@ -599,6 +615,13 @@ class _Scratch:
 
     def __init__(self) -> None:
         self.mem = np.empty(0, dtype=np.uint8)
+        self._chain: Scratch | None = None
+
+    def chain(self) -> Scratch:
+        """The store's buffers for decoding a delta's base chain."""
+        if self._chain is None:
+            self._chain = Scratch()
+        return self._chain
 
     def get(self, n: int) -> memoryview:
         if len(self.mem) < n:
@@ -1181,7 +1204,7 @@ class _RemoteSource:
 
 
 def _ranges(locs: list[tuple[str, ObjectId, Location]]) -> list[tuple[str, int, int, list]]:
-    """Group records by pack into ranged GETs of at most ~16 MiB."""
+    """Group records by pack into ranged GETs of at most ~16 MiB, decoding to at most 64 MiB."""
     by_pack: dict[str, list[tuple[str, ObjectId, Location]]] = {}
     for item in locs:
         by_pack.setdefault(item[2].pack, []).append(item)
@@ -1190,15 +1213,19 @@ def _ranges(locs: list[tuple[str, ObjectId, Location]]) -> list[tuple[str, int, 
         items.sort(key=lambda i: i[2].offset)
         start = end = None
         group: list = []
+        raw = 0
         for item in items:
             loc = item[2]
             rec_end = loc.offset + RECORD.size + loc.enc_len
-            if group and (loc.offset - end > _COALESCE_GAP or rec_end - start > _RANGE_MAX):
+            if group and (
+                loc.offset - end > _COALESCE_GAP or rec_end - start > _RANGE_MAX or raw + loc.raw_len > _RANGE_RAW_MAX
+            ):
                 out.append((pack, start, end, group))
                 group = []
             if not group:
-                start = loc.offset
+                start, raw = loc.offset, 0
             group.append(item)
+            raw += loc.raw_len
             end = max(end or 0, rec_end)
         if group:
             out.append((pack, start, end, group))
@@ -1303,6 +1330,10 @@ def fetch(
         #    that hash), while the writer copies, hashes and writes the local pack.
         deltas: list[_Received] = []
         decoding: deque = deque()  # (record, base id, future of its decoded bytes)
+        # Decoded bytes of the deltas submitted and not yet taken: they share the in-flight
+        # budget with the ranges downloading, so a range dense in small deltas cannot hold
+        # gigabytes of decoded output.
+        decoding_bytes = [0]
 
         def take(r: _Received) -> None:
             writer.put(r)
@@ -1313,10 +1344,13 @@ def fetch(
             result.raw_bytes += r.raw_len
             progress(len(r.payload))
 
-        def take_decoded(block: bool) -> None:
-            while decoding and (block or decoding[0][2].done()):
+        def take_decoded(block: bool, until: int = -1) -> None:
+            # In order: the finished ones; all (block); or, with until, as many as it takes
+            # to hold at most that many decoded bytes.
+            while decoding and (block or decoding[0][2].done() or decoding_bytes[0] > until >= 0):
                 r, base_id, fut = decoding.popleft()
                 r.raw = fut.result()
+                decoding_bytes[0] -= r.raw_len
                 verifier.release(base_id)
                 take(r)
 
@@ -1324,14 +1358,18 @@ def fetch(
         try:
             ranges = _ranges(chunks)
             cost = [end - start + sum(loc.raw_len for _k, _o, loc in group) for _p, start, end, group in ranges]
-            for received in _bounded_map(pool, download, ranges, 2 * _THREADS, cost, _AHEAD_BYTES):
+            for received in _bounded_map(
+                pool, download, ranges, 2 * _THREADS, cost, _AHEAD_BYTES, lambda: decoding_bytes[0]
+            ):
                 for r in received:
                     if r.codec == _DELTA:
                         got = verifier.delta_base(r)
                         if got is None:
                             deltas.append(r)  # its base is not readable yet: after the flush
                         else:  # decoded and verified in a pool thread; taken in order
+                            take_decoded(block=False, until=max(0, _AHEAD_BYTES - r.raw_len))
                             decoding.append((r, got[0], pool.submit(_decode_delta_checked, r, got[1])))
+                            decoding_bytes[0] += r.raw_len
                         continue
                     take(r)
                 take_decoded(block=len(decoding) > 2)
@@ -1487,19 +1525,20 @@ def _check_encoding(version: int, r: _Received) -> None:
 
 def _bounded_map(
     pool: ThreadPoolExecutor, fn: Callable, items: list, ahead: int, cost: list[int] | None = None,
-    budget: int = 0,
+    budget: int = 0, elsewhere: Callable[[], int] | None = None,
 ):
     """``pool.map`` that keeps at most ``ahead`` results in flight (bounded memory), in order.
 
     With ``cost`` (one figure per item) and ``budget``, also at most ``budget`` of cost in
-    flight (always at least one item).
+    flight (always at least one item), counting what ``elsewhere()`` says the caller holds
+    besides (work it submitted from the results).
     """
     pending: deque = deque()
     held = 0
     i = 0
     while True:
         while i < len(items) and len(pending) < ahead and (
-            not pending or cost is None or held + cost[i] <= budget
+            not pending or cost is None or held + (elsewhere() if elsewhere else 0) + cost[i] <= budget
         ):
             pending.append((pool.submit(fn, items[i]), cost[i] if cost is not None else 0))
             held += pending[-1][1]

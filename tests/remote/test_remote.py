@@ -278,3 +278,91 @@ def test_a_remote_reflog_entry_that_is_listed_but_unreadable_is_an_integrity_err
     with pytest.raises(RemoteIntegrityError, match="listed but cannot be read"):
         rm.remote_reflog(backend, "refs/heads/exp")
     src.close()
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)
+def test_push_verifies_the_delta_bytes_it_sends_not_a_second_read(repo, work, remote, monkeypatch):
+    """A delta payload that goes bad on its way into the outgoing pack is caught, not sent."""
+    from mstore import codecs
+    from mstore.errors import IntegrityError
+
+    add_remote(repo, remote)
+    repo.commit(checkpoint(work / "a", 0), "exp1", "base")
+    repo.commit(checkpoint(work / "b", 1, changed=3), "exp1", "moved")
+    assert any(e.codec == codecs.DELTA for _k, _o, e in repo.store.iter_entries("c"))
+    reader = repo.store.reader
+    real = reader.read_into
+
+    def read_into(name, offset, enc_len, buf):
+        rec, payload = real(name, offset, enc_len, buf)
+        if rec.codec == codecs.DELTA:  # the copy in the outgoing buffer goes bad; the pack is fine
+            payload[len(payload) // 2] ^= 0xFF
+        return rec, payload
+
+    monkeypatch.setattr(reader, "read_into", read_into)
+    with pytest.raises(IntegrityError, match="damaged"):
+        repo.push("origin", ["exp1"])
+    assert repo.remote_refs("origin") == []
+    monkeypatch.undo()
+    assert repo.push("origin", ["exp1"]).refs[0].status == "ok"
+
+
+def test_a_range_of_small_records_decodes_to_a_bounded_size():
+    from mstore import remote as rm
+    from mstore.hashing import ObjectId
+
+    def loc(i, offset, enc, raw):
+        return ("c", ObjectId.from_digest(i.to_bytes(32, "big")), rm.Location("p", offset, enc, raw, 3))
+
+    # 400 records of 4 KiB that each decode to 16 MiB (low-rank deltas), and one 100 MiB record.
+    locs = [loc(i, 16 + i * 5000, 4096, 16 << 20) for i in range(400)]
+    locs.append(loc(999, 16 + 400 * 5000, 4096, 100 << 20))
+    ranges = rm._ranges(locs)
+    assert sum(len(g) for _p, _s, _e, g in ranges) == len(locs)
+    for _p, _s, _e, group in ranges:
+        assert group  # at least one record each
+        assert len(group) == 1 or sum(x[2].raw_len for x in group) <= 64 << 20
+    assert max(len(g) for _p, _s, _e, g in ranges) == 4  # 64 MiB of 16 MiB records
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)
+def test_delta_decodes_in_flight_count_against_the_fetch_budget(repo, work, tmp_path, remote, monkeypatch):
+    """With no budget to spare, each delta is taken before the next is submitted for decoding."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mstore import codecs
+    from mstore import remote as rm
+
+    add_remote(repo, remote)
+    repo.commit(checkpoint(work / "a", 0), "exp1", "base")
+    second = repo.commit(checkpoint(work / "b", 1, changed=4), "exp1", "moved").id
+    assert sum(e.codec == codecs.DELTA for _k, _o, e in repo.store.iter_entries("c")) >= 2
+    repo.push("origin", ["exp1"])
+
+    counts = {"submitted": 0, "released": 0, "max_outstanding": 0}
+
+    class Pool(ThreadPoolExecutor):
+        def submit(self, fn, *a, **kw):
+            if fn is rm._decode_delta_checked:
+                outstanding = counts["submitted"] - counts["released"]
+                counts["max_outstanding"] = max(counts["max_outstanding"], outstanding)
+                counts["submitted"] += 1
+            return super().submit(fn, *a, **kw)
+
+    real_release = rm._FileVerifier.release
+
+    def release(self, base_id):
+        counts["released"] += 1
+        return real_release(self, base_id)
+
+    monkeypatch.setattr(rm, "ThreadPoolExecutor", Pool)
+    monkeypatch.setattr(rm._FileVerifier, "release", release)
+    monkeypatch.setattr(rm, "_AHEAD_BYTES", 1)
+    clone = Repo.init(tmp_path / "clone")
+    add_remote(clone, remote)
+    clone.fetch("origin")
+    assert counts["submitted"] >= 2
+    assert counts["max_outstanding"] == 0
+    clone.checkout(str(second), tmp_path / "out")
+    assert tree_bytes(tmp_path / "out") == tree_bytes(work / "b")
+    clone.close()
