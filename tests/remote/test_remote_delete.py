@@ -190,3 +190,15 @@ def test_a_multi_ref_delete_checks_every_ref_before_deleting_any(repo, work, tmp
     repo.push("origin", ["exp1", "keep"], delete=True)
     assert repo.remote_refs("origin") == []
     other.close()
+
+
+def test_a_fetch_keeps_the_tracking_ref_of_a_branch_deleted_on_the_remote(repo, work, tmp_path, remote):
+    """As documented (git without --prune): another store's origin/exp1 stays where it last was."""
+    add_remote(repo, remote)
+    ids = _pushed(repo, work, remote, steps=(0,))
+    other = Repo.clone(remote["url"], tmp_path / "other", endpoint_url=remote.get("endpoint_url"))
+    repo.push("origin", ["exp1"], delete=True)
+    other.fetch("origin")
+    assert _tracking(other) == ids[0]
+    assert other.remote_refs("origin") == []
+    other.close()
