@@ -1256,6 +1256,9 @@ def fetch(
             moved and nothing unverified was indexed.
         OversizedObject: an object above ``max_object``.
         RefNotFound: a requested remote ref does not exist.
+        UnsupportedFormat: a record in an encoding this store's format version lacks; no local
+            ref moved (refused before anything is written when the catalog or the metadata
+            shows it; see :func:`_append` for a low-rank delta found later).
     """
     from .errors import RefNotFound
 
