@@ -1277,8 +1277,9 @@ class Repo:
 
         With ``delete``, ``refs`` name remote branches to delete instead (``git push --delete``;
         see :func:`mstore.remote.delete_refs`): by compare-and-swap, logged in the remote
-        reflog, the tracking ref ``REMOTE/BRANCH`` removed. Tags, and branches someone moved
-        since you last fetched them, are deleted only with ``force``.
+        reflog, the tracking ref ``REMOTE/BRANCH`` removed. Tags, branches someone moved since
+        you last fetched them and branches you never fetched are deleted only with ``force``;
+        every ref is checked before any is deleted.
 
         Raises:
             RemoteNotFound: no such remote. RefNotFound: no such local ref (with ``delete``: no

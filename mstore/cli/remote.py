@@ -151,8 +151,8 @@ def remote_log(ctx, name, ref, as_json) -> None:
 @click.option("--all", "all_branches", is_flag=True, help="Push every branch.")
 @click.option("--tags", is_flag=True, help="Push every tag.")
 @click.option("-f", "--force", is_flag=True,
-              help="Move remote branches even if not a fast-forward; with --delete, also delete tags and branches "
-                   "moved since you last fetched them (logged remotely).")
+              help="Move remote branches even if not a fast-forward; with --delete, also delete tags, branches "
+                   "moved since you last fetched them and branches you never fetched (logged remotely).")
 @click.option("-d", "--delete", is_flag=True, help="Delete the remote branches REFS (logged in the remote reflog).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @json_option
@@ -170,8 +170,9 @@ def push(ctx, name, refs, all_branches, tags, force, delete, quiet, as_json) -> 
 
     A deletion is a compare-and-swap too, logged in the remote's reflog (`mstore remote log
     origin exp1` shows it; a later push re-creates the branch). It is rejected (exit 4) if
-    someone pushed to the branch since you last fetched it, unless --force; remote tags are
-    deleted only with --force. A ref the remote does not have is an error (exit 3).
+    someone pushed to the branch since you last fetched it, or if you never fetched it, unless
+    --force; remote tags are deleted only with --force. Every ref named is checked before any
+    is deleted. A ref the remote does not have is an error (exit 3).
     """
     from ..errors import PushRejected
 
