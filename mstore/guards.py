@@ -63,6 +63,7 @@ class VersionSummary:
     vocab_size: int | None = None
     tensors: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    tensor_files: int = 0  # files that may be chunked by tensor (safetensors, torch archives)
 
 
 @dataclass(frozen=True)

@@ -817,7 +817,6 @@ class Repo:
             UserError: bad kind; MalformedObject: metadata that cannot be stored (NaN);
             RegressionRefused: a guard tripped; RefConflict: lost the race.
         """
-        _import_numpy_meanwhile()
         from . import provenance as _prov
         from .guards import check, numeric_metrics
         from .objects import canonical_json
@@ -840,6 +839,8 @@ class Repo:
                 parent,
             )
         child = scan(path)
+        if child.tensor_files:
+            _import_numpy_meanwhile()
         findings = []
         previous: dict[str, tuple[int, ObjectId]] = {}
         ancestors: list[ObjectId] = []
@@ -916,12 +917,18 @@ class Repo:
             Conflict: ``dest`` is not empty (without ``force``).
             IntegrityError: damaged data; no damaged file is ever created under its final name.
         """
-        _import_numpy_meanwhile()
-        from .snapshot import Checkout, resolve_path
+        from .chunking import may_hold_tensors
+        from .snapshot import Checkout, resolve_path, walk_files
 
         rev_s, inner = self._split_path(rev)
         commit = load_commit(self.store, self.resolve(rev_s))
         entry = resolve_path(self.store, commit.tree, inner)
+        if entry.kind == TREE_KIND:
+            names = (p for p, _e in walk_files(self.store, entry.id))
+        else:
+            names = iter([inner or entry.name])
+        if any(may_hold_tensors(n) for n in names):
+            _import_numpy_meanwhile()
         co = Checkout(self.store, progress or (lambda n: None))
         try:
             co.run(entry, Path(dest), force=force)
@@ -1538,9 +1545,10 @@ DELTA_LOOKBACK = 8
 def _import_numpy_meanwhile() -> None:
     """Start importing numpy on a thread, if no one has: the codecs need it for float pieces.
 
-    The import costs ~60 ms of a ~240 ms command-line commit of a 41 MB checkpoint; begun at
-    the start of a commit or checkout, it overlaps with scanning the input, the guards,
-    provenance and the first hashes, or with reading the tree and the first records.
+    The import costs ~60 ms of a ~240 ms command-line commit of a 41 MB checkpoint; begun as
+    soon as a commit or checkout knows it holds a tensor file, it overlaps with the guards,
+    provenance and the first hashes, or with reading the tree and the first records (and a
+    JSONL-only version does not pay for it at all).
     The import lock makes a second importer wait for this one, never run it twice.
     """
     if "numpy" in sys.modules:

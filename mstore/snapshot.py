@@ -33,6 +33,7 @@ from .chunking import (
     SAFETENSORS_NAME,
     TORCHZIP_NAME,
     ChunkPlan,
+    may_hold_tensors,
     plan_file,
     plan_keyed_pieces,
     plan_zip_pieces,
@@ -636,6 +637,7 @@ def scan(path: Path) -> VersionSummary:
         size = f.stat().st_size
         summary.bytes += size
         summary.files += 1
+        summary.tensor_files += may_hold_tensors(f.name)
         if f.name.endswith(".safetensors"):
             try:
                 with open(f, "rb") as fh:

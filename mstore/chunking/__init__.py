@@ -28,8 +28,17 @@ from .safetensors import (
     plan_keyed_pieces,
     read_header,
 )
+from .torchzip import SUFFIXES as TORCH_SUFFIXES
 from .torchzip import TORCHZIP_NAME, plan_zip_pieces
 from .torchzip import is_candidate as is_torch_candidate
+
+
+def may_hold_tensors(name: str) -> bool:
+    """True if a file of this name may be chunked by tensor (safetensors, a torch archive).
+
+    Only such files hold float pieces, the only ones whose codecs need numpy.
+    """
+    return name.endswith(".safetensors") or name.endswith(TORCH_SUFFIXES)
 
 __all__ = [
     "CDC_NAME",
