@@ -33,6 +33,17 @@ def _state(repo: Repo):
         return sorted((k, d) for k, d, _e in txn.iter_entries()), list(txn.iter_refs())
 
 
+def _fetch_refused(tmp_path, remote, error, match=None, refs=None) -> Repo:
+    """A fresh store fetching from ``remote`` gets ``error`` and changes nothing; returns it (open)."""
+    other = Repo.init(tmp_path / "other")
+    add_remote(other, remote)
+    before = _state(other)
+    with pytest.raises(error, match=match):
+        other.fetch("origin", refs or ())
+    assert _state(other) == before
+    return other
+
+
 def _data_pack(backend):
     for key, _size in backend.list("packs/"):
         if key.endswith(".idx"):
@@ -51,12 +62,7 @@ def test_a_chunk_corrupted_in_the_bucket_is_detected_on_fetch_and_nothing_is_ind
     biggest = max(doc["records"], key=lambda r: r[3])
     pack[biggest[2] + 88 + biggest[3] // 2] ^= 0xFF  # one flipped byte inside a payload
     backend.put(key, bytes(pack))
-    other = Repo.init(tmp_path / "other")
-    add_remote(other, remote)
-    before = _state(other)
-    with pytest.raises(RemoteIntegrityError, match=biggest[1]):
-        other.fetch("origin")
-    assert _state(other) == before
+    other = _fetch_refused(tmp_path, remote, RemoteIntegrityError, match=biggest[1])
     assert list((other.root / "packs").iterdir()) == []  # the aborted batch left no pack behind
     other.close()
 
@@ -67,12 +73,7 @@ def test_a_truncated_remote_pack_is_named_and_nothing_is_indexed(repo, work, tmp
     doc = _data_pack(backend)
     key = f"packs/{doc['pack']}.pack"
     backend.put(key, backend.get(key)[: doc["size"] // 2])
-    other = Repo.init(tmp_path / "other")
-    add_remote(other, remote)
-    before = _state(other)
-    with pytest.raises(RemoteIntegrityError, match="truncated"):
-        other.fetch("origin")
-    assert _state(other) == before
+    other = _fetch_refused(tmp_path, remote, RemoteIntegrityError, match="truncated")
     other.close()
 
 
@@ -111,12 +112,7 @@ def test_a_tree_with_a_traversing_name_is_refused(repo, work, tmp_path, remote, 
     commit_raw = _commit_raw(str(tree_id))
     commit_id = hash_typed("commit", commit_raw)
     _publish(_backend(remote), [("t", tree_id, tree_raw), ("m", commit_id, commit_raw)], commit_id)
-    other = Repo.init(tmp_path / "other")
-    add_remote(other, remote)
-    before = _state(other)
-    with pytest.raises(RemoteIntegrityError, match="hostile or malformed"):
-        other.fetch("origin", ["evil"])
-    assert _state(other) == before
+    other = _fetch_refused(tmp_path, remote, RemoteIntegrityError, match="hostile or malformed", refs=["evil"])
     other.close()
 
 
@@ -125,12 +121,7 @@ def test_an_object_served_under_another_id_is_refused(repo, work, tmp_path, remo
     raw = _commit_raw("0" * 64)
     liar = hash_typed("commit", raw + b" ")  # an id the bytes do not hash to
     _publish(_backend(remote), [("m", liar, raw)], liar)
-    other = Repo.init(tmp_path / "other")
-    add_remote(other, remote)
-    before = _state(other)
-    with pytest.raises(RemoteIntegrityError, match="hash"):
-        other.fetch("origin", ["evil"])
-    assert _state(other) == before
+    other = _fetch_refused(tmp_path, remote, RemoteIntegrityError, match="hash", refs=["evil"])
     other.close()
 
 
@@ -140,12 +131,7 @@ def test_an_oversized_object_is_refused_before_it_is_downloaded(repo, work, tmp_
     doc = _data_pack(backend)
     doc["records"][0][4] = 1 << 40  # claims a 1 TB chunk
     backend.put(f"packs/{doc['pack']}.idx", json.dumps(doc).encode())
-    other = Repo.init(tmp_path / "other")
-    add_remote(other, remote)
-    before = _state(other)
-    with pytest.raises(OversizedObject):
-        other.fetch("origin")
-    assert _state(other) == before
+    other = _fetch_refused(tmp_path, remote, OversizedObject)
     with pytest.raises(OversizedObject):  # and a lower limit of one's own is honoured too
         repo.fetch("origin", max_object=1000)
     other.close()
@@ -222,12 +208,8 @@ def _one_chunk_file_remote(repo, work, remote, claimed: int):
 
 def test_a_one_chunk_manifest_claiming_another_size_than_its_chunk_is_refused(repo, work, tmp_path, remote):
     x, content = _one_chunk_file_remote(repo, work, remote, claimed=115)
-    other = Repo.init(tmp_path / "other")
-    add_remote(other, remote)
-    before = _state(other)
-    with pytest.raises(RemoteIntegrityError, match=f"manifest {x}.*115.*110 bytes"):
-        other.fetch("origin", ["evil"])
-    assert _state(other) == before  # nothing indexed, no tracking ref
+    # Nothing indexed, no tracking ref:
+    other = _fetch_refused(tmp_path, remote, RemoteIntegrityError, match=f"manifest {x}.*115.*110 bytes", refs=["evil"])
     # The user's own identical file gets a manifest of its true size.
     (work / "mine").mkdir()
     (work / "mine" / "weights.bin").write_bytes(content)
