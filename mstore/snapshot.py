@@ -204,16 +204,24 @@ class _Lineage:
 
     def _chain_of(self, cid: ObjectId) -> set[ObjectId]:
         """``cid`` and the bases its decoding goes through (the ``deltas`` table's edges)."""
-        out = {cid}
-        digest = cid.digest
-        with self.ingest.store.index.read() as txn:
-            for _ in range(MAX_DELTA_CHAIN):
-                row = txn.db_get("deltas", digest)
-                if row is None:
-                    break
-                digest = bytes(row[:32])
-                out.add(ObjectId.from_digest(digest))
-        return out
+        return {cid, *_delta_bases(self.ingest.store, cid, MAX_DELTA_CHAIN)}
+
+
+def _delta_bases(store: ObjectStore, oid: ObjectId, limit: int) -> list[ObjectId]:
+    """The bases a delta chunk's decoding goes through, nearest first, at most ``limit``.
+
+    Read from the ``deltas`` table's edges, never from a depth byte a remote could forge.
+    """
+    out: list[ObjectId] = []
+    digest = oid.digest
+    with store.index.read() as txn:
+        while len(out) < limit:
+            row = txn.db_get("deltas", digest)
+            if row is None:
+                break
+            digest = bytes(row[:32])
+            out.append(ObjectId.from_digest(digest))
+    return out
 
 
 class Ingest:
@@ -350,21 +358,11 @@ class Ingest:
     def _chain_length(self, oid: ObjectId, entry: Any) -> int:
         """How many deltas lie between ``oid`` and a chunk stored whole.
 
-        Counted on the real edges (the ``deltas`` table's base ids), never on a depth byte a
-        remote could forge; counting stops past ``max_depth``, which is all the caller compares.
+        Counting stops past ``max_depth``, which is all the caller compares.
         """
         if entry.codec != codecs.DELTA:
             return 0
-        n = 0
-        digest = oid.digest
-        with self.store.index.read() as txn:
-            while n <= self.max_depth:
-                row = txn.db_get("deltas", digest)
-                if row is None:
-                    break
-                n += 1
-                digest = row[:32]
-        return n
+        return len(_delta_bases(self.store, oid, self.max_depth + 1))
 
     def _ancestor_file(self, rel: str) -> ObjectId | None:
         """The id of the file at ``rel`` in the nearest earlier ancestor that has one."""
