@@ -1065,7 +1065,7 @@ def _set_tracking(store: ObjectStore, remote_name: str, full: str, oid: ObjectId
 
 
 @dataclass
-class _Received:
+class Received:
     kind: str
     oid: ObjectId
     check: bytes
@@ -1085,10 +1085,10 @@ def _raw_buffer(n: int) -> memoryview:
     return memoryview(np.empty(n, dtype=np.uint8))
 
 
-def _verify_record(
+def verify_record(
     buf: bytes, kind: str, oid: ObjectId, loc: Location, keep_raw: bool,
     into: Callable[[int], memoryview] | None = None,
-) -> _Received:
+) -> Received:
     """Check one downloaded record against the catalog and its id (R4).
 
     ``into`` (chunks only) supplies the buffer a chunk is decoded into; its ``raw`` is then a
@@ -1118,7 +1118,7 @@ def _verify_record(
         except IntegrityError as exc:
             raise RemoteIntegrityError(f"{where}: {exc}") from None
         # Verified against its id once its base is in the store (see _add_deltas).
-        return _Received(kind, oid, rec.check, rec.codec, rec.raw_len, payload, None)
+        return Received(kind, oid, rec.check, rec.codec, rec.raw_len, payload, None)
     try:
         if kind == "c" and rec.check != oid.digest:
             raise IntegrityError("wrong bytes: the record's hash is another id")
@@ -1132,10 +1132,10 @@ def _verify_record(
             verify_raw(kind, oid, raw)
     except IntegrityError as exc:
         raise RemoteIntegrityError(f"{where}: {exc}") from None
-    return _Received(kind, oid, rec.check, rec.codec, rec.raw_len, payload, raw if keep_raw else None)
+    return Received(kind, oid, rec.check, rec.codec, rec.raw_len, payload, raw if keep_raw else None)
 
 
-def _parse_received(r: _Received) -> Any:
+def _parse_received(r: Received) -> Any:
     """Parse a metadata object (trees: names with ``/`` or ``..`` are refused)."""
     try:
         if r.kind == "t":
@@ -1149,7 +1149,7 @@ def _parse_received(r: _Received) -> Any:
     return None
 
 
-class _RemoteSource:
+class RemoteSource:
     """Reads metadata objects local-first, else from the remote (verified); for the walk."""
 
     def __init__(self, store: ObjectStore, backend: Backend, cat: Catalog, max_object: int):
@@ -1157,7 +1157,7 @@ class _RemoteSource:
         self.backend = backend
         self.cat = cat
         self.max_object = max_object
-        self.received: dict[tuple[str, bytes], _Received] = {}
+        self.received: dict[tuple[str, bytes], Received] = {}
         self.errors: list[MstoreError] = []  # what the walk met (it records, we raise)
         self._packs: dict[str, bytes] = {}
 
@@ -1197,7 +1197,7 @@ class _RemoteSource:
             buf = pack[loc.offset : loc.offset + RECORD.size + loc.enc_len]
         else:
             buf = self.backend.get_range(f"packs/{loc.pack}.pack", loc.offset, RECORD.size + loc.enc_len)
-        r = _verify_record(buf, kind, oid, loc, keep_raw=True)
+        r = verify_record(buf, kind, oid, loc, keep_raw=True)
         _parse_received(r)
         self.received[key] = r
         return r.raw
@@ -1258,7 +1258,7 @@ def fetch(
         RefNotFound: a requested remote ref does not exist.
         UnsupportedFormat: a record in an encoding this store's format version lacks; no local
             ref moved (refused before anything is written when the catalog or the metadata
-            shows it; see :func:`_append` for a low-rank delta found later).
+            shows it; see :func:`append_received` for a low-rank delta found later).
     """
     from .errors import RefNotFound
 
@@ -1281,7 +1281,7 @@ def fetch(
                 raise RefNotFound(f"remote {remote_name} has no {short_name(full)}")
             chosen[full] = remote_refs[full]
     cat = load_catalog(backend, cache_dir, max_object)
-    src = _RemoteSource(store, backend, cat, max_object)
+    src = RemoteSource(store, backend, cat, max_object)
     # Walk the closure through local copies and verified remote metadata; what is not local
     # is exactly what to receive.
     hook("refs-read")
@@ -1306,11 +1306,11 @@ def fetch(
     if on_total:
         on_total(total)
 
-    def download(rng: tuple[str, int, int, list]) -> list[_Received]:
+    def download(rng: tuple[str, int, int, list]) -> list[Received]:
         pack, start, end, group = rng
         buf = memoryview(backend.get_range(f"packs/{pack}.pack", start, end - start))
         return [
-            _verify_record(
+            verify_record(
                 buf[loc.offset - start : loc.offset - start + RECORD.size + loc.enc_len], kind, oid, loc, True,
                 into=_raw_buffer,
             )
@@ -1319,7 +1319,7 @@ def fetch(
 
     # Encodings this store's format version lacks are refused before anything is written: the
     # metadata's from the records received, the chunks' from the catalog (a low-rank delta is
-    # recognised only in its payload, so _append checks each chunk again).
+    # recognised only in its payload, so append_received checks each chunk again).
     version = store.config.version
     for r in src.received.values():
         _check_encoding(version, r)
@@ -1331,14 +1331,14 @@ def fetch(
         # 1. chunks, verified in the download threads, appended in order by a writer thread;
         #    each new file's content is hashed here from them as they stream past (its id is
         #    that hash), while the writer copies, hashes and writes the local pack.
-        deltas: list[_Received] = []
+        deltas: list[Received] = []
         decoding: deque = deque()  # (record, base id, future of its decoded bytes)
         # Decoded bytes of the deltas submitted and not yet taken: they share the in-flight
         # budget with the ranges downloading, so a range dense in small deltas cannot hold
         # gigabytes of decoded output.
         decoding_bytes = [0]
 
-        def take(r: _Received) -> None:
+        def take(r: Received) -> None:
             writer.put(r)
             verifier.chunk(r.oid, r.raw)
             r.raw = None
@@ -1399,7 +1399,7 @@ def fetch(
         for key in sorted(src.received, key=lambda k: "ftm".index(k[0])):
             r = src.received[key]
             if not batch.contains(r.kind, r.oid):
-                _append(batch, r)
+                append_received(batch, r)
             result.objects += 1
             result.bytes += len(r.payload)
             result.raw_bytes += r.raw_len
@@ -1454,11 +1454,11 @@ class _Writer:
                 continue
             try:
                 if not self.batch.contains(r.kind, r.oid):
-                    _append(self.batch, r)
+                    append_received(self.batch, r)
             except BaseException as exc:  # raised in the caller's thread
                 self.error = exc
 
-    def put(self, r: _Received) -> None:
+    def put(self, r: Received) -> None:
         if self.error is not None:
             raise self.error
         self.queue.put(r)
@@ -1472,7 +1472,7 @@ class _Writer:
             raise self.error
 
 
-def _decode_delta_checked(r: _Received, base: bytes | memoryview) -> memoryview:
+def _decode_delta_checked(r: Received, base: bytes | memoryview) -> memoryview:
     """Decode a delta chunk against its base's raw bytes and check the result is its id."""
     try:
         raw = codecs.decode_delta_into(r.payload, r.raw_len, base, _raw_buffer(r.raw_len))
@@ -1483,7 +1483,7 @@ def _decode_delta_checked(r: _Received, base: bytes | memoryview) -> memoryview:
     return raw
 
 
-def _append(batch: Any, r: _Received) -> None:
+def append_received(batch: Any, r: Received) -> None:
     """Append a verified record to the local batch.
 
     Raises:
@@ -1520,7 +1520,7 @@ def _check_codec(version: int, kind: str, oid: ObjectId, codec: int, lowrank: bo
         )
 
 
-def _check_encoding(version: int, r: _Received) -> None:
+def _check_encoding(version: int, r: Received) -> None:
     """:func:`_check_codec` of a received record (a low-rank delta is told by its payload)."""
     lowrank = r.codec == codecs.DELTA and len(r.payload) > 33 and r.payload[33] == codecs.LOWRANK
     _check_codec(version, r.kind, r.oid, r.codec, lowrank)
@@ -1566,7 +1566,7 @@ class _FileVerifier:
 
     BUDGET = 64 << 20
 
-    def __init__(self, store: ObjectStore, files: list[_Received], incoming: set[ObjectId], chunks: list):
+    def __init__(self, store: ObjectStore, files: list[Received], incoming: set[ObjectId], chunks: list):
         self.store = store
         self.incoming = incoming
         self.arrived: set[ObjectId] = set()
@@ -1652,7 +1652,7 @@ class _FileVerifier:
             if fid in self.states:
                 self._advance(fid)
 
-    def delta_base(self, r: _Received) -> tuple[ObjectId, bytes] | None:
+    def delta_base(self, r: Received) -> tuple[ObjectId, bytes] | None:
         """A delta chunk's base id and raw bytes, if readable now (else None)."""
         base_id = ObjectId.from_digest(codecs.delta_base(r.payload)[0])
         base = self._read(base_id)
@@ -1663,12 +1663,12 @@ class _FileVerifier:
         if base_id in self.incoming:
             self._release(base_id)
 
-    def remaining(self) -> list[_Received]:
+    def remaining(self) -> list[Received]:
         """Files still to check, from the store (call after every chunk is indexed)."""
         return [self.records[f] for f in [*self.later, *self.states]]
 
 
-def _add_deltas(store: ObjectStore, batch: Any, deltas: list[_Received]) -> None:
+def _add_deltas(store: ObjectStore, batch: Any, deltas: list[Received]) -> None:
     """Verify delta chunks against their ids once their bases are indexed, level by level."""
     while deltas:
         ready = [r for r in deltas if store.has("c", ObjectId.from_digest(codecs.delta_base(r.payload)[0]))]
@@ -1684,7 +1684,7 @@ def _add_deltas(store: ObjectStore, batch: Any, deltas: list[_Received]) -> None
             if blake3.blake3(raw).digest() != r.oid.digest or r.check != r.oid.digest:
                 raise RemoteIntegrityError(f"remote delta chunk {r.oid}: wrong bytes (they hash to another id)")
             if not batch.contains(r.kind, r.oid):
-                _append(batch, r)
+                append_received(batch, r)
         done = {id(r) for r in ready}
         deltas = [r for r in deltas if id(r) not in done]
         batch.flush()
@@ -1710,7 +1710,7 @@ def _check_one_chunk_file(fid: ObjectId, fobj: FileObject, raw_len: int | None) 
         )
 
 
-def _verify_file_content(store: ObjectStore, r: _Received) -> None:
+def _verify_file_content(store: ObjectStore, r: Received) -> None:
     """A file's id is the hash of its content: hash its (verified, indexed) chunks in order."""
     fobj = FileObject.parse(r.raw)
     if len(fobj.chunks) == 1 and fobj.chunks[0][0] == r.oid:
@@ -1746,14 +1746,14 @@ def repair(
             version lacks; nothing is repaired (no pack written, no entry repointed).
     """
     cat = load_catalog(backend, cache_dir)
-    src = _RemoteSource(store, backend, cat, MAX_OBJECT)
-    got: list[_Received] = []
+    src = RemoteSource(store, backend, cat, MAX_OBJECT)
+    got: list[Received] = []
     failed: dict[tuple[str, ObjectId], str] = {}
     for kind, oid in keys:
         try:
             loc = src.locate(kind, oid)
             buf = backend.get_range(f"packs/{loc.pack}.pack", loc.offset, RECORD.size + loc.enc_len)
-            r = _verify_record(buf, kind, oid, loc, keep_raw=kind in "tmf")
+            r = verify_record(buf, kind, oid, loc, keep_raw=kind in "tmf")
             if r.codec == _DELTA:
                 # The local copy is replaced whole: decode through the base (local, verified),
                 # check the id, and store it re-encoded on its own, so nothing repaired hangs

@@ -60,7 +60,7 @@ from .remote import (
     Catalog,
     Location,
     RemoteRef,
-    _RemoteSource,
+    RemoteSource,
     check_layout,
     parse_index,
     read_ref,
@@ -289,7 +289,7 @@ class Marks:
     problems: list[str]
 
 
-class _OnTheRemote(_RemoteSource):
+class _OnTheRemote(RemoteSource):
     """The fetch path's verified reader, for objects the remote holds only.
 
     What the remote's refs reach is judged by what the remote has: an object it lacks is

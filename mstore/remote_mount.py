@@ -64,13 +64,13 @@ from .remote import (
     MAX_OBJECT,
     Catalog,
     Location,
-    _append,
-    _Received,
-    _RemoteSource,
-    _verify_record,
+    Received,
+    RemoteSource,
+    append_received,
     check_layout,
     load_catalog,
     read_ref,
+    verify_record,
 )
 from .storage.backends import Backend, BackendNotFound, open_backend
 from .storage.index import KINDS
@@ -256,7 +256,7 @@ class _Keeper:
         self._thread = threading.Thread(target=self._run, name="mstore-mount-keep", daemon=True)
         self._thread.start()
 
-    def offer(self, records: list[_Received]) -> None:
+    def offer(self, records: list[Received]) -> None:
         """Queue a chain (bases first) for the store; waits while the queue is full.
 
         Waiting slows the reader to the speed of the local disk rather than dropping what the
@@ -362,7 +362,7 @@ class _Keeper:
                     if batch.contains(r.kind, r.oid):
                         continue
                     try:
-                        _append(batch, r)
+                        append_received(batch, r)
                     except DeltaBaseMissing as exc:  # its base is gone (a gc): skip the rest of the chain
                         log.warning("not keeping chunk %s: %s", records[-1].oid, exc)
                         with self._room:
@@ -389,7 +389,7 @@ class _Closed:
         self.kept, self.dropped, self.failed = keeper.kept, keeper.dropped, keeper.failed
         self.error = keeper.error
 
-    def offer(self, records: list[_Received]) -> None:
+    def offer(self, records: list[Received]) -> None:
         pass
 
     def close(self) -> None:
@@ -399,7 +399,7 @@ class _Closed:
 class _Holding:
     """The walk's object source, remembering what it read from the local store (metadata)."""
 
-    def __init__(self, src: _RemoteSource):
+    def __init__(self, src: RemoteSource):
         self.src = src
         self.local: dict[tuple[str, bytes], bytes] = {}
 
@@ -485,7 +485,7 @@ class RemoteObjects:
     # -- metadata: read once, verified, held ----------------------------------------------------
     def _metadata(self, cat: Catalog, commit_id: ObjectId) -> tuple[dict[tuple[str, bytes], bytes], set[ObjectId]]:
         """The commit's metadata objects read from the remote (raw), and its chunks."""
-        src = _RemoteSource(self.store, self.backend, cat, self.max_object)
+        src = RemoteSource(self.store, self.backend, cat, self.max_object)
         holding = _Holding(src)
         live = walk(holding, [commit_id], follow_parents=False)
         if src.errors:
@@ -563,7 +563,7 @@ class RemoteObjects:
         """Where the remote holds chunk ``oid`` of this commit (or a delta base of one)."""
         return self._locations.get(oid.digest)
 
-    def _fetch(self, oid: ObjectId, loc: Location, into: Any = None) -> _Received:
+    def _fetch(self, oid: ObjectId, loc: Location, into: Any = None) -> Received:
         n = RECORD.size + loc.enc_len
         key = f"packs/{loc.pack}.pack"
         try:
@@ -588,7 +588,7 @@ class RemoteObjects:
         with self._lock:
             self.gets += 1
             self.bytes += len(buf)
-        return _verify_record(buf, "c", oid, loc, keep_raw=True, into=into)
+        return verify_record(buf, "c", oid, loc, keep_raw=True, into=into)
 
     def _remote_chunk(self, oid: ObjectId) -> bytes:
         # The chain from this chunk down to a base the store has, or one stored whole.
@@ -630,7 +630,7 @@ class RemoteObjects:
             end = _round(levels, start, size, local_base)
             later = [self._pool.submit(self._fetch, c, loc) for c, loc in levels[start + 1 : end]]
             try:
-                records: list[_Received | None] = [self._fetch(*levels[start], into if start == 0 else None)]
+                records: list[Received | None] = [self._fetch(*levels[start], into if start == 0 else None)]
                 records += [f.result() for f in later]
             finally:
                 for f in later:
@@ -692,7 +692,7 @@ class RemoteObjects:
         self.close()
 
 
-def _decode_delta(r: _Received, base: Any, out: memoryview) -> memoryview:
+def _decode_delta(r: Received, base: Any, out: memoryview) -> memoryview:
     """A verified delta record decoded against its base's raw bytes into ``out`` (its view).
 
     The result must hash to the record's id.

@@ -124,13 +124,13 @@ def _remote_consistent(remote) -> None:
         return
     cat = load_catalog(backend)
     from mstore.reachability import walk
-    from mstore.remote import _RemoteSource
+    from mstore.remote import RemoteSource
 
     class _NoLocal:
         def has(self, kind, oid):
             return False
 
-    src = _RemoteSource(_NoLocal(), backend, cat, 1 << 30)
+    src = RemoteSource(_NoLocal(), backend, cat, 1 << 30)
     live = walk(src, [r.id for r in refs.values()])
     assert live.complete and not src.errors, (live.unreadable, src.errors)
     missing = [c for c in live.chunks if not cat.has("c", c.digest)]

@@ -224,7 +224,7 @@ def test_a_one_chunk_manifest_checked_from_the_store_needs_its_chunks_size(repo,
     """The after-the-flush check of a file's content takes the same care as the streaming one."""
     from mstore.hashing import ObjectId
     from mstore.objects import FileObject
-    from mstore.remote import _Received, _verify_file_content
+    from mstore.remote import Received, _verify_file_content
 
     (work / "one").mkdir()
     (work / "one" / "w.bin").write_bytes(b"w" * 110)
@@ -233,10 +233,10 @@ def test_a_one_chunk_manifest_checked_from_the_store_needs_its_chunks_size(repo,
     fobj = FileObject.parse(repo.store.get("f", fid))
     assert fobj.chunks[0][0] == fid and fobj.size == 110
     lying = FileObject(115, fobj.chunker, ((ObjectId(str(fid)), 115),)).to_bytes()
-    r = _Received("f", fid, b"", 0, len(lying), lying, lying)
+    r = Received("f", fid, b"", 0, len(lying), lying, lying)
     with pytest.raises(RemoteIntegrityError, match="115"):
         _verify_file_content(repo.store, r)
-    _verify_file_content(repo.store, _Received("f", fid, b"", 0, 0, b"", repo.store.get("f", fid)))
+    _verify_file_content(repo.store, Received("f", fid, b"", 0, 0, b"", repo.store.get("f", fid)))
 
 
 @pytest.mark.parametrize("remote", ["file"], indirect=True)
