@@ -141,20 +141,25 @@ def _decompressor() -> zstandard.ZstdDecompressor:
 
 
 def encode(
-    raw: bytes | memoryview, level: int = DEFAULT_LEVEL, item_size: int = 0, plane_min_saving: float = MIN_SAVING
+    raw: bytes | memoryview,
+    level: int = DEFAULT_LEVEL,
+    item_size: int = 0,
+    plane_min_saving: float = MIN_SAVING,
+    rotate: bool = True,
 ) -> tuple[int, bytes]:
     """Choose an encoding for ``raw`` and return ``(codec, encoded bytes)``.
 
-    ``item_size`` (2, 4 or 8) says the bytes are float elements of that size (byte planes);
+    ``item_size`` (2, 4 or 8) says the bytes are float elements of that size (byte planes:
+    FLOATPLANE, or with ``rotate=False`` BYTEPLANE, for stores older than format version 2);
     ``plane_min_saving`` is what a plane must save to be compressed.
     """
     n = len(raw)
     if n < 64:
         return RAW, bytes(raw)
     if item_size in (2, 4, 8) and n % item_size == 0 and n >= 16 * item_size:
-        enc = _encode_planes(raw, item_size, plane_min_saving, rotate=True)
+        enc = _encode_planes(raw, item_size, plane_min_saving, rotate=rotate)
         if enc is not None:
-            return FLOATPLANE, enc
+            return (FLOATPLANE if rotate else BYTEPLANE), enc
         return RAW, bytes(raw)
     enc = _compressor(level).compress(raw)
     if len(enc) <= n * (1 - MIN_SAVING):

@@ -44,14 +44,32 @@ import tomli_w
 from .errors import FormatError, UnsupportedFormat
 from .fsutil import atomic_write
 
-# Version 2 added delta chunks (codec 3) and the ``deltas`` index table. Version 3 added
+# Version 2 added delta chunks (codec 3), float planes (codec 4) and the ``deltas`` index table. Version 3 added
 # low-rank deltas (inner codec 5 of a delta). Older stores are read and written as before,
 # without what their version lacks (an older mstore would take it for damage).
 FORMAT_VERSION = 3
 MIN_VERSION = 1
 MAX_VERSION = 3
 DELTA_MIN_VERSION = 2
+FLOATPLANE_MIN_VERSION = 2
 LOWRANK_MIN_VERSION = 3
+
+
+def required_version(codec: int, payload: bytes | memoryview = b"") -> tuple[int, str]:
+    """``(oldest format version whose readers decode it, its name)`` of a record's encoding.
+
+    A store must not hold a record its own version predates: an mstore of that version would
+    read it as damage. A low-rank delta is told by its payload (the inner codec byte).
+    """
+    from . import codecs
+
+    if codec == codecs.DELTA and len(payload) > 33 and payload[33] == codecs.LOWRANK:
+        return LOWRANK_MIN_VERSION, "low-rank delta"
+    if codec == codecs.DELTA:
+        return DELTA_MIN_VERSION, codecs.NAMES[codec]
+    if codec == codecs.FLOATPLANE:
+        return FLOATPLANE_MIN_VERSION, codecs.NAMES[codec]
+    return MIN_VERSION, codecs.NAMES.get(codec, str(codec))
 
 CONFIG_NAME = "config.toml"
 PACKS_DIR = "packs"

@@ -52,6 +52,7 @@ from .errors import (
     RemoteIntegrityError,
     UnsupportedFormat,
 )
+from .format import required_version
 from .fsutil import atomic_write, unique_name
 from .hashing import ObjectId, is_full_id
 from .objects import Commit, FileObject, Tree, load_commit, load_file
@@ -1500,19 +1501,16 @@ def append_received(batch: Any, r: Received) -> None:
     batch.add_encoded(r.kind, r.oid, r.check, r.codec, r.raw_len, r.payload)
 
 
-def _check_codec(version: int, kind: str, oid: ObjectId, codec: int, lowrank: bool = False) -> None:
-    """Refuse an encoding newer than the local store's format version.
+def _check_codec(version: int, kind: str, oid: ObjectId, codec: int, payload: bytes | memoryview = b"") -> None:
+    """Refuse, before anything is written, an encoding newer than the local store's format.
+
+    The store refuses such a record itself (WriteBatch.add_encoded); asking first lets a fetch
+    fail before it downloads or writes anything, with advice for the remote case.
 
     Raises:
         UnsupportedFormat: the store's version predates the encoding.
     """
-    from .format import DELTA_MIN_VERSION, LOWRANK_MIN_VERSION
-
-    need, what = 0, ""
-    if codec in (codecs.DELTA, codecs.FLOATPLANE):
-        need, what = DELTA_MIN_VERSION, codecs.NAMES[codec]
-    if codec == codecs.DELTA and lowrank:
-        need, what = LOWRANK_MIN_VERSION, "low-rank delta"
+    need, what = required_version(codec, payload)
     if version < need:
         raise UnsupportedFormat(
             f"remote {KINDS[kind]} {oid} is a {what} record (format version {need}); this store is version "
@@ -1522,8 +1520,7 @@ def _check_codec(version: int, kind: str, oid: ObjectId, codec: int, lowrank: bo
 
 def _check_encoding(version: int, r: Received) -> None:
     """:func:`_check_codec` of a received record (a low-rank delta is told by its payload)."""
-    lowrank = r.codec == codecs.DELTA and len(r.payload) > 33 and r.payload[33] == codecs.LOWRANK
-    _check_codec(version, r.kind, r.oid, r.codec, lowrank)
+    _check_codec(version, r.kind, r.oid, r.codec, r.payload)
 
 
 def _bounded_map(

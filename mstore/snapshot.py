@@ -48,7 +48,7 @@ from .errors import (
     PathNotFound,
     UserError,
 )
-from .format import DELTA_MIN_VERSION, LOWRANK_MIN_VERSION
+from .format import DELTA_MIN_VERSION, FLOATPLANE_MIN_VERSION, LOWRANK_MIN_VERSION
 from .fsutil import unique_name
 from .guards import VOCAB_FILES, VersionSummary, pick_vocab, vocab_size_of
 from .hashing import ObjectId, StreamHasher, hash_bytes, hash_file, hash_file_fd
@@ -255,6 +255,7 @@ class Ingest:
             and store.config.version >= DELTA_MIN_VERSION
             and bool(store.config.get("delta", "enabled", True))
         )
+        self.floatplanes = store.config.version >= FLOATPLANE_MIN_VERSION  # else BYTEPLANE (codec 2)
         self.lowrank = (
             self.deltas
             and store.config.version >= LOWRANK_MIN_VERSION
@@ -302,7 +303,7 @@ class Ingest:
             or len(delta) <= 0.9 * codecs.estimate_size(data, self.level, item_size)
         ):
             return data, oid, codecs.DELTA, delta, False, item_size
-        codec, payload = codecs.encode(data, self.level, item_size)
+        codec, payload = codecs.encode(data, self.level, item_size, rotate=self.floatplanes)
         # Every read of a delta decodes its chain, so a delta must save at least 5 % of the
         # piece stored whole to be worth that (Adam's first moment, say, barely does).
         if delta is not None and len(delta) < DELTA_MIN_GAIN * len(payload):

@@ -256,12 +256,33 @@ def test_a_series_with_deltas_costs_less_than_without(tmp_path):
     assert sizes[True] < 0.9 * sizes[False]
 
 
-def test_deltas_are_off_in_a_version_1_store(tmp_path):
+def test_a_version_1_store_gets_neither_deltas_nor_float_planes_only_what_version_1_reads(tmp_path):
+    from mstore.codecs import BYTEPLANE, FLOATPLANE
+
     repo = repo_at_version(tmp_path / "old", 1)
     s = Series(repo, tmp_path / "work")
     s.step()
     s.step()
-    assert all(codec_of(repo, c) != DELTA for c in chunk_ids(repo, "run"))
+    codecs_used = {codec_of(repo, c) for c in chunk_ids(repo, "run")}
+    assert DELTA not in codecs_used and FLOATPLANE not in codecs_used
+    assert BYTEPLANE in codecs_used  # float tensors still split into planes, unrotated
+    repo.checkout("run", tmp_path / "out")
+    assert tree_bytes(tmp_path / "out") == tree_bytes(s.dirs[-1])
+    repo.close()
+
+
+def test_a_store_refuses_to_index_an_encoding_its_format_version_predates(tmp_path):
+    from mstore.codecs import encode
+    from mstore.errors import UnsupportedFormat
+
+    repo = repo_at_version(tmp_path / "old", 1)
+    raw = (np.random.default_rng(0).standard_normal(4096) * 0.02).astype(np.float32).tobytes()
+    codec, payload = encode(raw, item_size=4)  # float planes: format version 2
+    oid = ObjectId(blake3.blake3(raw).hexdigest())
+    with repo.store.batch() as batch, pytest.raises(UnsupportedFormat, match="floatplane record .*version 1"):
+        batch.add_encoded("c", oid, oid.digest, codec, len(raw), payload)
+    assert not repo.store.has("c", oid)
+    assert list((repo.root / "packs").iterdir()) == []  # nothing was written either
     repo.close()
 
 

@@ -24,8 +24,8 @@ from typing import Any
 import blake3
 
 from .. import codecs
-from ..errors import IntegrityError, ObjectNotFound, StorageError
-from ..format import INDEX_DIR, PACKS_DIR, Config
+from ..errors import IntegrityError, ObjectNotFound, StorageError, UnsupportedFormat
+from ..format import FLOATPLANE_MIN_VERSION, INDEX_DIR, PACKS_DIR, Config, required_version
 from ..hashing import ObjectId, hash_typed
 from .index import KINDS, Entry, Index, Txn
 from .packs import RECORD, PackReader, PackWriter
@@ -332,6 +332,7 @@ class WriteBatch:
 
     def __init__(self, store: ObjectStore):
         self.store = store
+        self._floatplanes = store.config.version >= FLOATPLANE_MIN_VERSION  # else BYTEPLANE (codec 2)
         self.level = int(store.config.get("codec", "zstd_level", codecs.DEFAULT_LEVEL))
         self.max_pack = int(store.config.get("packs", "max_size", 64 << 20))
         self.writer: PackWriter | None = None
@@ -420,7 +421,7 @@ class WriteBatch:
             return False
         if check is None:
             check = oid.digest if kind == "c" else blake3.blake3(raw).digest()
-        codec, payload = codecs.encode(raw, self.level, item_size)
+        codec, payload = codecs.encode(raw, self.level, item_size, rotate=self._floatplanes)
         self.add_encoded(kind, oid, check, codec, len(raw), payload)
         return True
 
@@ -431,9 +432,16 @@ class WriteBatch:
         treated as re-used, so it is re-checked at commit time like any object a commit needs.
 
         Raises:
+            UnsupportedFormat: an encoding this store's format version predates (nothing appended).
             DeltaBaseMissing: a delta whose base is not in the store (nothing was appended).
             StorageError: the pack could not be written or made durable.
         """
+        need, what = required_version(codec, payload)
+        if self.store.config.version < need:
+            raise UnsupportedFormat(
+                f"{KINDS[kind]} {oid} is a {what} record (format version {need}); this store is version "
+                f"{self.store.config.version} and must not hold it"
+            )
         if codec == codecs.DELTA:
             if kind != "c":
                 raise StorageError("only chunks can be stored as deltas")
