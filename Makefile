@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py mstore/_planes.c
 	command -v fusermount3 >/dev/null || (apt-get update -qq && apt-get install -y -qq fuse3) || echo "fuse3 missing: mount tests will skip"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,train]' --config-settings editable_mode=compat

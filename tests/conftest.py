@@ -30,6 +30,18 @@ class Clock:
         self.now += days * DAY + seconds
 
 
+@pytest.fixture(params=["c", "numpy"])
+def plane_kernels(request, monkeypatch) -> str:
+    """Run a test once with the C byte-plane kernels and once with their numpy versions."""
+    from mstore import codecs
+
+    if request.param == "numpy":
+        monkeypatch.setattr(codecs, "_kernels", None)
+    elif codecs._kernels is None:
+        pytest.skip("the C byte-plane kernels are not built (no C compiler at install)")
+    return request.param
+
+
 @pytest.fixture
 def repo(tmp_path: Path) -> Repo:
     """An empty repository in a temporary directory (store at tmp/.mstore)."""

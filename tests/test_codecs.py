@@ -92,7 +92,7 @@ def _planes_by_strided_copy(raw: bytes, item: int, rotate: bool) -> list:
 @pytest.mark.parametrize("item", [2, 4, 8])
 @pytest.mark.parametrize("rotate", [False, True])
 @pytest.mark.parametrize("elements", [1, 17, 32768, 32769, 100_003])  # around and across block edges
-def test_planes_split_and_interleave_agree_with_the_strided_definition(item, rotate, elements):
+def test_planes_split_and_interleave_agree_with_the_strided_definition(item, rotate, elements, plane_kernels):
     raw = np.random.default_rng(elements).integers(0, 256, elements * item, dtype=np.uint8).tobytes()
     planes = codecs.split_planes(raw, item, rotate)
     expected = _planes_by_strided_copy(raw, item, rotate)
@@ -102,6 +102,78 @@ def test_planes_split_and_interleave_agree_with_the_strided_definition(item, rot
     out[-8:] = b"\xaa" * 8
     assert codecs.interleave(planes, len(raw), out, rotate=rotate) == b""
     assert bytes(out[: len(raw)]) == raw and out[-8:] == b"\xaa" * 8
+
+
+def test_the_c_kernels_are_built_wherever_a_c_compiler_is(monkeypatch):
+    import shutil
+    import sysconfig
+
+    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(cc) is None:
+        pytest.skip(f"no C compiler ({cc}): the numpy kernels are used, which is allowed")
+    assert codecs._kernels is not None, "mstore._planes was not built: run `make install` again and read its output"
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    item=st.sampled_from([2, 4, 8]),
+    elements=st.integers(0, 3000),
+    rotate=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_c_and_numpy_kernels_give_the_same_planes_and_the_same_elements(item, elements, rotate, seed):
+    if codecs._kernels is None:
+        pytest.skip("the C byte-plane kernels are not built")
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, elements * item, dtype=np.uint8).tobytes()
+    other = rng.integers(0, 256, elements * item, dtype=np.uint8).tobytes()
+    kernels = codecs._kernels
+    c_planes = codecs.split_planes(raw, item, rotate)
+    x_planes = codecs.split_planes(other, item, False)
+    c_out = bytearray(len(raw))
+    kernels.join(c_planes, c_out, elements, rotate, x_planes)
+    try:
+        codecs._kernels = None
+        np_planes = codecs.split_planes(raw, item, rotate)
+        xored = [np.bitwise_xor(p, q) for p, q in zip(np_planes, x_planes, strict=True)]
+        np_out = codecs.interleave(xored, len(raw), rotate=rotate)
+    finally:
+        codecs._kernels = kernels
+    assert all(np.array_equal(p, q) for p, q in zip(c_planes, np_planes, strict=True))
+    assert bytes(c_out) == np_out
+
+
+@pytest.mark.parametrize("item", [2, 4, 8])
+def test_the_c_kernels_refuse_buffers_that_do_not_fit_the_element_count(item):
+    if codecs._kernels is None:
+        pytest.skip("the C byte-plane kernels are not built")
+    planes = [bytes(10)] * item
+    with pytest.raises(ValueError, match="needs"):
+        codecs._kernels.join(planes, bytearray(10 * item), 11, False)  # planes hold 10 elements
+    with pytest.raises(ValueError, match="needs"):
+        codecs._kernels.join(planes, bytearray(10 * item - 1), 10, False)
+    with pytest.raises(ValueError, match="element size"):
+        codecs._kernels.join(planes[:-1], bytearray(10 * item), 10, False)
+    with pytest.raises(ValueError, match="expected"):
+        codecs._kernels.join(planes, bytearray(10 * item), 10, False, planes[:-1])  # XOR planes: one short
+    with pytest.raises(ValueError, match="whole"):
+        codecs._kernels.split(bytes(10 * item + 1), [bytearray(11)] * item, item, False)
+    with pytest.raises(BufferError, match="not writable"):
+        codecs._kernels.split(bytes(10 * item), [bytes(10)] * item, item, False)  # read-only planes
+
+
+@pytest.mark.parametrize("dtype,item", [(np.float16, 2), (np.float32, 4), (np.float64, 8)])
+def test_payloads_are_byte_identical_with_and_without_the_c_kernels(dtype, item, monkeypatch):
+    if codecs._kernels is None:
+        pytest.skip("the C byte-plane kernels are not built")
+    with np.errstate(over="ignore", invalid="ignore"):
+        raw = np.concatenate(
+            [np.array(SPECIALS * 7), np.random.default_rng(3).standard_normal(40_000) * 0.02]
+        ).astype(dtype).tobytes()
+    with_c = codecs.encode(raw, item_size=item)
+    monkeypatch.setattr(codecs, "_kernels", None)
+    assert codecs.encode(raw, item_size=item) == with_c
+    assert codecs.decode(with_c[0], with_c[1], len(raw)) == raw
 
 
 def test_byteplane_chunks_written_before_floatplane_still_decode():

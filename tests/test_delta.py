@@ -85,7 +85,7 @@ def set_delta(repo: Repo, **values) -> Repo:
 
 
 @pytest.mark.parametrize("dtype", ["f32", "f16"])
-def test_every_version_of_a_series_stored_as_deltas_checks_out_bit_exact(repo, work, tmp_path, dtype):
+def test_every_version_of_a_series_stored_as_deltas_checks_out_bit_exact(repo, work, tmp_path, dtype, plane_kernels):
     s = Series(repo, work, dtype)
     for _ in range(5):
         s.step()

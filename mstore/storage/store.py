@@ -186,7 +186,7 @@ class ObjectStore:
 
         A delta chain is decoded from its whole base upwards through two alternating buffer
         pairs, so memory does not grow with the chain; while every level is byte planes, the
-        XOR is taken plane by plane and the result interleaved once at the end.
+        XOR is taken plane by plane and the result interleaved once, with the last level's XOR.
 
         Raises:
             IntegrityError: a record is missing, damaged or does not decode (message names the
@@ -219,6 +219,10 @@ class ObjectStore:
                 if rec.codec != codecs.DELTA:
                     raise IntegrityError(f"chunk {cid} changed while its chain was read")
                 if planes is not None:
+                    if step == len(chain) - 1:  # the last level: XOR, interleave and rotate in one pass
+                        final = scratch.final(raw_len)
+                        if codecs.finish_delta_planes(payload, raw_len, planes, out, final, plane_codec):
+                            return memoryview(final)[:raw_len]
                     res = codecs.xor_delta_planes(payload, raw_len, planes, out, plane_codec)
                     if res is not None:
                         planes = res
