@@ -855,9 +855,6 @@ class Repo:
         if findings and not allow_regression:
             raise RegressionRefused(_refusal_text(branch, parent, findings, dry_run), findings)
         cwd = Path(cwd) if cwd is not None else Path.cwd()
-        prov = _prov.capture(cwd, argv, provenance)
-        if findings:
-            prov["guards_overridden"] = [f.to_dict() for f in findings]
         progress = progress or (lambda n: None)
         if dry_run:
             with Ingest(self.store, None, progress, previous=previous) as ingest:
@@ -866,11 +863,15 @@ class Repo:
             if child.vocab_size is not None:
                 stats["vocab_size"] = child.vocab_size
             return CommitResult(None, None, branch, parent, ingest.new_bytes, 0, findings, stats, True)
+        pending = _prov.Capture(cwd, argv, provenance)  # git runs while the files are ingested
         with (
             self.store.batch() as batch,
             Ingest(self.store, batch, progress, previous=previous, ancestors=ancestors) as ingest,
         ):
             tree_id = ingest.ingest_root(path)
+            prov = pending.result()
+            if findings:
+                prov["guards_overridden"] = [f.to_dict() for f in findings]
             stats = ingest.stats.to_dict()
             if child.vocab_size is not None:
                 stats["vocab_size"] = child.vocab_size

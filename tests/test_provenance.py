@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from importlib import metadata
 
+import pytest
+
 from mstore import provenance
 
 
@@ -32,12 +34,43 @@ def test_a_package_installed_nowhere_is_left_out(tmp_path, monkeypatch):
     assert provenance.installed_versions(("no-such-package-anywhere",)) == {}
 
 
-def test_an_egg_info_install_is_asked_of_importlib_metadata(tmp_path, monkeypatch):
+def test_an_egg_info_install_has_the_version_header_of_its_pkg_info_read(tmp_path, monkeypatch):
     egg = tmp_path / "some_egg.egg-info"
     egg.mkdir()
-    (egg / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: some-egg\nVersion: 3.4.5\n")
+    (egg / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: some-egg\nVersion: 3.4.5\n\nVersion: 0.0 (body)\n")
     monkeypatch.setattr(sys, "path", [str(tmp_path)])
     assert provenance.installed_versions(("some-egg",)) == {"some-egg": "3.4.5"}
+
+
+def test_an_egg_info_file_is_read_as_its_own_pkg_info(tmp_path, monkeypatch):
+    (tmp_path / "some_egg-3.4.5-py3.11.egg-info").write_text("Metadata-Version: 1.0\nName: some-egg\nVersion: 3.4.5\n")
+    monkeypatch.setattr(sys, "path", [str(tmp_path)])
+    assert provenance.installed_versions(("some-egg",)) == {"some-egg": "3.4.5"}
+
+
+def test_an_egg_info_without_a_version_header_is_asked_of_importlib_metadata(tmp_path, monkeypatch):
+    egg = tmp_path / "some_egg.egg-info"
+    egg.mkdir()
+    (egg / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: some-egg\n")
+    asked = []
+    monkeypatch.setattr(metadata, "version", lambda name: asked.append(name) or "7.0")
+    monkeypatch.setattr(sys, "path", [str(tmp_path)])
+    assert provenance.installed_versions(("some-egg",)) == {"some-egg": "7.0"}
+    assert asked == ["some-egg"]
+
+
+def test_a_provenance_capture_on_a_thread_hands_its_error_to_the_caller(tmp_path, monkeypatch):
+    def boom(cwd, argv, extra):
+        raise OSError("no provenance today")
+
+    monkeypatch.setattr(provenance, "capture", boom)
+    pending = provenance.Capture(tmp_path, ["x"])
+    with pytest.raises(OSError, match="no provenance today"):
+        pending.result()
+
+
+def test_a_provenance_capture_on_a_thread_records_the_command_line_given(tmp_path):
+    assert provenance.Capture(tmp_path, ["mstore", "commit", "x"]).result()["command"] == ["mstore", "commit", "x"]
 
 
 def test_an_egg_info_earlier_on_the_path_wins_over_a_later_dist_info(tmp_path, monkeypatch):
