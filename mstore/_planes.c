@@ -213,7 +213,46 @@ static PyObject *py_join(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(xor_doc,
+             "xor(a, b, out)\n\n"
+             "Write a[i] ^ b[i] into out[i] for every byte of a (b and out at least as long).");
+
+static PyObject *py_xor(PyObject *self, PyObject *args) {
+    PyObject *a_obj, *b_obj, *out_obj;
+    if (!PyArg_ParseTuple(args, "OOO", &a_obj, &b_obj, &out_obj)) return NULL;
+    Py_buffer a, b, out;
+    if (PyObject_GetBuffer(a_obj, &a, PyBUF_SIMPLE) < 0) return NULL;
+    if (PyObject_GetBuffer(b_obj, &b, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&a);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(out_obj, &out, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&b);
+        PyBuffer_Release(&a);
+        return NULL;
+    }
+    PyObject *ret = NULL;
+    if (b.len < a.len || out.len < a.len) {
+        PyErr_Format(PyExc_ValueError, "xor of %zd bytes needs b and out that long (b %zd, out %zd)", a.len,
+                     b.len, out.len);
+    } else {
+        const uint8_t *pa = (const uint8_t *)a.buf, *pb = (const uint8_t *)b.buf;
+        uint8_t *po = (uint8_t *)out.buf;
+        Py_ssize_t n = a.len;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < n; i++) po[i] = pa[i] ^ pb[i];
+        Py_END_ALLOW_THREADS
+        ret = Py_None;
+        Py_INCREF(ret);
+    }
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&b);
+    PyBuffer_Release(&a);
+    return ret;
+}
+
 static PyMethodDef methods[] = {
+    {"xor", py_xor, METH_VARARGS, xor_doc},
     {"split", py_split, METH_VARARGS, split_doc},
     {"join", py_join, METH_VARARGS, join_doc},
     {NULL, NULL, 0, NULL},

@@ -120,6 +120,11 @@ _F32_TINY = 2.0**-126  # below this (non-zero) a float32 is subnormal
 _local = threading.local()
 
 
+def have_kernels() -> bool:
+    """Whether the C byte-plane kernels are built: then plane codecs run without numpy."""
+    return _kernels is not None
+
+
 def _plane_compressor() -> zstandard.ZstdCompressor:
     comp = getattr(_local, "plane", None)
     if comp is None:
@@ -147,6 +152,39 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     if d is None:
         d = _local.d = zstandard.ZstdDecompressor()
     return d
+
+
+def _scratch(slot: int, n: int) -> memoryview:
+    """``n`` bytes of a buffer this thread reuses (contents undefined), one per ``slot``.
+
+    Encoding splits planes and takes XORs of whole pieces; a fresh buffer for each costs page
+    faults on every piece, where the encoded result is a new ``bytes`` anyway.
+    """
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None:
+        bufs = _local.bufs = {}
+    buf = bufs.get(slot)
+    if buf is None or len(buf) < n:
+        buf = bufs[slot] = bytearray(n)
+    return memoryview(buf)[:n]
+
+
+_XOR_SLOT = -1  # scratch slot of encode_delta's XOR; slots 0..7 hold planes
+
+
+def xor_into(a: bytes | memoryview, b: bytes | memoryview, out: bytearray | memoryview) -> None:
+    """``out[i] = a[i] ^ b[i]`` for every byte of ``a`` (``b`` and ``out`` at least as long)."""
+    if _kernels is not None:
+        _kernels.xor(a, b, out)
+        return
+    import numpy as np
+
+    n = len(a)
+    np.bitwise_xor(
+        np.frombuffer(a, dtype=np.uint8),
+        np.frombuffer(b, dtype=np.uint8, count=n),
+        out=np.frombuffer(out, dtype=np.uint8, count=n),
+    )
 
 
 def encode(
@@ -228,14 +266,23 @@ def split_planes(raw: bytes | memoryview, item: int, rotate: bool) -> list:
     return planes
 
 
+def _split(raw: bytes | memoryview, item: int, rotate: bool) -> list[memoryview]:
+    """:func:`split_planes` into this thread's scratch buffers (numpy arrays without the C kernels)."""
+    if _kernels is None:
+        return [a.data for a in split_planes(raw, item, rotate)]
+    m = len(raw) // item
+    planes = [_scratch(i, m) for i in range(item)]
+    _kernels.split(raw, planes, item, rotate)
+    return planes
+
+
 def _encode_planes(
     raw: bytes | memoryview, item: int, min_saving: float = MIN_SAVING, rotate: bool = False
 ) -> bytes | None:
     comp = _plane_compressor()
     mask = 0
     parts = []
-    for i, arr in enumerate(split_planes(raw, item, rotate)):
-        plane = arr.data
+    for i, plane in enumerate(_split(raw, item, rotate)):
         head = comp.compress(plane[:_SAMPLE])
         enc = None
         if len(head) <= min(len(plane), _SAMPLE) * (1 - min_saving):
@@ -353,8 +400,6 @@ def xor_delta_planes(
     Raises:
         IntegrityError: a damaged header or XOR encoding.
     """
-    import numpy as np
-
     planes = _delta_planes(payload, raw_len, base, codec)
     if planes is None:
         return None
@@ -362,10 +407,11 @@ def xor_delta_planes(
     n = raw_len // item
     if len(out) < raw_len:
         raise ValueError("output buffer too small")
-    res = np.frombuffer(out, dtype=np.uint8)[:raw_len].reshape(item, n)
+    view = memoryview(out)
+    res = [view[i * n : (i + 1) * n] for i in range(item)]
     for i in range(item):
-        np.bitwise_xor(np.frombuffer(planes[i], dtype=np.uint8), np.frombuffer(base[i], dtype=np.uint8), out=res[i])
-    return [res[i] for i in range(item)]
+        xor_into(planes[i], base[i], res[i])
+    return res
 
 
 def finish_delta_planes(
@@ -425,14 +471,13 @@ def encode_delta(
     raw: bytes | memoryview, base: bytes | memoryview, base_id: bytes, depth: int, level: int, item_size: int
 ) -> bytes:
     """The DELTA payload of ``raw`` against ``base`` (same length), at chain ``depth`` (>= 1)."""
-    import numpy as np
-
     if len(raw) != len(base):
         raise ValueError("a delta needs a base of the same length")
     if not 1 <= depth <= 255:
         raise ValueError("delta depth out of range")
-    xor = np.bitwise_xor(np.frombuffer(raw, dtype=np.uint8), np.frombuffer(base, dtype=np.uint8))
-    codec, enc = encode(xor.data, level, item_size, DELTA_PLANE_MIN_SAVING)
+    xor = _scratch(_XOR_SLOT, len(raw))
+    xor_into(raw, base, xor)
+    codec, enc = encode(xor, level, item_size, DELTA_PLANE_MIN_SAVING)
     return DELTA_HEAD.pack(base_id, depth, codec) + enc
 
 
@@ -467,8 +512,6 @@ def decode_delta_into(
     Raises:
         IntegrityError: a damaged header, a base of the wrong length, or a bad XOR encoding.
     """
-    import numpy as np
-
     delta_base(payload)
     if len(base) != raw_len:
         raise IntegrityError(f"delta base has {len(base)} bytes, the chunk {raw_len}")
@@ -477,9 +520,7 @@ def decode_delta_into(
         return _decode_lowrank_into(inner, raw_len, base, out)
     xor = decode_into(payload[33], inner, raw_len, out)
     view = memoryview(out)[:raw_len]
-    np.bitwise_xor(
-        np.frombuffer(xor, dtype=np.uint8), np.frombuffer(base, dtype=np.uint8), out=np.frombuffer(view, dtype=np.uint8)
-    )
+    xor_into(xor, base, view)  # in place where the XOR was decoded into ``out``: same positions
     return view
 
 

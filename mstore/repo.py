@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import codecs
 from .errors import (
     AmbiguousId,
     Conflict,
@@ -72,6 +73,7 @@ from .storage.store import ObjectStore
 if TYPE_CHECKING:
     from .diff import FileChange, FileSide
     from .fsck import FsckReport
+    from .guards import VersionSummary
     from .mount import Mount, MountInfo
     from .run import RunResult
     from .snapshot import Checkout, FileReader
@@ -839,7 +841,7 @@ class Repo:
                 parent,
             )
         child = scan(path)
-        if child.tensor_files:
+        if child.tensor_files and _may_need_numpy(child, parent is not None):
             _import_numpy_meanwhile()
         findings = []
         previous: dict[str, tuple[int, ObjectId]] = {}
@@ -928,8 +930,8 @@ class Repo:
             names = (p for p, _e in walk_files(self.store, entry.id))
         else:
             names = iter([inner or entry.name])
-        if any(may_hold_tensors(n) for n in names):
-            _import_numpy_meanwhile()
+        if not codecs.have_kernels() and any(may_hold_tensors(n) for n in names):
+            _import_numpy_meanwhile()  # with the C kernels only low-rank deltas need numpy: rare
         co = Checkout(self.store, progress or (lambda n: None))
         try:
             co.run(entry, Path(dest), force=force)
@@ -1541,6 +1543,24 @@ class Repo:
 # LoRA run commits the base, then adapters only, then the merged model, which should be a delta
 # against the base two commits earlier.
 DELTA_LOOKBACK = 8
+
+
+def _may_need_numpy(child: VersionSummary, has_parent: bool) -> bool:
+    """Whether committing this version will likely use numpy (worth importing it early).
+
+    Without the C kernels every float piece does. With them only low-rank deltas do, tried for
+    2-D float32 tensors with a parent version (and for torch archives, whose pieces the scan
+    does not describe).
+    """
+    if not codecs.have_kernels():
+        return True
+    if not has_parent:
+        return False
+    if child.tensor_files > len(child.tensors):
+        return True  # tensor files the scan could not describe (torch archives)
+    return any(
+        dtype == "F32" and len(shape) == 2 for tensors in child.tensors.values() for dtype, shape in tensors.values()
+    )
 
 
 def _import_numpy_meanwhile() -> None:

@@ -1,9 +1,14 @@
-"""numpy is imported only when a version holds tensor files (its import is a third of a small commit)."""
+"""numpy is imported only when a commit or checkout needs it (its import is a third of a small commit)."""
 
 from __future__ import annotations
 
+import json
+import struct
 import subprocess
 import sys
+
+import numpy as np
+import pytest
 
 SCRIPT = """
 import sys
@@ -26,3 +31,41 @@ def test_committing_and_checking_out_text_files_never_imports_numpy(tmp_path):
     )
     assert out.stdout.strip() == "False"
     assert (tmp_path / "out" / "shard-1.jsonl").read_text() == (data / "shard-1.jsonl").read_text()
+
+
+SERIES_SCRIPT = """
+import sys
+from mstore import Repo
+repo = Repo.init(sys.argv[1])
+for i, d in enumerate(sys.argv[2:-1]):
+    repo.commit(d, "run", f"v{i}")
+repo.checkout("run", sys.argv[-1])
+print("numpy" in sys.modules)
+"""
+
+
+def test_a_bf16_checkpoint_series_is_committed_and_checked_out_without_numpy_given_the_c_kernels(tmp_path):
+    from mstore import Repo, codecs
+
+    if not codecs.have_kernels():
+        pytest.skip("without the C kernels the plane codecs use numpy")
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((256, 96)).astype(np.float32)
+    dirs = []
+    for v in range(3):  # every weight moves: the later versions are deltas against the earlier
+        w = w - 1e-3 * rng.standard_normal(w.shape).astype(np.float32)
+        bf16 = (w.view(np.uint32) >> 16).astype(np.uint16).tobytes()  # bf16 bit patterns
+        header = json.dumps({"w": {"dtype": "BF16", "shape": list(w.shape), "data_offsets": [0, len(bf16)]}})
+        d = tmp_path / f"v{v}"
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header.encode() + bf16)
+        dirs.append(d)
+    out = subprocess.run(
+        [sys.executable, "-c", SERIES_SCRIPT, str(tmp_path / "store"), *map(str, dirs), str(tmp_path / "out")],
+        capture_output=True, text=True, check=True,
+    )
+    assert out.stdout.strip() == "False"
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (dirs[-1] / "model.safetensors").read_bytes()
+    with Repo.open(tmp_path / "store") as repo:  # the path that was taken: deltas of byte planes
+        codecs_used = {entry.codec for _k, _oid, entry in repo.store.iter_entries("c")}
+    assert codecs.DELTA in codecs_used and codecs.FLOATPLANE in codecs_used
