@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -69,3 +70,36 @@ def test_a_bf16_checkpoint_series_is_committed_and_checked_out_without_numpy_giv
     with Repo.open(tmp_path / "store") as repo:  # the path that was taken: deltas of byte planes
         codecs_used = {entry.codec for _k, _oid, entry in repo.store.iter_entries("c")}
     assert codecs.DELTA in codecs_used and codecs.FLOATPLANE in codecs_used
+
+
+BLAS_SCRIPT = """
+import os, sys
+import click
+from mstore.cli import cli
+ctx = click.Context(cli)
+cli.get_command(ctx, sys.argv[1])
+print(os.environ.get("OPENBLAS_NUM_THREADS", "unset"))
+"""
+
+
+def _blas_threads_after_choosing(command: str, **env: str) -> str:
+    chosen = ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")
+    base = {k: v for k, v in os.environ.items() if k not in chosen}
+    out = subprocess.run(
+        [sys.executable, "-c", BLAS_SCRIPT, command], capture_output=True, text=True, check=True, env={**base, **env}
+    )
+    return out.stdout.strip()
+
+
+def test_mstore_commands_start_openblas_with_one_thread_so_it_cannot_spin_beside_the_workers():
+    assert _blas_threads_after_choosing("commit") == "1"
+    assert _blas_threads_after_choosing("clone") == "1"
+
+
+def test_a_thread_count_the_user_chose_is_kept():
+    assert _blas_threads_after_choosing("commit", OMP_NUM_THREADS="3") == "unset"
+    assert _blas_threads_after_choosing("commit", OPENBLAS_NUM_THREADS="4") == "4"
+
+
+def test_mstore_run_leaves_the_environment_of_the_users_program_alone():
+    assert _blas_threads_after_choosing("run") == "unset"

@@ -100,8 +100,30 @@ class LazyGroup(click.Group):
             return ep.load()
         if ctx.resilient_parsing or _listing_help():
             return click.Command(name, help=spec[2], short_help=spec[2])
+        if name not in RUNS_USER_PROGRAMS:
+            _one_blas_thread()
         module = importlib.import_module(spec[0])
         return getattr(module, spec[1])
+
+
+# Commands that start the user's own programs: their environment is left as the user set it.
+RUNS_USER_PROGRAMS = frozenset({"run"})
+
+
+def _one_blas_thread() -> None:
+    """Have numpy's OpenBLAS, if something imports it, start with one thread.
+
+    On import OpenBLAS starts a thread per core that spins for ~0.1 s of CPU waiting for work
+    mstore never gives it (its one BLAS use, the low-rank range finder, runs on one thread
+    anyway). On two cores that is a tenth of a second taken from hashing and decoding in every
+    commit, checkout or clone that imports numpy. Nothing changes if numpy is already loaded or
+    the user chose a thread count.
+    """
+    if "numpy" in sys.modules:
+        return
+    if any(v in os.environ for v in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")):
+        return
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
 
 
 def _listing_help() -> bool:
