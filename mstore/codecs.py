@@ -599,6 +599,15 @@ def _has_tiny_or_nonfinite(x) -> bool:
     return bool((~np.isfinite(x)).any() or ((a < _F32_TINY) & (a > 0)).any())
 
 
+def lowrank_possible(rows: int, cols: int) -> bool:
+    """Whether a ``rows`` x ``cols`` float32 matrix may be stored as a low-rank delta at all.
+
+    Both sides must exceed the range finder's width (MAX_RANK + oversampling): a thinner
+    matrix is never tried (a LoRA adapter's own A and B, say).
+    """
+    return min(rows, cols) > MAX_RANK + _LR_OVERSAMPLE
+
+
 def encode_lowrank_delta(
     raw: bytes | memoryview, base: bytes | memoryview, base_id: bytes, depth: int, cols: int, level: int
 ) -> bytes | None:
@@ -612,15 +621,15 @@ def encode_lowrank_delta(
     the difference is not of low rank (decided on a 128 x 128 corner first, ~1 ms), or when a
     subnormal or non-finite value would make the prediction machine-dependent.
     """
-    import numpy as np
-
     n = len(raw)
     if cols < 1 or n % (4 * cols) or len(base) != n:
         return None
     rows = n // (4 * cols)
     k = MAX_RANK + _LR_OVERSAMPLE
-    if min(rows, cols) <= k or not 1 <= depth <= 255:
-        return None
+    if not lowrank_possible(rows, cols) or not 1 <= depth <= 255:
+        return None  # decided before numpy is imported: adapters' own thin matrices never need it
+    import numpy as np
+
     a = np.frombuffer(raw, dtype="<f4").reshape(rows, cols)
     b = np.frombuffer(base, dtype="<f4").reshape(rows, cols)
     if _has_tiny_or_nonfinite(a) or _has_tiny_or_nonfinite(b):

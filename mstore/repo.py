@@ -1549,8 +1549,8 @@ def _may_need_numpy(child: VersionSummary, has_parent: bool) -> bool:
     """Whether committing this version will likely use numpy (worth importing it early).
 
     Without the C kernels every float piece does. With them only low-rank deltas do, tried for
-    2-D float32 tensors with a parent version (and for torch archives, whose pieces the scan
-    does not describe).
+    float32 matrices wider than the range finder with a parent version (and for torch
+    archives, whose pieces the scan does not describe).
     """
     if not codecs.have_kernels():
         return True
@@ -1559,7 +1559,9 @@ def _may_need_numpy(child: VersionSummary, has_parent: bool) -> bool:
     if child.tensor_files > len(child.tensors):
         return True  # tensor files the scan could not describe (torch archives)
     return any(
-        dtype == "F32" and len(shape) == 2 for tensors in child.tensors.values() for dtype, shape in tensors.values()
+        dtype == "F32" and len(shape) == 2 and codecs.lowrank_possible(*shape)
+        for tensors in child.tensors.values()
+        for dtype, shape in tensors.values()
     )
 
 

@@ -103,3 +103,25 @@ def test_a_thread_count_the_user_chose_is_kept():
 
 def test_mstore_run_leaves_the_environment_of_the_users_program_alone():
     assert _blas_threads_after_choosing("run") == "unset"
+
+
+def test_lora_adapters_are_committed_without_numpy_as_their_matrices_are_too_thin_for_low_rank(tmp_path):
+    from mstore import codecs
+    from tests.conftest import write_safetensors
+
+    if not codecs.have_kernels():
+        pytest.skip("without the C kernels the plane codecs use numpy")
+    rng = np.random.default_rng(1)
+    dirs = []
+    for v in range(3):  # new values every version: the XOR does not pay, so low rank would be next
+        a, b = rng.standard_normal((16, 384)).astype(np.float32), rng.standard_normal((384, 16)).astype(np.float32)
+        d = tmp_path / f"v{v}"
+        write_safetensors(d / "adapter_model.safetensors", {"lora_A.weight": a, "lora_B.weight": b})
+        dirs.append(d)
+    out = subprocess.run(
+        [sys.executable, "-c", SERIES_SCRIPT, str(tmp_path / "store"), *map(str, dirs), str(tmp_path / "out")],
+        capture_output=True, text=True, check=True,
+    )
+    assert out.stdout.strip() == "False"
+    got = (tmp_path / "out" / "adapter_model.safetensors").read_bytes()
+    assert got == (dirs[-1] / "adapter_model.safetensors").read_bytes()
