@@ -48,6 +48,7 @@ from .errors import (
     IntegrityError,
     InvalidName,
     MstoreError,
+    ObjectNotFound,
     OversizedObject,
     RemoteIntegrityError,
     UnsupportedFormat,
@@ -1667,18 +1668,24 @@ class _FileVerifier:
 
 def _add_deltas(store: ObjectStore, batch: Any, deltas: list[Received]) -> None:
     """Verify delta chunks against their ids once their bases are indexed, level by level."""
+    scratch = Scratch()
     while deltas:
         ready = [r for r in deltas if store.has("c", ObjectId.from_digest(codecs.delta_base(r.payload)[0]))]
         if not ready:
             r = deltas[0]
             raise RemoteIntegrityError(f"remote delta chunk {r.oid}: its base is neither local nor on the remote")
         for r in ready:
-            base = store.get("c", ObjectId.from_digest(codecs.delta_base(r.payload)[0]))
+            base_id = ObjectId.from_digest(codecs.delta_base(r.payload)[0])
+            # The base is read without hashing it: the delta's own id, checked below, covers
+            # every byte of it. Only a mismatch asks whether the local base is the damage.
+            base = _local_chunk(store, base_id, scratch)
             try:
                 raw = codecs.decode_delta(r.payload, r.raw_len, base)
             except IntegrityError as exc:
+                store.get("c", base_id)  # raises if the local base is damaged
                 raise RemoteIntegrityError(f"remote delta chunk {r.oid}: {exc}") from None
             if blake3.blake3(raw).digest() != r.oid.digest or r.check != r.oid.digest:
+                store.get("c", base_id)
                 raise RemoteIntegrityError(f"remote delta chunk {r.oid}: wrong bytes (they hash to another id)")
             if not batch.contains(r.kind, r.oid):
                 append_received(batch, r)
@@ -1714,14 +1721,34 @@ def _verify_file_content(store: ObjectStore, r: Received) -> None:
         entry = store.entry("c", r.oid)
         _check_one_chunk_file(r.oid, fobj, entry.raw_len if entry is not None else None)
         return  # one chunk of the size it claims: its id, already verified, is the content hash
+    # The chunks are read without hashing each: the file's id is the hash of them all, so one
+    # hash checks every byte. Only a mismatch verifies them one by one, to tell local damage
+    # (named by store.get) from a remote manifest that lists the wrong chunks.
     h = blake3.blake3()
+    scratch = Scratch()
     for cid, n in fobj.chunks:
-        raw = store.get("c", cid)
+        raw = _local_chunk(store, cid, scratch)
         if len(raw) != n:
             raise RemoteIntegrityError(f"remote file {r.oid}: chunk {cid} is {len(raw)} bytes, manifest says {n}")
         h.update(raw)
     if h.digest() != r.oid.digest:
+        for cid, _n in fobj.chunks:
+            store.get("c", cid)
         raise RemoteIntegrityError(f"remote file manifest {r.oid}: its chunks hash to {h.hexdigest()}, not its id")
+
+
+def _local_chunk(store: ObjectStore, cid: ObjectId, scratch: Scratch) -> memoryview:
+    """A local chunk's decoded bytes, *not* hashed (valid until ``scratch`` is used again).
+
+    Only for callers that hash what they build from it against an id they trust.
+
+    Raises:
+        ObjectNotFound: not indexed; IntegrityError: its records do not decode.
+    """
+    entry = store.entry("c", cid)
+    if entry is None:
+        raise ObjectNotFound(f"chunk {cid} is not in the store", cid)
+    return store.chunk_view(cid, entry, scratch)
 
 
 # -- repair ---------------------------------------------------------------------------------

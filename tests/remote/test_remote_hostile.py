@@ -303,3 +303,67 @@ def test_repair_of_a_version_1_store_refuses_a_copy_in_a_newer_encoding(tmp_path
     assert sorted(p.name for p in (old.root / "packs").iterdir()) == packs_before
     old.close()
     src.close()
+
+
+def _flip_stored_chunk(repo: Repo, cid) -> None:
+    """Flip one payload byte of a chunk in the local store's pack (local damage)."""
+    from mstore.storage.packs import RECORD
+
+    entry = repo.store.entry("c", cid)
+    path = repo.store.packs_dir / repo.store.pack_name(entry.pack)
+    with open(path, "r+b") as f:
+        f.seek(entry.offset + RECORD.size + entry.enc_len // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0x40]))
+
+
+def _series_pushed_with_a_delta(repo, work, remote):
+    """Two versions pushed; the second stores a moved tensor as a delta against the first's.
+
+    Returns the delta base's id and another whole chunk's (neither a delta nor its base).
+    """
+    from mstore.codecs import DELTA, delta_base
+    from mstore.hashing import ObjectId
+
+    repo.commit(checkpoint(work / "v0", 0), "exp1", "v0")
+    repo.commit(checkpoint(work / "v1", 1), "exp1", "v1")
+    add_remote(repo, remote)
+    repo.push("origin", ["exp1"])
+    with repo.store.index.read() as txn:
+        chunks = [(ObjectId.from_digest(d), e) for _k, d, e in txn.iter_entries("c")]
+    bases = set()
+    for _oid, entry in chunks:
+        if entry.codec == DELTA:
+            _rec, payload = repo.store.reader.read(repo.store.pack_name(entry.pack), entry.offset, entry.enc_len)
+            bases.add(ObjectId.from_digest(delta_base(payload)[0]))
+    assert bases, "the second version stored no delta"
+    other = next(o for o, e in chunks if e.codec != DELTA and o not in bases and e.raw_len > 4096)
+    return sorted(bases)[0], other
+
+
+@pytest.mark.parametrize("damaged", ["base", "chunk"])  # a delta's base; a chunk of a file
+def test_a_local_chunk_damaged_while_a_fetch_checks_it_is_named_as_local_damage_not_the_remotes(
+    repo, work, tmp_path, remote, monkeypatch, damaged
+):
+    # Nothing stays in memory: deltas are checked against their bases, and files against their
+    # chunks, from the store after the chunks are indexed, which is when the damage happens.
+    from mstore import remote as remote_mod
+    from mstore.errors import IntegrityError
+
+    base_id, chunk_id = _series_pushed_with_a_delta(repo, work, remote)
+    monkeypatch.setattr(remote_mod._FileVerifier, "BUDGET", 0)
+    other = Repo.init(tmp_path / "other")
+    add_remote(other, remote)
+    target = base_id if damaged == "base" else chunk_id
+
+    def damage(point):
+        if point == "chunks-indexed" and other.store.entry("c", target) is not None:
+            _flip_stored_chunk(other, target)
+
+    with pytest.raises(IntegrityError) as info:
+        other.fetch("origin", crash_hook=damage)
+    assert not isinstance(info.value, RemoteIntegrityError), str(info.value)
+    assert str(target) in str(info.value)
+    with other.store.index.read() as txn:
+        assert list(txn.iter_refs()) == []
