@@ -210,6 +210,32 @@ def test_packs_larger_than_a_multipart_part_round_trip_from_the_push_buffer(repo
     clone.close()
 
 
+def test_packs_built_in_the_buffer_of_an_uploaded_pack_carry_none_of_its_bytes(
+    repo, work, tmp_path, remote, monkeypatch
+):
+    from mstore import remote as remote_mod
+
+    reused = []
+    init = remote_mod._LocalPackBuilder.__init__
+
+    def spy(self, meta, capacity, mem=None):
+        init(self, meta, capacity, mem)
+        reused.append(mem is not None and self.mem is mem)
+
+    monkeypatch.setattr(remote_mod._LocalPackBuilder, "__init__", spy)
+    dirs = [checkpoint(work / f"ck{i}", i, changed=3, n=6, shape=(256, 256)) for i in range(3)]
+    ids = [repo.commit(d, "exp1", f"v{i}").id for i, d in enumerate(dirs)]
+    add_remote(repo, remote)
+    repo.push("origin", ["exp1"], pack_target=300 << 10)  # a pack per record or two, sizes varying
+    assert sum(reused) >= 2  # later packs were built in earlier packs' buffers
+    clone = Repo.clone(remote["url"], tmp_path / "clone", endpoint_url=remote.get("endpoint_url"))
+    for i, cid in enumerate(ids):
+        clone.checkout(cid, tmp_path / f"out{i}")
+        assert tree_bytes(tmp_path / f"out{i}") == tree_bytes(dirs[i])
+    assert clone.fsck().ok
+    clone.close()
+
+
 def test_a_push_meeting_a_remote_gc_lock_is_busy_and_sends_nothing(repo, work, remote):
     from mstore.errors import RemoteBusy
     from mstore.remote_lock import gc_lock, list_locks
