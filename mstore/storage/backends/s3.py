@@ -27,10 +27,6 @@ from .base import Backend, BackendError, BackendNotFound, Progress, check_key, c
 # boto3's own defaults for `aws s3 cp`-style transfers (8 MiB parts, 10 in flight); a remote
 # pack of 64 MiB is eight parts, and push keeps two packs in flight.
 PART_SIZE = 8 << 20
-# A conditional put that got a 5xx is looked up and tried again, waiting 0.05 s doubling each
-# time: 8 tries wait up to 6.4 s in all. SeaweedFS answers 500 for a few seconds after it starts
-# (a test run's first conditional put failed after 6 tries, 1.6 s).
-_CONDITIONAL_TRIES = 8
 CONCURRENCY = 10
 
 _CONFLICT = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
@@ -256,7 +252,7 @@ class S3Backend(Backend):
 
     def put_if_version(self, key: str, data: bytes, version: str | None) -> bool:
         cond = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
-        for attempt in range(_CONDITIONAL_TRIES):
+        for attempt in range(6):
             try:
                 self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **cond)
                 return True
@@ -267,7 +263,7 @@ class S3Backend(Backend):
                 if version is not None and code in _MISSING:
                     return False  # it was deleted meanwhile: not at the version we saw
                 status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-                if not (isinstance(status, int) and status >= 500) or attempt == _CONDITIONAL_TRIES - 1:
+                if not (isinstance(status, int) and status >= 500) or attempt == 5:
                     raise self._error("conditional put", key, exc) from None
             # A 5xx leaves it open whether the write happened (some servers, SeaweedFS among
             # them, answer 500 while a new bucket settles): look before trying again.
