@@ -19,6 +19,13 @@
 
 #define MAX_ITEM 8
 
+/* Elements are loaded with memcpy into native integers, so byte j of the value is byte j in
+ * memory only on a little-endian machine, as the format (and numpy's "<u4" views) require.
+ * Elsewhere the build fails, and being optional, the install falls back to numpy. */
+#if PY_BIG_ENDIAN
+#error "mstore._planes assumes a little-endian machine"
+#endif
+
 /* rotl1 / rotr1 on an element of the given width */
 #define ROTL1(T, v) ((T)(((v) << 1) | ((v) >> (8 * sizeof(T) - 1))))
 #define ROTR1(T, v) ((T)(((v) >> 1) | ((v) << (8 * sizeof(T) - 1))))
@@ -164,7 +171,8 @@ static PyObject *py_split(PyObject *self, PyObject *args) {
 }
 
 PyDoc_STRVAR(join_doc,
-             "join(planes, out, n, rotate, xor=None)\n\n"
+             "join(planes, out, n, rotate[, xor])\n\n"
+             "(All arguments are positional.) "
              "Write n elements into out, element i composed of byte i of every plane (each XORed\n"
              "with byte i of the same plane of xor when given), rotated right by one bit when\n"
              "rotate is true: the inverse of split.");
@@ -184,7 +192,7 @@ static PyObject *py_join(PyObject *self, PyObject *args) {
     Py_buffer out;
     if (PyObject_GetBuffer(out_obj, &out, PyBUF_WRITABLE) < 0) return NULL;
     if (out.len / item < n) {
-        PyErr_Format(PyExc_ValueError, "out has %zd bytes, needs %zd", out.len, n * item);
+        PyErr_Format(PyExc_ValueError, "out has %zd bytes, needs %zd elements of %zd bytes", out.len, n, item);
         PyBuffer_Release(&out);
         return NULL;
     }

@@ -298,6 +298,8 @@ def _encode_planes(
     if total > len(raw) * (1 - MIN_SAVING):
         return None
     header = struct.pack(f"<BB{item}I", item, mask, *(len(p) for p in parts))
+    # Raw planes in ``parts`` are views of this thread's scratch buffers: the join copies them
+    # into the new bytes returned; nothing else may keep them.
     return header + b"".join(parts)
 
 

@@ -1766,7 +1766,11 @@ def _local_chunk(store: ObjectStore, cid: ObjectId, scratch: Scratch) -> memoryv
     entry = store.entry("c", cid)
     if entry is None:
         raise ObjectNotFound(f"chunk {cid} is not in the store", cid)
-    return store.chunk_view(cid, entry, scratch)
+    try:
+        return store.chunk_view(cid, entry, scratch)
+    except IntegrityError:
+        store.get("c", cid)  # decodes level by level, naming the damaged base of a chain
+        raise
 
 
 # -- repair ---------------------------------------------------------------------------------

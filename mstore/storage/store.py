@@ -223,7 +223,9 @@ class ObjectStore:
                         final = scratch.final(raw_len)
                         if codecs.finish_delta_planes(payload, raw_len, planes, out, final, plane_codec):
                             return memoryview(final)[:raw_len]
-                    res = codecs.xor_delta_planes(payload, raw_len, planes, out, plane_codec)
+                        res = None  # not such planes (the same test as below): go bytewise
+                    else:
+                        res = codecs.xor_delta_planes(payload, raw_len, planes, out, plane_codec)
                     if res is not None:
                         planes = res
                         continue
