@@ -7,6 +7,7 @@ tree or commit can ever share an id with a file whose content happens to be the 
 
 from __future__ import annotations
 
+import os
 import re
 
 import blake3
@@ -75,10 +76,26 @@ def is_id_prefix(text: str) -> bool:
     return bool(_PREFIX_RE.fullmatch(text))
 
 
+_threads_pid = [0]  # the process in which blake3's multi-threaded hashing first ran
+
+
+def _hash_threads() -> int:
+    """``max_threads`` for big inputs: AUTO, except in a process forked after it was used.
+
+    blake3 hashes with a thread pool (Rayon's) started on first use; a forked child inherits
+    the pool's state but not its threads, and its first multi-threaded hash waits forever
+    (a checkout in a child of a process that had checked out hung in hashing the file).
+    """
+    pid = os.getpid()
+    if _threads_pid[0] == 0:
+        _threads_pid[0] = pid
+    return blake3.blake3.AUTO if _threads_pid[0] == pid else 1
+
+
 def hash_bytes(data: bytes | bytearray | memoryview) -> ObjectId:
     """BLAKE3 of ``data`` as an :class:`ObjectId`."""
     if len(data) >= _MT_THRESHOLD:
-        h = blake3.blake3(data, max_threads=blake3.blake3.AUTO)
+        h = blake3.blake3(data, max_threads=_hash_threads())
     else:
         h = blake3.blake3(data)
     return ObjectId.from_digest(h.digest())
@@ -105,7 +122,7 @@ def hash_file_fd(fd: int, size: int) -> ObjectId:
     """BLAKE3 of the first ``size`` bytes of a readable descriptor (multi-threaded, windowed mmap)."""
     import mmap
 
-    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    h = blake3.blake3(max_threads=_hash_threads())
     off = 0
     while off < size:
         n = min(_HASH_WINDOW, size - off)

@@ -268,6 +268,9 @@ class Repo:
         self.clock = clock
         self.store = ObjectStore(self.root, self.config, clock)
         self.user = _current_user()
+        self._pool: Any = None  # worker threads, started by the first commit or checkout
+        self._pool_pid = 0
+        self._pool_lock = threading.Lock()
 
     # -- lifecycle --------------------------------------------------------------------------
     @classmethod
@@ -310,8 +313,32 @@ class Repo:
         )
 
     def close(self) -> None:
-        """Release the index and open files."""
+        """Stop the worker threads, release the index and open files.
+
+        The workers (one per core) are kept from the first commit or checkout until here, with
+        their decode and encode buffers (about five of the largest chunk, 16 MiB by default,
+        each): a repository used for many commits or checkouts in one process allocates them
+        once.
+        """
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None and self._pool_pid == os.getpid():
+            pool.shutdown(wait=True)
         self.store.close()
+
+    def _worker_pool(self) -> Any:
+        """The repository's worker threads (a ThreadPoolExecutor), started on first use.
+
+        A process forked from one that had started them gets its own: the parent's threads do
+        not exist in the child, and a task submitted to their pool would wait forever.
+        """
+        with self._pool_lock:
+            if self._pool is None or self._pool_pid != os.getpid():
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(max(1, os.cpu_count() or 1), thread_name_prefix="mstore-worker")
+                self._pool_pid = os.getpid()
+            return self._pool
 
     def __enter__(self) -> Repo:
         return self
@@ -868,7 +895,9 @@ class Repo:
         pending = _prov.Capture(cwd, argv, provenance)  # git runs while the files are ingested
         with (
             self.store.batch() as batch,
-            Ingest(self.store, batch, progress, previous=previous, ancestors=ancestors) as ingest,
+            Ingest(
+                self.store, batch, progress, previous=previous, ancestors=ancestors, pool=self._worker_pool()
+            ) as ingest,
         ):
             tree_id = ingest.ingest_root(path)
             prov = pending.result()
@@ -932,7 +961,7 @@ class Repo:
             names = iter([inner or entry.name])
         if not codecs.have_kernels() and any(may_hold_tensors(n) for n in names):
             _import_numpy_meanwhile()  # with the C kernels only low-rank deltas need numpy: rare
-        co = Checkout(self.store, progress or (lambda n: None))
+        co = Checkout(self.store, progress or (lambda n: None), pool=self._worker_pool())
         try:
             co.run(entry, Path(dest), force=force)
         finally:
