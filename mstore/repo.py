@@ -271,6 +271,7 @@ class Repo:
         self._pool: Any = None  # worker threads, started by the first commit or checkout
         self._pool_pid = 0
         self._pool_lock = threading.Lock()
+        self._closed = False
 
     # -- lifecycle --------------------------------------------------------------------------
     @classmethod
@@ -315,13 +316,16 @@ class Repo:
     def close(self) -> None:
         """Stop the worker threads, release the index and open files.
 
-        The workers (one per core) are kept from the first commit or checkout until here, with
-        their decode and encode buffers (about five of the largest chunk, 16 MiB by default,
-        each): a repository used for many commits or checkouts in one process allocates them
-        once.
+        The workers (one per core this process may run on) are kept from the first commit or
+        checkout until here, with their decode and encode buffers: up to about ten times the
+        largest chunk (16 MiB by default) per worker, once it has both checked out and
+        committed deltas. A repository used for many commits or checkouts in one process
+        allocates them once. Close a repository before it is used no more; do not close it
+        while another thread is committing or checking out with it.
         """
         with self._pool_lock:
             pool, self._pool = self._pool, None
+            self._closed = True
         if pool is not None and self._pool_pid == os.getpid():
             pool.shutdown(wait=True)
         self.store.close()
@@ -333,10 +337,16 @@ class Repo:
         not exist in the child, and a task submitted to their pool would wait forever.
         """
         with self._pool_lock:
+            if self._closed:
+                raise UserError(f"the repository at {self.root} is closed")
             if self._pool is None or self._pool_pid != os.getpid():
                 from concurrent.futures import ThreadPoolExecutor
 
-                self._pool = ThreadPoolExecutor(max(1, os.cpu_count() or 1), thread_name_prefix="mstore-worker")
+                try:
+                    cores = len(os.sched_getaffinity(0))  # the cores this process may use, not the host's
+                except (AttributeError, OSError):
+                    cores = os.cpu_count() or 1
+                self._pool = ThreadPoolExecutor(max(1, cores), thread_name_prefix="mstore-worker")
                 self._pool_pid = os.getpid()
             return self._pool
 

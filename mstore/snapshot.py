@@ -21,7 +21,7 @@ import stat
 import threading
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,6 +225,24 @@ def _delta_bases(store: ObjectStore, oid: ObjectId, limit: int) -> list[ObjectId
 
 
 _worker_local = threading.local()
+
+
+def settle(futures: Iterable[Future]) -> None:
+    """Cancel the tasks not started yet and wait for the others.
+
+    After a failure no task of the failed operation may still run: the workers are the
+    repository's and outlive it, and a checkout's tasks write through a file descriptor that is
+    about to be closed, and whose number the next open() would reuse.
+    """
+    futures = list(futures)
+    for f in futures:
+        f.cancel()
+    for f in futures:
+        if not f.cancelled():
+            try:
+                f.exception()  # waits; the failure already being raised is the one that counts
+            except BaseException:  # a cancelled or interrupted wait: keep settling the rest
+                pass
 
 
 def worker_scratch(use: str) -> Scratch:
@@ -517,7 +535,8 @@ class Ingest:
 
             def drain_one() -> None:
                 nonlocal total
-                data, oid, codec, payload, exists, item_size = inflight.popleft().result()
+                data, oid, codec, payload, exists, item_size = inflight[0].result()
+                inflight.popleft()
                 hasher.update(data)
                 chunks.append((oid, len(data)))
                 total += len(data)
@@ -542,19 +561,23 @@ class Ingest:
             parent = self._parent_pieces(rel) if plan.chunker != CDC_NAME else {}
             lineage = _Lineage(self, rel, parent) if parent else None
             keys = plan.piece_keys() if parent else []
-            for i, (data, item_size) in enumerate(plan.pieces()):
-                if not data:
-                    continue
-                bases: tuple[ObjectId, ...] = ()
-                cols = 0
-                if lineage is not None and item_size and i < len(keys) and keys[i] is not None:
-                    bases = lineage.bases(keys[i])
-                    cols = _matrix_columns(keys[i], len(data))
-                inflight.append(self.pool.submit(self._work, data, item_size, bases, cols))
-                if len(inflight) >= window:
+            try:
+                for i, (data, item_size) in enumerate(plan.pieces()):
+                    if not data:
+                        continue
+                    bases: tuple[ObjectId, ...] = ()
+                    cols = 0
+                    if lineage is not None and item_size and i < len(keys) and keys[i] is not None:
+                        bases = lineage.bases(keys[i])
+                        cols = _matrix_columns(keys[i], len(data))
+                    inflight.append(self.pool.submit(self._work, data, item_size, bases, cols))
+                    if len(inflight) >= window:
+                        drain_one()
+                while inflight:
                     drain_one()
-            while inflight:
-                drain_one()
+            except BaseException:
+                settle(inflight)  # none of this commit's tasks may outlive it
+                raise
         if total != size:
             raise UserError(f"{path} changed size while it was being committed")
         fid = hasher.id()
@@ -856,9 +879,10 @@ class Checkout:
         self.bytes = 0
 
     def close(self) -> None:
-        """Stop worker threads (unless they are the repository's)."""
-        if self._own_pool:
+        """Stop worker threads (unless they are the repository's, which are only let go)."""
+        if self._own_pool and self.pool is not None:
             self.pool.shutdown(wait=True)
+        self.pool = None  # a Checkout kept by the caller must not keep the repository's workers
 
     def run(self, entry: TreeEntry, dest: Path, force: bool = False) -> None:
         """Write a tree's contents (or one file, under its own name) into ``dest``.
@@ -963,14 +987,13 @@ class Checkout:
                     cid, n = chunks[nxt]
                     futs.append(self.pool.submit(self._put, fd, cid, entries[nxt], n, starts[nxt]))
                     nxt += 1
-                self.progress(futs.popleft().result())
-        except IntegrityError:
-            for f in futs:
-                f.cancel()
-            for f in futs:
-                if not f.cancelled():
-                    f.exception()  # wait: no worker may write into the file after we return
-            self._diagnose(fid, fobj, name)
+                done = futs[0].result()  # stays in futs until it succeeded: settled on failure
+                futs.popleft()
+                self.progress(done)
+        except BaseException as exc:
+            settle(futs)  # no worker may write into the file (or its reused descriptor) after we return
+            if isinstance(exc, IntegrityError):
+                self._diagnose(fid, fobj, name)
             raise
         if hash_file_fd(fd, fobj.size) != fid:
             self._diagnose(fid, fobj, name)

@@ -58,6 +58,7 @@ def test_checkouts_from_two_threads_of_one_repository_are_each_bit_exact(tmp_pat
         t.start()
     for t in threads:
         t.join(60)
+    assert not any(t.is_alive() for t in threads), "a checkout hung"
     assert not errors
     for i in range(3):
         for k in range(3):
@@ -88,4 +89,91 @@ def test_a_forked_child_checks_out_with_workers_of_its_own(tmp_path):
             raise AssertionError("the forked child's checkout hung")
         time.sleep(0.05)
     assert os.waitstatus_to_exitcode(status) == 0
+    repo.close()
+
+
+def test_no_chunk_is_written_after_a_failed_checkout_returns(tmp_path, monkeypatch):
+    # The workers outlive the checkout: a task still queued when it fails would write through
+    # a descriptor that is closed on the way out, and whose number the next open() reuses.
+    from mstore import snapshot
+
+    repo = Repo.init(tmp_path / "store")
+    d = tmp_path / "big"
+    rng = np.random.default_rng(1)
+    write_safetensors(d / "model.safetensors", {f"t{i}": rng.standard_normal((64, 64)).astype(np.float32)
+                                                for i in range(12)})
+    repo.commit(d, "run", "twelve tensors")
+    started: list[float] = []
+    put = snapshot.Checkout._put
+
+    def slow_put(self, *args):
+        started.append(time.monotonic())
+        time.sleep(0.05)
+        return put(self, *args)
+
+    monkeypatch.setattr(snapshot.Checkout, "_put", slow_put)
+    calls = []
+
+    def progress(n):
+        calls.append(n)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the user pressed Ctrl-C during the checkout
+
+    try:
+        repo.checkout("run", tmp_path / "out", progress=progress)
+    except KeyboardInterrupt:
+        returned = time.monotonic()
+    else:
+        raise AssertionError("the checkout did not stop")
+    time.sleep(0.3)  # long enough for any task left queued to run
+    assert started and max(started) <= returned  # no task began after the checkout returned
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    repo.close()
+
+
+def test_a_closed_repository_refuses_to_start_workers_again(tmp_path):
+    import pytest
+
+    from mstore import UserError
+
+    repo = Repo.init(tmp_path / "store")
+    _series(repo, tmp_path / "work", n=1)
+    repo.close()
+    with pytest.raises(UserError, match="closed"):
+        repo._worker_pool()
+
+
+def test_no_piece_is_encoded_after_a_failed_commit_returns(tmp_path, monkeypatch):
+    from mstore import snapshot
+
+    repo = Repo.init(tmp_path / "store")
+    d = tmp_path / "big"
+    rng = np.random.default_rng(2)
+    write_safetensors(d / "model.safetensors", {f"t{i}": rng.standard_normal((64, 64)).astype(np.float32)
+                                                for i in range(12)})
+    started: list[float] = []
+    work = snapshot.Ingest._work
+
+    def slow_work(self, *args, **kw):
+        started.append(time.monotonic())
+        time.sleep(0.05)
+        return work(self, *args, **kw)
+
+    monkeypatch.setattr(snapshot.Ingest, "_work", slow_work)
+    calls = []
+
+    def progress(n):
+        calls.append(n)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    try:
+        repo.commit(d, "run", "interrupted", progress=progress)
+    except KeyboardInterrupt:
+        returned = time.monotonic()
+    else:
+        raise AssertionError("the commit did not stop")
+    time.sleep(0.3)
+    assert started and max(started) <= returned
+    assert repo.head("run") is None  # nothing was committed
     repo.close()
