@@ -48,3 +48,37 @@ def test_an_aborted_commit_leaves_no_pack_behind(tmp_path):
     assert list((repo.root / "packs").iterdir()) == []
     assert repo.branches() == []
     repo.close()
+
+
+FORK_SCRIPT = """
+import os, sys
+from pathlib import Path
+from mstore import Repo
+root = Path(sys.argv[1])
+repo = Repo.init(root / "store")
+(root / "d").mkdir()
+(root / "d" / "a.txt").write_text("hello")
+head = repo.commit(root / "d", "main", "one").id
+pid = os.fork()
+if pid == 0:
+    if sys.argv[2] == "close":
+        repo.close()
+    sys.exit(0)  # a normal exit: the interpreter frees (and so would close) what the child holds
+os.waitpid(pid, 0)
+assert repo.head("main") == head
+print(len(list(repo.log("main"))))
+"""
+
+
+@pytest.mark.parametrize("child", ["exits", "close"])
+def test_a_forked_child_that_exits_or_closes_the_repository_leaves_the_parents_index_readable(tmp_path, child):
+    # Closing an inherited LMDB environment frees the parent's reader slots (MDB_BAD_RSLOT on
+    # the parent's next read); the child must leave the parent's environment alone.
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", FORK_SCRIPT, str(tmp_path), child], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1"

@@ -7,6 +7,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from mstore import Repo
 from tests.conftest import tree_bytes, write_safetensors
@@ -132,8 +133,6 @@ def test_no_chunk_is_written_after_a_failed_checkout_returns(tmp_path, monkeypat
 
 
 def test_a_closed_repository_refuses_to_start_workers_again(tmp_path):
-    import pytest
-
     from mstore import UserError
 
     repo = Repo.init(tmp_path / "store")
@@ -177,3 +176,4 @@ def test_no_piece_is_encoded_after_a_failed_commit_returns(tmp_path, monkeypatch
     assert started and max(started) <= returned
     assert repo.head("run") is None  # nothing was committed
     repo.close()
+

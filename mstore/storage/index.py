@@ -30,6 +30,7 @@ its manifest share the same id (both are BLAKE3 of the content), so the kind is 
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import json
 import os
@@ -101,6 +102,28 @@ def object_key(kind: str, digest: bytes) -> bytes:
 # one Environment, counted so the last close really closes it.
 _envs: dict[str, tuple[lmdb.Environment, int]] = {}
 _envs_lock = threading.Lock()
+# Environments inherited through fork(): never used, closed or freed in the child (see below).
+_inherited: list[lmdb.Environment] = []
+
+
+def _after_fork_in_child() -> None:
+    """Set aside the parent's environments in a forked child, for good.
+
+    LMDB environments do not survive fork(), and closing one in the child does harm: it frees
+    the reader-table slots of the pid it was opened by, the parent's, whose next read then
+    fails with MDB_BAD_RSLOT. That happened even when the child never touched the repository
+    and simply exited (freeing the Environment closes it). So each inherited environment gets
+    a reference that is never dropped, and the child opens its own if it opens the repository.
+    """
+    global _envs_lock
+    _envs_lock = threading.Lock()  # another thread of the parent may have held it at fork
+    for env, _count in _envs.values():
+        _inherited.append(env)
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(env))  # never freed, so never closed
+    _envs.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Index:
@@ -134,12 +157,15 @@ class Index:
         self.env = env
         self._dbs = {name: env.open_db(name.encode()) for name in _DBS}
         self._closed = False
+        self._pid = os.getpid()
 
     def close(self) -> None:
         """Release this handle; the environment closes with its last handle."""
         if self._closed:
             return
         self._closed = True
+        if self._pid != os.getpid():
+            return  # inherited through fork: the environment is the parent's (_after_fork_in_child)
         with _envs_lock:
             env, count = _envs[self.path]
             if count <= 1:
