@@ -93,42 +93,71 @@ def test_a_forked_child_checks_out_with_workers_of_its_own(tmp_path):
     repo.close()
 
 
+def _twelve_tensors(path, seed: int):
+    rng = np.random.default_rng(seed)
+    write_safetensors(path / "model.safetensors",
+                      {f"t{i}": rng.standard_normal((64, 64)).astype(np.float32) for i in range(12)})
+    return path
+
+
+def _record_task_starts(monkeypatch, cls, name: str) -> list[float]:
+    """Slow down the worker task ``cls.name`` and record when each one starts."""
+    started: list[float] = []
+    task = getattr(cls, name)
+
+    def slow(self, *args, **kw):
+        started.append(time.monotonic())
+        time.sleep(0.05)
+        return task(self, *args, **kw)
+
+    monkeypatch.setattr(cls, name, slow)
+    return started
+
+
+def _ctrl_c_at_second_progress():
+    """A progress callback that raises KeyboardInterrupt (the user's Ctrl-C) on its second call."""
+    calls = []
+
+    def progress(n: int) -> None:
+        calls.append(n)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    return progress
+
+
+def _interrupted(call) -> float:
+    """Run ``call``, which must be interrupted, and return when it returned."""
+    with pytest.raises(KeyboardInterrupt):
+        call()
+    returned = time.monotonic()
+    time.sleep(0.3)  # long enough for any task left queued to start
+    return returned
+
+
 def test_no_chunk_is_written_after_a_failed_checkout_returns(tmp_path, monkeypatch):
     # The workers outlive the checkout: a task still queued when it fails would write through
     # a descriptor that is closed on the way out, and whose number the next open() reuses.
     from mstore import snapshot
 
     repo = Repo.init(tmp_path / "store")
-    d = tmp_path / "big"
-    rng = np.random.default_rng(1)
-    write_safetensors(d / "model.safetensors", {f"t{i}": rng.standard_normal((64, 64)).astype(np.float32)
-                                                for i in range(12)})
-    repo.commit(d, "run", "twelve tensors")
-    started: list[float] = []
-    put = snapshot.Checkout._put
-
-    def slow_put(self, *args):
-        started.append(time.monotonic())
-        time.sleep(0.05)
-        return put(self, *args)
-
-    monkeypatch.setattr(snapshot.Checkout, "_put", slow_put)
-    calls = []
-
-    def progress(n):
-        calls.append(n)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # the user pressed Ctrl-C during the checkout
-
-    try:
-        repo.checkout("run", tmp_path / "out", progress=progress)
-    except KeyboardInterrupt:
-        returned = time.monotonic()
-    else:
-        raise AssertionError("the checkout did not stop")
-    time.sleep(0.3)  # long enough for any task left queued to run
+    repo.commit(_twelve_tensors(tmp_path / "big", 1), "run", "twelve tensors")
+    started = _record_task_starts(monkeypatch, snapshot.Checkout, "_put")
+    returned = _interrupted(lambda: repo.checkout("run", tmp_path / "out", progress=_ctrl_c_at_second_progress()))
     assert started and max(started) <= returned  # no task began after the checkout returned
     assert not (tmp_path / "out" / "model.safetensors").exists()
+    repo.close()
+
+
+def test_no_piece_is_encoded_after_a_failed_commit_returns(tmp_path, monkeypatch):
+    from mstore import snapshot
+
+    repo = Repo.init(tmp_path / "store")
+    d = _twelve_tensors(tmp_path / "big", 2)
+    started = _record_task_starts(monkeypatch, snapshot.Ingest, "_work")
+    returned = _interrupted(lambda: repo.commit(d, "run", "interrupted", progress=_ctrl_c_at_second_progress()))
+    assert started and max(started) <= returned
+    assert repo.head("run") is None  # nothing was committed
     repo.close()
 
 
@@ -140,40 +169,3 @@ def test_a_closed_repository_refuses_to_start_workers_again(tmp_path):
     repo.close()
     with pytest.raises(UserError, match="closed"):
         repo._worker_pool()
-
-
-def test_no_piece_is_encoded_after_a_failed_commit_returns(tmp_path, monkeypatch):
-    from mstore import snapshot
-
-    repo = Repo.init(tmp_path / "store")
-    d = tmp_path / "big"
-    rng = np.random.default_rng(2)
-    write_safetensors(d / "model.safetensors", {f"t{i}": rng.standard_normal((64, 64)).astype(np.float32)
-                                                for i in range(12)})
-    started: list[float] = []
-    work = snapshot.Ingest._work
-
-    def slow_work(self, *args, **kw):
-        started.append(time.monotonic())
-        time.sleep(0.05)
-        return work(self, *args, **kw)
-
-    monkeypatch.setattr(snapshot.Ingest, "_work", slow_work)
-    calls = []
-
-    def progress(n):
-        calls.append(n)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-
-    try:
-        repo.commit(d, "run", "interrupted", progress=progress)
-    except KeyboardInterrupt:
-        returned = time.monotonic()
-    else:
-        raise AssertionError("the commit did not stop")
-    time.sleep(0.3)
-    assert started and max(started) <= returned
-    assert repo.head("run") is None  # nothing was committed
-    repo.close()
-
