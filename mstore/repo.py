@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import heapq
-import importlib
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -73,7 +71,6 @@ from .storage.store import ObjectStore
 if TYPE_CHECKING:
     from .diff import FileChange, FileSide
     from .fsck import FsckReport
-    from .guards import VersionSummary
     from .mount import Mount, MountInfo
     from .run import RunResult
     from .snapshot import Checkout, FileReader
@@ -859,7 +856,7 @@ class Repo:
         from . import provenance as _prov
         from .guards import check, numeric_metrics
         from .objects import canonical_json
-        from .snapshot import Ingest, scan, stored_summary, walk_files
+        from .snapshot import Ingest, import_numpy_meanwhile, may_need_numpy, scan, stored_summary, walk_files
 
         full = branch_ref(branch)
         if kind not in COMMIT_KINDS:
@@ -878,8 +875,8 @@ class Repo:
                 parent,
             )
         child = scan(path)
-        if child.tensor_files and _may_need_numpy(child, parent is not None):
-            _import_numpy_meanwhile()
+        if child.tensor_files and may_need_numpy(child, parent is not None):
+            import_numpy_meanwhile()
         findings = []
         previous: dict[str, tuple[int, ObjectId]] = {}
         ancestors: list[ObjectId] = []
@@ -960,7 +957,7 @@ class Repo:
             IntegrityError: damaged data; no damaged file is ever created under its final name.
         """
         from .chunking import may_hold_tensors
-        from .snapshot import Checkout, resolve_path, walk_files
+        from .snapshot import Checkout, import_numpy_meanwhile, resolve_path, walk_files
 
         rev_s, inner = self._split_path(rev)
         commit = load_commit(self.store, self.resolve(rev_s))
@@ -970,7 +967,7 @@ class Repo:
         else:
             names = iter([inner or entry.name])
         if not codecs.have_kernels() and any(may_hold_tensors(n) for n in names):
-            _import_numpy_meanwhile()  # with the C kernels only low-rank deltas need numpy: rare
+            import_numpy_meanwhile()  # with the C kernels only low-rank deltas need numpy: rare
         co = Checkout(self.store, progress or (lambda n: None), pool=self._worker_pool())
         try:
             co.run(entry, Path(dest), force=force)
@@ -1582,40 +1579,6 @@ class Repo:
 # LoRA run commits the base, then adapters only, then the merged model, which should be a delta
 # against the base two commits earlier.
 DELTA_LOOKBACK = 8
-
-
-def _may_need_numpy(child: VersionSummary, has_parent: bool) -> bool:
-    """Whether committing this version will likely use numpy (worth importing it early).
-
-    Without the C kernels every float piece does. With them only low-rank deltas do, tried for
-    float32 matrices wider than the range finder with a parent version (and for torch
-    archives, whose pieces the scan does not describe).
-    """
-    if not codecs.have_kernels():
-        return True
-    if not has_parent:
-        return False
-    if child.tensor_files > len(child.tensors):
-        return True  # tensor files the scan could not describe (torch archives)
-    return any(
-        dtype == "F32" and len(shape) == 2 and codecs.lowrank_possible(*shape)
-        for tensors in child.tensors.values()
-        for dtype, shape in tensors.values()
-    )
-
-
-def _import_numpy_meanwhile() -> None:
-    """Start importing numpy on a thread, if no one has: the codecs need it for float pieces.
-
-    The import costs ~60 ms of a ~240 ms command-line commit of a 41 MB checkpoint; begun as
-    soon as a commit or checkout knows it holds a tensor file, it overlaps with the guards,
-    provenance and the first hashes, or with reading the tree and the first records (and a
-    JSONL-only version does not pay for it at all).
-    The import lock makes a second importer wait for this one, never run it twice.
-    """
-    if "numpy" in sys.modules:
-        return
-    threading.Thread(target=importlib.import_module, args=("numpy",), name="mstore-import", daemon=True).start()
 
 
 def _first_parent_trees(store: ObjectStore, commit: Commit, n: int) -> list[ObjectId]:
