@@ -1391,7 +1391,7 @@ def fetch(
                             deltas.append(r)  # its base is not readable yet: after the flush
                         else:  # decoded and verified in a pool thread; taken in order
                             take_decoded(block=False, until=max(0, _AHEAD_BYTES - r.raw_len))
-                            decoding.append((r, got[0], pool.submit(_decode_delta_checked, r, got[1])))
+                            decoding.append((r, got[0], pool.submit(decode_delta_checked, r, got[1])))
                             decoding_bytes[0] += r.raw_len
                         continue
                     take(r)
@@ -1492,10 +1492,19 @@ class _Writer:
             raise self.error
 
 
-def _decode_delta_checked(r: Received, base: bytes | memoryview) -> memoryview:
-    """Decode a delta chunk against its base's raw bytes and check the result is its id."""
+def decode_delta_checked(
+    r: Received, base: bytes | memoryview, buffer: Callable[[int], memoryview] = _raw_buffer
+) -> memoryview:
+    """Decode a received delta chunk against its base's raw bytes and check it is its id.
+
+    Both the decoded bytes and the record's check hash must be the chunk's id. ``buffer(n)``
+    supplies the output buffer (a fresh one by default).
+
+    Raises:
+        RemoteIntegrityError: the payload does not decode, or the result is another chunk.
+    """
     try:
-        raw = codecs.decode_delta_into(r.payload, r.raw_len, base, _raw_buffer(r.raw_len))
+        raw = codecs.decode_delta_into(r.payload, r.raw_len, base, buffer(r.raw_len))
     except IntegrityError as exc:
         raise RemoteIntegrityError(f"remote delta chunk {r.oid}: {exc}") from None
     if blake3.blake3(raw).digest() != r.oid.digest or r.check != r.oid.digest:
@@ -1698,13 +1707,10 @@ def _add_deltas(store: ObjectStore, batch: Any, deltas: list[Received]) -> None:
             # every byte of it. Only a mismatch asks whether the local base is the damage.
             base = _local_chunk(store, base_id, scratch)
             try:
-                raw = codecs.decode_delta(r.payload, r.raw_len, base)
-            except IntegrityError as exc:
-                store.get("c", base_id)  # raises if the local base is damaged
-                raise RemoteIntegrityError(f"remote delta chunk {r.oid}: {exc}") from None
-            if blake3.blake3(raw).digest() != r.oid.digest or r.check != r.oid.digest:
-                store.get("c", base_id)
-                raise RemoteIntegrityError(f"remote delta chunk {r.oid}: wrong bytes (they hash to another id)")
+                decode_delta_checked(r, base)
+            except RemoteIntegrityError:
+                store.get("c", base_id)  # raises, naming the damage, if the local base is the cause
+                raise
             if not batch.contains(r.kind, r.oid):
                 append_received(batch, r)
         done = {id(r) for r in ready}
@@ -1805,9 +1811,7 @@ def repair(
                 # check the id, and store it re-encoded on its own, so nothing repaired hangs
                 # on a base that may itself be the damage.
                 base = store.get("c", ObjectId.from_digest(codecs.delta_base(r.payload)[0]))
-                raw = codecs.decode_delta(r.payload, r.raw_len, base)
-                if blake3.blake3(raw).digest() != oid.digest:
-                    raise RemoteIntegrityError(f"remote delta chunk {oid}: wrong bytes (they hash to another id)")
+                raw = decode_delta_checked(r, base)  # its record's check hash must be the id too
                 r.codec, r.payload = codecs.encode(raw, int(store.config.get("codec", "zstd_level", 3)))
             elif r.raw is not None:
                 _parse_received(r)

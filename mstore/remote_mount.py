@@ -41,8 +41,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import blake3
-
 from . import codecs
 from .errors import (
     IntegrityError,
@@ -68,6 +66,7 @@ from .remote import (
     RemoteSource,
     append_received,
     check_layout,
+    decode_delta_checked,
     load_catalog,
     read_ref,
     verify_record,
@@ -646,7 +645,7 @@ class RemoteObjects:
                     out = bufs[side]
                     if out is None:
                         out = bufs[side] = memoryview(bytearray(size))
-                    raw = _decode_delta(r, raw, out)
+                    raw = decode_delta_checked(r, raw, lambda n, out=out: out)
                     del out
                     side = 1 - side
                 else:
@@ -690,20 +689,6 @@ class RemoteObjects:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def _decode_delta(r: Received, base: Any, out: memoryview) -> memoryview:
-    """A verified delta record decoded against its base's raw bytes into ``out`` (its view).
-
-    The result must hash to the record's id.
-    """
-    try:
-        raw = codecs.decode_delta_into(r.payload, r.raw_len, base, out)  # type: ignore[arg-type]
-    except IntegrityError as exc:
-        raise RemoteIntegrityError(f"remote delta chunk {r.oid}: {exc}") from None
-    if blake3.blake3(raw).digest() != r.oid.digest or r.check != r.oid.digest:
-        raise RemoteIntegrityError(f"remote delta chunk {r.oid}: wrong bytes (they hash to another id)")
-    return raw
 
 
 def _round(levels: list[tuple[ObjectId, Location]], start: int, size: int, local_base: bool) -> int:

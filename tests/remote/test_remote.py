@@ -371,7 +371,7 @@ def test_delta_decodes_in_flight_count_against_the_fetch_budget(repo, work, tmp_
 
     class Pool(ThreadPoolExecutor):
         def submit(self, fn, *a, **kw):
-            if fn is rm._decode_delta_checked:
+            if fn is rm.decode_delta_checked:
                 outstanding = counts["submitted"] - counts["released"]
                 counts["max_outstanding"] = max(counts["max_outstanding"], outstanding)
                 counts["submitted"] += 1
