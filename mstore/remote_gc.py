@@ -77,6 +77,8 @@ POLICY_KEYS = ("retention_days", "grace_days", "proof_max_age_seconds", "quarant
 #: What this store's configured policy is a floor for: a proof may be stricter, never laxer
 #: (quarantine needs none here: purge waits for the longer of the proof's and the configured one).
 FLOOR_KEYS = ("retention_days", "grace_days")
+# How far ahead of this machine's clock a proof's creation time may be (another machine's clock).
+CLOCK_SKEW_SECONDS = 300.0
 #: Remote pack names are ``<time_ns hex>-<pid hex>-<64 random bits hex>`` (fsutil.unique_name).
 _PACK_NAME = re.compile(r"([0-9a-f]{1,16})-[0-9a-f]{1,16}-[0-9a-f]{16}")
 _MARKERS = ("applied", "undone", "purged")
@@ -599,6 +601,27 @@ def _check_shape(pid: str, doc: dict[str, Any]) -> None:
         and isinstance(doc.get("packs"), list)
         and isinstance(doc.get("state_digest"), str)
     )
+    # What `gc show` and an interactive apply print (so a well-hashed proof without it is
+    # refused here, not met as a traceback there).
+    cand, roots = doc.get("candidates"), doc.get("roots")
+    ok = (
+        ok
+        and isinstance(doc.get("created_by"), str)
+        and isinstance(cand, dict)
+        and all(num(cand.get(k)) for k in ("packs", "bytes", "records"))
+        and isinstance(roots, dict)
+        and isinstance(roots.get("refs"), (dict, list))
+        and all(isinstance(n, str) for n in roots["refs"])
+        and isinstance(roots.get("reflog"), list)
+        and all(isinstance(e, (list, tuple)) and len(e) >= 2 for e in roots["reflog"])
+        and isinstance(doc.get("partial_packs"), list)
+        and all(isinstance(p, dict) and num(p.get("dead_bytes")) for p in doc["partial_packs"])
+        and isinstance(doc.get("damaged_packs"), list)
+        and all(isinstance(p, dict) and isinstance(p.get("pack"), str) and isinstance(p.get("problem"), str)
+                for p in doc["damaged_packs"])
+        and isinstance(doc.get("dead_commits"), list)
+        and all(isinstance(c, dict) and isinstance(c.get("id"), str) for c in doc["dead_commits"])
+    )
     # A proof from when remote gc repacked partly dead packs: it is never applied (plan again).
     ok = ok and not doc.get("repack")
     if ok:
@@ -609,6 +632,8 @@ def _check_shape(pid: str, doc: dict[str, Any]) -> None:
                 and _PACK_NAME.fullmatch(p["pack"])
                 and isinstance(p.get("bytes"), int)
                 and (p.get("index") is None or (isinstance(p["index"], str) and is_full_id(p["index"])))
+                and (p.get("records") is None or num(p["records"]))
+                and isinstance(p.get("reason"), str)
             ):
                 ok = False
                 break
@@ -654,7 +679,8 @@ def log(backend: Backend) -> list[dict[str, Any]]:
             except (ValueError, BackendNotFound):
                 continue
             ok = (isinstance(e, dict) and e.get("proof") == parts[1] and f"{e.get('action')}.json" == parts[2]
-                  and isinstance(e.get("time"), (int, float)) and not isinstance(e.get("time"), bool))
+                  and isinstance(e.get("time"), (int, float)) and not isinstance(e.get("time"), bool)
+                  and math.isfinite(e["time"]) and isinstance(e.get("user", ""), str))
             if ok:  # a marker that is not what apply, undo or purge wrote is no audit entry
                 out.append(e)
     out.sort(key=lambda e: (e["time"], _LOG_ACTIONS.index(e["action"])))
@@ -699,10 +725,19 @@ def _verify(store, backend, pid, doc, now, remote, url, cache_dir=None, floor=No
     status = proof_status(backend, pid)
     if status is not None:
         reasons.append(f"the proof was already {status}")
-    age = now - float(doc["created"])
-    if age > float(policy["proof_max_age_seconds"]):
-        reasons.append(f"the proof is {age / 60:.0f} minutes old; the limit is "
-                       f"{float(policy['proof_max_age_seconds']) / 60:.0f} (plan again)")
+    created = float(doc["created"])
+    # The configured proof age is a ceiling, as retention and grace are floors: a proof cannot
+    # raise it, nor claim to be made in the future (more than a clock's skew ahead).
+    max_age = min(
+        float(policy["proof_max_age_seconds"]),
+        float((POLICY_DEFAULTS if floor is None else floor).get(
+            "proof_max_age_seconds", POLICY_DEFAULTS["proof_max_age_seconds"])),
+    )
+    age = now - created
+    if not math.isfinite(created) or created > now + CLOCK_SKEW_SECONDS:
+        reasons.append(f"the proof says it was made at {created!r}, after now ({now:.0f}): plan again")
+    elif age > max_age:
+        reasons.append(f"the proof is {age / 60:.0f} minutes old; the limit is {max_age / 60:.0f} (plan again)")
     state = read_state(backend)
     sv = survey(backend, cache_dir)
     roots = state.roots(now, float(policy["retention_days"]))

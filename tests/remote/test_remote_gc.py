@@ -478,6 +478,21 @@ def test_purge_deletes_the_trash_only_after_the_quarantine_period(series):
         remote_gc.undo(store, s["backend"], pid, s["clock"](), "tester")
 
 
+@pytest.mark.parametrize("remote", ["file"], indirect=True)  # about the marker, not the backend
+def test_an_applied_marker_with_an_infinite_time_does_not_start_the_quarantine_early(series):
+    s = series
+    _force_exp_back_to_v1(s)
+    s["clock"].advance(days=40)
+    pid, doc = _plan(s["repo"], s["backend"], s["settings"], s["clock"])
+    _apply(s["repo"], s["backend"], s["settings"], s["clock"], pid, doc)
+    key = f"trash/{pid}/applied.json"
+    marker = json.loads(s["backend"].get(key))
+    s["backend"].put(key, json.dumps({**marker, "time": float("-inf")}).encode())  # JSON: -Infinity
+
+    assert remote_gc.purge(s["repo"].store, s["backend"], s["clock"](), 7, "tester") == []
+    assert _keys(s["backend"], f"trash/{pid}/packs/")  # the trash is still there to undo
+
+
 # -- partly dead packs are reported, never rewritten or moved -------------------------------------
 
 
@@ -644,6 +659,40 @@ def test_a_well_hashed_forged_proof_naming_a_live_pack_deletes_nothing(series):
         _apply(s["repo"], backend, s["settings"], s["clock"], fid, loaded)
 
     assert _keys(backend) == before
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)  # about the proof, not the backend
+@pytest.mark.parametrize("forge", ["made in the future", "a longer age limit"])
+def test_a_well_hashed_proof_cannot_outlive_the_configured_proof_age(series, forge):
+    s = series
+    _pid, doc = _planned(s)
+    s["clock"].advance(seconds=2 * POLICY["proof_max_age_seconds"])  # past the limit
+    if forge == "made in the future":
+        forged = {**doc, "created": s["clock"]() + 86400}
+    else:
+        forged = {**doc, "policy": {**doc["policy"], "proof_max_age_seconds": 1e300}}
+    fid = store_proof(s["repo"].root, forged)
+    fid, loaded = remote_gc.load_proof(s["repo"].root, fid)
+    before = _keys(s["backend"])
+
+    verdict = remote_gc.verify(s["repo"].store, s["backend"], fid, loaded, s["clock"](), "origin",
+                               s["settings"]["url"], floor=POLICY)
+    with pytest.raises(GcRefused, match="plan again"):
+        _apply(s["repo"], s["backend"], s["settings"], s["clock"], fid, loaded)
+
+    assert not verdict.valid and any("plan again" in r for r in verdict.reasons)
+    assert _keys(s["backend"]) == before
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)  # about the proof, not the backend
+@pytest.mark.parametrize("field", ["created_by", "candidates", "roots", "partial_packs", "dead_commits"])
+def test_a_well_hashed_proof_missing_what_gc_show_prints_is_malformed_not_a_traceback(series, field):
+    s = series
+    _pid, doc = _planned(s)
+    fid = store_proof(s["repo"].root, {k: v for k, v in doc.items() if k != field})
+
+    with pytest.raises(IntegrityError, match="malformed"):
+        remote_gc.load_proof(s["repo"].root, fid)
 
 
 @pytest.mark.parametrize("remote", ["file"], indirect=True)  # about the proof, not the backend
