@@ -30,7 +30,16 @@ def _workers() -> set[int]:
     return {t.ident for t in threading.enumerate() if t.name.startswith("mstore-worker")}
 
 
-def test_commits_and_checkouts_of_one_repository_run_on_the_same_worker_threads_until_close(tmp_path):
+def test_commits_and_checkouts_of_one_repository_run_on_the_same_worker_threads_until_close(tmp_path, monkeypatch):
+    from mstore import snapshot
+
+    ran: dict[str, set[int]] = {"commit": set(), "checkout": set()}
+    for cls, name, op in ((snapshot.Ingest, "_work", "commit"), (snapshot.Checkout, "_put", "checkout")):
+        def record(self, *args, _task=getattr(cls, name), _op=op, **kw):
+            ran[_op].add(threading.get_ident())
+            return _task(self, *args, **kw)
+
+        monkeypatch.setattr(cls, name, record)
     before = _workers()  # other tests' repositories may still hold theirs
     repo = Repo.init(tmp_path / "store")
     _series(repo, tmp_path / "work")
@@ -38,6 +47,7 @@ def test_commits_and_checkouts_of_one_repository_run_on_the_same_worker_threads_
     repo.checkout("run~1", tmp_path / "a")
     repo.checkout("run", tmp_path / "b")
     assert mine and _workers() - before == mine
+    assert ran["commit"] and ran["checkout"] and ran["commit"] | ran["checkout"] <= mine
     repo.close()
     assert not _workers() & mine
 
@@ -101,7 +111,12 @@ def _twelve_tensors(path, seed: int):
 
 
 def _record_task_starts(monkeypatch, cls, name: str) -> list[float]:
-    """Slow down the worker task ``cls.name`` and record when each one starts."""
+    """Slow down the worker task ``cls.name`` and record when each one starts.
+
+    The pool is pinned to two workers, so that some of the 13 tasks are still queued when the
+    interrupt comes, whatever the machine's core count.
+    """
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     started: list[float] = []
     task = getattr(cls, name)
 
@@ -140,9 +155,9 @@ def test_no_chunk_is_written_after_a_failed_checkout_returns(tmp_path, monkeypat
     # a descriptor that is closed on the way out, and whose number the next open() reuses.
     from mstore import snapshot
 
+    started = _record_task_starts(monkeypatch, snapshot.Checkout, "_put")
     repo = Repo.init(tmp_path / "store")
     repo.commit(_twelve_tensors(tmp_path / "big", 1), "run", "twelve tensors")
-    started = _record_task_starts(monkeypatch, snapshot.Checkout, "_put")
     returned = _interrupted(lambda: repo.checkout("run", tmp_path / "out", progress=_ctrl_c_at_second_progress()))
     assert started and max(started) <= returned  # no task began after the checkout returned
     assert not (tmp_path / "out" / "model.safetensors").exists()
@@ -152,9 +167,9 @@ def test_no_chunk_is_written_after_a_failed_checkout_returns(tmp_path, monkeypat
 def test_no_piece_is_encoded_after_a_failed_commit_returns(tmp_path, monkeypatch):
     from mstore import snapshot
 
+    started = _record_task_starts(monkeypatch, snapshot.Ingest, "_work")
     repo = Repo.init(tmp_path / "store")
     d = _twelve_tensors(tmp_path / "big", 2)
-    started = _record_task_starts(monkeypatch, snapshot.Ingest, "_work")
     returned = _interrupted(lambda: repo.commit(d, "run", "interrupted", progress=_ctrl_c_at_second_progress()))
     assert started and max(started) <= returned
     assert repo.head("run") is None  # nothing was committed
