@@ -367,3 +367,39 @@ def test_a_local_chunk_damaged_while_a_fetch_checks_it_is_named_as_local_damage_
     assert str(target) in str(info.value)
     with other.store.index.read() as txn:
         assert list(txn.iter_refs()) == []
+
+
+@pytest.mark.parametrize("path", ["as chunks stream in", "from the store after indexing"])
+def test_a_manifest_listing_genuine_chunks_in_the_wrong_order_is_refused_and_moves_no_ref(
+    repo, work, tmp_path, remote, monkeypatch, path
+):
+    # Each chunk is genuine (it hashes to its id): only hashing the whole file against its id
+    # can tell that the manifest swapped them.
+    import blake3
+
+    from mstore import remote as remote_mod
+    from mstore.hashing import ObjectId
+    from mstore.objects import FILE_KIND, FileObject, Tree, TreeEntry
+
+    _pushed(repo, work, remote)  # a remote in use
+    if path == "from the store after indexing":
+        monkeypatch.setattr(remote_mod._FileVerifier, "BUDGET", 0)  # nothing kept in memory
+    a, b = b"A" * 5000 + bytes(range(256)), b"B" * 5000 + bytes(range(256))
+    ca, cb = ObjectId.from_digest(blake3.blake3(a).digest()), ObjectId.from_digest(blake3.blake3(b).digest())
+    fid = ObjectId.from_digest(blake3.blake3(a + b).digest())  # the id of the real content a + b
+    manifest = FileObject(len(a + b), "cdc", ((cb, len(b)), (ca, len(a)))).to_bytes()  # ... listed as b + a
+    tree_raw = Tree((TreeEntry("weights.bin", FILE_KIND, 0o644, fid, len(a + b)),)).to_bytes()
+    tree_id = hash_typed("tree", tree_raw)
+    commit_raw = _commit_raw(str(tree_id))
+    commit_id = hash_typed("commit", commit_raw)
+    _publish(_backend(remote), [("c", ca, a), ("c", cb, b), ("f", fid, manifest), ("t", tree_id, tree_raw),
+                                ("m", commit_id, commit_raw)], commit_id)
+    other = Repo.init(tmp_path / "other")
+    add_remote(other, remote)
+
+    with pytest.raises(RemoteIntegrityError, match="hash to"):
+        other.fetch("origin", ["evil"])
+    with other.store.index.read() as txn:
+        assert list(txn.iter_refs()) == []
+        assert txn.get_entry("f", fid.digest) is None  # the manifest itself is never indexed
+    other.close()
