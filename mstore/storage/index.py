@@ -102,7 +102,7 @@ def object_key(kind: str, digest: bytes) -> bytes:
 # one Environment, counted so the last close really closes it.
 _envs: dict[str, tuple[lmdb.Environment, int]] = {}
 _envs_lock = threading.Lock()
-# Environments inherited through fork(): never used, closed or freed in the child (see below).
+# Environments inherited through fork(): never closed or freed in the child (see below).
 _inherited: list[lmdb.Environment] = []
 
 
@@ -113,7 +113,11 @@ def _after_fork_in_child() -> None:
     the reader-table slots of the pid it was opened by, the parent's, whose next read then
     fails with MDB_BAD_RSLOT. That happened even when the child never touched the repository
     and simply exited (freeing the Environment closes it). So each inherited environment gets
-    a reference that is never dropped, and the child opens its own if it opens the repository.
+    a reference that is never dropped (the list alone would be freed at interpreter exit).
+
+    A child that goes on using a Repo it inherited reads through the parent's environment:
+    reads work (tested), but LMDB does not promise it, and py-lmdb refuses a second
+    environment on the same path in one process. Open repositories after fork where possible.
     """
     global _envs_lock
     _envs_lock = threading.Lock()  # another thread of the parent may have held it at fork
