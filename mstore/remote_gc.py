@@ -39,7 +39,7 @@ from typing import Any
 
 import blake3
 
-from .errors import IntegrityError, MstoreError, NotFound, RemoteIntegrityError, RemoteNotFound, UserError
+from .errors import IntegrityError, MstoreError, RemoteIntegrityError, RemoteNotFound, UserError
 from .gc import (
     DAY,
     POLICY_DEFAULTS,
@@ -1044,22 +1044,6 @@ def purge(store: Any, backend: Backend, now: float, quarantine_days: float, user
                 backend.delete(f"{_trash(pid)}packs/{name}.pack")
             _put_marker(backend, pid, "purged", now, user, packs=len(held), bytes=size)
     return sorted(out, key=lambda i: i["proof"])
-
-
-def resolve(root: Path, prefix: str) -> tuple[str, dict[str, Any] | None]:
-    """A remote proof's id and document, or ``(full id, None)`` for an id with no local copy.
-
-    (Undo needs only the id: what to bring back is listed in the remote's trash.)
-
-    Raises:
-        NotFound: no local proof and ``prefix`` is not a full id.
-    """
-    try:
-        return load_proof(root, prefix)
-    except NotFound:
-        if is_full_id(prefix):
-            return prefix, None
-        raise
 
 
 __all__ = [

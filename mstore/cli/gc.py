@@ -52,6 +52,12 @@ def _proof_remote(repo, proof: str, remote: str | None) -> tuple[str, str | None
     return pid, for_remote
 
 
+def _confirms(typed: str, pid: str) -> bool:
+    """Whether what the user typed is the proof's id, or a prefix of it of at least 7 characters."""
+    typed = typed.strip()
+    return len(typed) >= 7 and pid.startswith(typed)
+
+
 def _remote_summary(pid: str, doc: dict) -> None:
     c = doc["candidates"]
     out.echo(
@@ -286,7 +292,7 @@ def gc_apply(ctx, proof, yes, remote, as_json) -> None:
         if not yes:
             _summary(pid, doc)
             typed = out.confirm(f"type the proof id ({pid[:7]}) to move these to trash")
-            if len(typed) < 7 or not pid.startswith(typed.strip()):
+            if not _confirms(typed, pid):
                 raise click.Abort()
         res = repo.gc_apply(pid)
         if as_json:
@@ -312,7 +318,7 @@ def _apply_remote(repo, pid: str, remote: str, yes: bool, as_json: bool) -> None
             raise GcRefused(f"remote gc proof {pid[:7]} cannot be applied", v.reasons)
         _remote_summary(pid, doc)
         typed = out.confirm(f"type the proof id ({pid[:7]}) to move these packs to the remote's trash")
-        if len(typed) < 7 or not pid.startswith(typed.strip()):
+        if not _confirms(typed, pid):
             raise click.Abort()
     res = rgc.apply(pid, doc)
     if as_json:

@@ -150,3 +150,12 @@ def test_bad_meta_is_refused_before_anything_is_stored(cli, work, repo):
     proc = cli("commit", str(ck), "-b", "exp1", "-m", "1", "--meta", "noequals", check=False)
     assert proc.returncode == 2 and "KEY=VALUE" in proc.stderr.decode()
     assert repo.stored_bytes() == before and repo.branches() == []
+
+
+def test_gc_apply_asks_for_at_least_seven_characters_of_the_proof_id_spaces_not_counted():
+    from mstore.cli.gc import _confirms
+
+    pid = "0123456789abcdef" * 4
+    assert _confirms("0123456", pid) and _confirms(f"  {pid}\n", pid)
+    assert not _confirms("   012345   ", pid)  # padding used to count towards the seven
+    assert not _confirms("1234567", pid) and not _confirms("", pid)
