@@ -313,8 +313,8 @@ class Repo:
     def close(self) -> None:
         """Stop the worker threads, release the index and open files.
 
-        The workers (one per core this process may run on) are kept from the first commit or
-        checkout until here, with their decode and encode buffers: up to about ten times the
+        The workers (one per core this process may run on, at most MAX_WORKERS) are kept from
+        the first commit or checkout until here, with their decode and encode buffers: up to about ten times the
         largest chunk (16 MiB by default) per worker, once it has both checked out and
         committed deltas. A repository used for many commits or checkouts in one process
         allocates them once. Close a repository before it is used no more; do not close it
@@ -343,7 +343,9 @@ class Repo:
                     cores = len(os.sched_getaffinity(0))  # the cores this process may use, not the host's
                 except (AttributeError, OSError):
                     cores = os.cpu_count() or 1
-                self._pool = ThreadPoolExecutor(max(1, cores), thread_name_prefix="mstore-worker")
+                # At most MAX_WORKERS: each keeps its buffers (~100 MiB once it has committed and
+                # checked out) for as long as the repository is open, in a trainer all run long.
+                self._pool = ThreadPoolExecutor(max(1, min(cores, MAX_WORKERS)), thread_name_prefix="mstore-worker")
                 self._pool_pid = os.getpid()
             return self._pool
 
@@ -1579,6 +1581,9 @@ class Repo:
 # LoRA run commits the base, then adapters only, then the merged model, which should be a delta
 # against the base two commits earlier.
 DELTA_LOOKBACK = 8
+
+# Worker threads a repository keeps for its commits and checkouts (see Repo._worker_pool).
+MAX_WORKERS = 8
 
 
 def _first_parent_trees(store: ObjectStore, commit: Commit, n: int) -> list[ObjectId]:

@@ -184,3 +184,12 @@ def test_a_closed_repository_refuses_to_start_workers_again(tmp_path):
     repo.close()
     with pytest.raises(UserError, match="closed"):
         repo._worker_pool()
+
+
+def test_a_repository_keeps_at_most_eight_workers_whatever_the_cores(tmp_path, monkeypatch):
+    from mstore import repo as repo_mod
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    repo = Repo.init(tmp_path / "store")
+    assert repo._worker_pool()._max_workers == repo_mod.MAX_WORKERS == 8
+    repo.close()
