@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import errno
+import os
 
 import numpy as np
 import pytest
 
 import mstore.storage.packs as packs
 from mstore import Repo
-from mstore.errors import StorageError
+from mstore.errors import IntegrityError, StorageError
 from mstore.storage.packs import PackReader, PackWriter
 from tests.conftest import tree_bytes, write_safetensors
 
@@ -40,6 +41,52 @@ def test_records_around_a_payload_of_more_than_the_write_buffer_read_back_in_ord
     for off, p in zip(offsets, payloads, strict=True):
         _rec, got = reader.read(w.name, off, len(p))
         assert bytes(got) == p
+
+
+def _pack_of(tmp_path, payloads):
+    w = PackWriter(tmp_path, 1 << 30)
+    offsets = [w.add("c", bytes([i]) * 32, bytes([i]) * 32, 0, len(p), p) for i, p in enumerate(payloads)]
+    w.seal()
+    return w.name, offsets
+
+
+def test_a_mapped_record_has_the_same_header_and_payload_as_a_read_one(tmp_path):
+    rng = np.random.default_rng(1)
+    # Unaligned offsets, a record inside one page and ones spanning many.
+    payloads = [rng.bytes(13), rng.bytes(packs.MAP_MIN + 4097), rng.bytes(5000), rng.bytes(2 * packs.MAP_MIN)]
+    name, offsets = _pack_of(tmp_path, payloads)
+    reader = PackReader(tmp_path)
+    for off, p in zip(offsets, payloads, strict=True):
+        rec, got = reader.map_record(name, off, len(p))
+        assert rec == reader.read(name, off, len(p))[0]
+        assert bytes(got) == p
+
+
+def test_mapping_a_record_of_a_pack_cut_short_is_refused_with_the_pack_named(tmp_path):
+    name, offsets = _pack_of(tmp_path, [b"x" * 100, b"y" * (packs.MAP_MIN + 10)])
+    path = tmp_path / name
+    os.truncate(path, offsets[1] + 1000)  # the second record now ends past the end of the file
+    reader = PackReader(tmp_path)
+    with pytest.raises(IntegrityError, match=f"pack {name} is truncated"):
+        reader.map_record(name, offsets[1], packs.MAP_MIN + 10)
+    assert bytes(reader.map_record(name, offsets[0], 100)[1]) == b"x" * 100
+
+
+def test_a_mapped_record_is_unmapped_once_its_last_view_is_dropped(tmp_path):
+    name, offsets = _pack_of(tmp_path, [b"z" * (packs.MAP_MIN + 1)])
+    reader = PackReader(tmp_path)
+
+    def maps_of_pack() -> int:
+        with open("/proc/self/maps") as f:
+            return sum(1 for line in f if line.rstrip().endswith(name))
+
+    _rec, view = reader.map_record(name, offsets[0], packs.MAP_MIN + 1)
+    part = view[10:20]
+    del view
+    assert maps_of_pack() == 1  # a slice still holds the map
+    assert bytes(part) == b"z" * 10
+    del part
+    assert maps_of_pack() == 0
 
 
 def test_after_a_failed_write_a_pack_refuses_to_append_sync_or_seal(tmp_path, monkeypatch):

@@ -28,7 +28,7 @@ from ..errors import IntegrityError, ObjectNotFound, StorageError, UnsupportedFo
 from ..format import FLOATPLANE_MIN_VERSION, INDEX_DIR, PACKS_DIR, Config, required_version
 from ..hashing import ObjectId, hash_typed
 from .index import KINDS, Entry, Index, Txn
-from .packs import RECORD, PackReader, PackWriter
+from .packs import MAP_MIN, RECORD, PackReader, PackWriter
 
 RECORD_SIZE = RECORD.size
 
@@ -184,8 +184,10 @@ class ObjectStore:
         the result once. Record headers are still checked against the index and decoding is
         bounded by the recorded length. The view is valid until ``scratch`` is used again.
 
-        A delta chain is decoded from its whole base upwards through two alternating buffer
-        pairs, so memory does not grow with the chain; while every level is byte planes, the
+        Records of at least ``MAP_MIN`` bytes are read through a memory map of the pack (decoded
+        in place, no copy), smaller ones into ``scratch``. A delta chain is decoded from its
+        whole base upwards through two alternating buffer pairs, so memory does not grow with
+        the chain; while every level is byte planes, the
         XOR is taken plane by plane and the result interleaved once, with the last level's XOR.
 
         Raises:
@@ -201,9 +203,12 @@ class ObjectStore:
             raw: memoryview | None = None
             for step, (cid, ent) in enumerate(reversed(chain)):
                 slot = step % 2
-                rec, payload = self.reader.read_into(
-                    self.pack_name(ent.pack), ent.offset, ent.enc_len, scratch.payload(ent.enc_len, slot)
-                )
+                if ent.enc_len >= MAP_MIN:
+                    rec, payload = self.reader.map_record(self.pack_name(ent.pack), ent.offset, ent.enc_len)
+                else:
+                    rec, payload = self.reader.read_into(
+                        self.pack_name(ent.pack), ent.offset, ent.enc_len, scratch.payload(ent.enc_len, slot)
+                    )
                 if rec.kind != "c" or rec.id != cid.digest or rec.raw_len != raw_len or rec.check != cid.digest:
                     raise IntegrityError(f"record header of chunk {cid} does not match the index")
                 out = scratch.output(raw_len, slot)
