@@ -110,13 +110,33 @@ class Timing:
     cpu: float
 
 
-def timed(fn: Callable[[], Any]) -> tuple[Timing, Any]:
+def warm_free_memory(nbytes: int) -> None:
+    """Touch and free ``nbytes`` of anonymous memory, so the next allocations get pages the
+    hypervisor has backed.
+
+    These VMs hand free guest memory back to the host (virtio-balloon free page reporting):
+    pages freed for more than about 2 s are discarded, and the first write to one costs a host
+    fault, ~12 us per 4 KiB page. A step that writes 266 MB into the page cache then spends
+    0.6-0.9 s in the kernel instead of 0.06-0.1 s, with the same page-allocation counts in
+    /proc/vmstat. Which contender pays depended only on the order and timing of the steps
+    (docs/bench.md), so before every step that writes, each contender alike gets freshly
+    freed, backed pages.
+    """
+    buf = np.empty(nbytes, np.uint8)
+    buf.fill(1)
+    del buf
+
+
+def timed(fn: Callable[[], Any], warm: int = 0) -> tuple[Timing, Any]:
     """Run ``fn`` once and time it (wall and this process's CPU, all threads).
 
     Dirty pages from the previous step are written back first (untimed), so one step's
-    write-back never lands in the next step's time.
+    write-back never lands in the next step's time. ``warm``: bytes of memory to back first
+    (untimed, see :func:`warm_free_memory`), at least what the step will write.
     """
     os.sync()
+    if warm:
+        warm_free_memory(warm)
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     result = fn()
@@ -460,7 +480,8 @@ class Bench:
                     try:
                         for i, f in enumerate(s.files):
                             t, res = timed(
-                                lambda r=repo, f=f, i=i: commit_file(r, f, "series", f"checkpoint {i}", self.work)
+                                lambda r=repo, f=f, i=i: commit_file(r, f, "series", f"checkpoint {i}", self.work),
+                                warm=2 * f.stat().st_size,
                             )
                             row.append(t)
                             res_row.append(
@@ -480,7 +501,7 @@ class Bench:
                     fn = copy_file if name == "cp" else copy_file_fsync
                     for i, f in enumerate(s.files):
                         (dst / str(i)).mkdir(parents=True)
-                        t, _ = timed(lambda fn=fn, f=f, d=dst / str(i): fn(f, d / f.name))
+                        t, _ = timed(lambda fn=fn, f=f, d=dst / str(i): fn(f, d / f.name), warm=2 * f.stat().st_size)
                         row.append(t)
                     self.note_disk()
                     rmtree(dst)
@@ -649,10 +670,10 @@ class Bench:
                         d = dst / str(i)
                         if name == "mstore":
                             rev = f"series~{n - 1 - i}" if i < n - 1 else "series"
-                            t, _ = timed(lambda rev=rev, d=d: repo.checkout(rev, d))
+                            t, _ = timed(lambda rev=rev, d=d: repo.checkout(rev, d), warm=2 * f.stat().st_size)
                         else:
                             d.mkdir(parents=True)
-                            t, _ = timed(lambda f=f, d=d: copy_file(f, d / f.name))
+                            t, _ = timed(lambda f=f, d=d: copy_file(f, d / f.name), warm=2 * f.stat().st_size)
                         row.append(t)
                     if name == "mstore":  # untimed: the checkout must give back exactly the committed bytes
                         for i, f in enumerate(s.files):

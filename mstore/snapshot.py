@@ -999,7 +999,9 @@ class Checkout:
         per thread (no allocation or copy per chunk beyond decoding itself). Chunks are not
         hashed one by one: the file's id is BLAKE3 of its whole content, and hashing the
         written file (multi-threaded, from the page cache) proves every byte at once. Only when
-        that fails is each chunk hashed, to name the damaged object.
+        that fails is each chunk hashed, to name the damaged object. (Hashing each finished
+        stretch in this thread while the workers decode the rest was measured 5-10 % slower on
+        2 cores: three busy threads on two cores.)
 
         Raises:
             IntegrityError: a chunk is missing or damaged, or the content is not the file's id.
