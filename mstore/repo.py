@@ -266,6 +266,7 @@ class Repo:
         self.store = ObjectStore(self.root, self.config, clock)
         self.user = _current_user()
         self._pool: Any = None  # worker threads, started by the first commit or checkout
+        self._results: Any = None  # the checkouts' result buffers (snapshot.ResultBuffers), beside them
         self._pool_pid = 0
         self._pool_lock = threading.Lock()
         self._closed = False
@@ -316,12 +317,14 @@ class Repo:
         The workers (one per core this process may run on, at most MAX_WORKERS) are kept from
         the first commit or checkout until here, with their decode and encode buffers: up to about ten times the
         largest chunk (16 MiB by default) per worker, once it has both checked out and
-        committed deltas. A repository used for many commits or checkouts in one process
+        committed deltas, plus the buffers checkouts decode into (at most 64 MiB beyond two
+        chunks per worker). A repository used for many commits or checkouts in one process
         allocates them once. Close a repository before it is used no more; do not close it
         while another thread is committing or checking out with it.
         """
         with self._pool_lock:
             pool, self._pool = self._pool, None
+            self._results = None
             self._closed = True
         if pool is not None and self._pool_pid == os.getpid():
             pool.shutdown(wait=True)
@@ -959,7 +962,7 @@ class Repo:
             IntegrityError: damaged data; no damaged file is ever created under its final name.
         """
         from .chunking import may_hold_tensors
-        from .snapshot import Checkout, import_numpy_meanwhile, resolve_path, walk_files
+        from .snapshot import Checkout, ResultBuffers, import_numpy_meanwhile, resolve_path, walk_files
 
         rev_s, inner = self._split_path(rev)
         commit = load_commit(self.store, self.resolve(rev_s))
@@ -970,7 +973,12 @@ class Repo:
             names = iter([inner or entry.name])
         if not codecs.have_kernels() and any(may_hold_tensors(n) for n in names):
             import_numpy_meanwhile()  # with the C kernels only low-rank deltas need numpy: rare
-        co = Checkout(self.store, progress or (lambda n: None), pool=self._worker_pool())
+        pool = self._worker_pool()
+        with self._pool_lock:
+            if self._results is None:
+                self._results = ResultBuffers()
+            buffers = self._results
+        co = Checkout(self.store, progress or (lambda n: None), pool=pool, buffers=buffers)
         try:
             co.run(entry, Path(dest), force=force)
         finally:

@@ -24,7 +24,7 @@ import threading
 from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -895,6 +895,40 @@ def walk_files(store: ObjectStore, root: ObjectId, prefix: str = "") -> Iterator
 # -- checkout -----------------------------------------------------------------------------
 
 
+class ResultBuffers:
+    """Buffers that checkout workers decode chunks into and the writing thread writes from.
+
+    A repository keeps one set beside its workers, for all its checkouts: fresh memory costs a
+    page fault per 4 KiB, and a fresh set per checkout made checkouts 25-35 % slower. There
+    are never more than a checkout has chunks in flight (see ``Checkout._room``), each as
+    large as the largest chunk it has held.
+    """
+
+    def __init__(self) -> None:
+        self._free: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> bytearray:
+        """A buffer of at least ``n`` bytes (a free one if any is large enough)."""
+        with self._lock:
+            for i in range(len(self._free) - 1, -1, -1):
+                if len(self._free[i]) >= n:
+                    return self._free.pop(i)
+            if self._free:
+                self._free.pop(0)  # every one is too small: this one gives way to a larger one
+        return bytearray(n)
+
+    def give(self, buf: bytearray) -> None:
+        """Return a buffer taken with :meth:`take`."""
+        with self._lock:
+            self._free.append(buf)
+
+
+# A checkout keeps at most this many decoded bytes waiting to be written (beyond workers + 2
+# chunks).
+_IN_FLIGHT_BYTES = 64 << 20
+
+
 class Checkout:
     """Materialize a tree under a destination directory, verifying every byte."""
 
@@ -904,8 +938,10 @@ class Checkout:
         progress: Progress = _no_progress,
         workers: int | None = None,
         pool: ThreadPoolExecutor | None = None,
+        buffers: ResultBuffers | None = None,
     ):
         self.store = store
+        self.buffers = buffers if buffers is not None else ResultBuffers()
         self.progress = progress
         # ``pool``: the repository's long-lived workers (see worker_scratch); else our own.
         self._own_pool = pool is None
@@ -993,11 +1029,14 @@ class Checkout:
                     pass
 
     def _write_content(self, fd: int, fid: ObjectId, fobj: FileObject, name: str) -> None:
-        """Write a file's chunks into ``fd`` in parallel, then verify the whole file against its id.
+        """Decode a file's chunks in parallel, write each here as it completes, verify the file.
 
-        Workers read, decode and ``pwrite`` each chunk at its offset through a reusable buffer
-        per thread (no allocation or copy per chunk beyond decoding itself). Chunks are not
-        hashed one by one: the file's id is BLAKE3 of its whole content, and hashing the
+        Workers read and decode each chunk into a buffer of its own (``self.buffers``, the
+        repository's, reused across checkouts); this thread ``pwrite``s the results. Writes to
+        one file take its inode lock, so workers that wrote themselves queued behind each
+        other, the waiting one spinning: two threads writing one file took as long as one, with
+        50 % more CPU; decoding there and writing in one thread costs 7-10 % less CPU. Chunks
+        are not hashed one by one: the file's id is BLAKE3 of its whole content, and hashing the
         written file (multi-threaded, from the page cache) proves every byte at once. Only when
         that fails is each chunk hashed, to name the damaged object. (Hashing each finished
         stretch in this thread while the workers decode the rest was measured 5-10 % slower on
@@ -1007,43 +1046,62 @@ class Checkout:
             IntegrityError: a chunk is missing or damaged, or the content is not the file's id.
         """
         chunks = fobj.chunks
+        with self.store.index.read() as txn:
+            entries = [txn.get_entry("c", cid.digest) for cid, _n in chunks]
+        if any(entry is None for entry in entries):
+            self._diagnose(fid, fobj, name)  # raises, naming the missing chunk
         starts = []
         pos = 0
         for _cid, n in chunks:
             starts.append(pos)
             pos += n
-        with self.store.index.read() as txn:
-            entries = [txn.get_entry("c", cid.digest) for cid, _n in chunks]
-        if any(entry is None for entry in entries):
-            self._diagnose(fid, fobj, name)  # raises, naming the missing chunk
-        futs: deque[Future] = deque()
-        window = 2 * self._workers
+        pending: dict[Future, tuple[int, bytearray]] = {}
+        in_flight = 0  # bytes decoded or being decoded, not yet written
         nxt = 0
         try:
-            while nxt < len(chunks) or futs:
-                while nxt < len(chunks) and len(futs) < window:
+            while nxt < len(chunks) or pending:
+                while nxt < len(chunks) and self._room(len(pending), in_flight):
                     cid, n = chunks[nxt]
-                    futs.append(self.pool.submit(self._put, fd, cid, entries[nxt], n, starts[nxt]))
+                    buf = self.buffers.take(n)
+                    pending[self.pool.submit(self._decode, cid, entries[nxt], n, buf)] = (starts[nxt], buf)
+                    in_flight += n
                     nxt += 1
-                done = futs[0].result()  # stays in futs until it succeeded: settled on failure
-                futs.popleft()
-                self.progress(done)
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    view = fut.result()  # stays in pending until it succeeded: settled on failure
+                    at, buf = pending.pop(fut)
+                    n = len(view)
+                    done = 0
+                    while done < n:
+                        done += os.pwrite(fd, view[done:], at + done)
+                    del view
+                    self.buffers.give(buf)
+                    in_flight -= n
+                    self.progress(n)
         except BaseException as exc:
-            settle(futs)  # no worker may write into the file (or its reused descriptor) after we return
+            settle(pending)  # no worker may still be decoding into a buffer we hand out again
             if isinstance(exc, IntegrityError):
                 self._diagnose(fid, fobj, name)
             raise
         if hash_file_fd(fd, fobj.size) != fid:
             self._diagnose(fid, fobj, name)
 
-    def _put(self, fd: int, cid: ObjectId, entry: Any, n: int, offset: int) -> int:
-        view = self.store.chunk_view(cid, entry, worker_scratch("checkout"))
+    def _room(self, tasks: int, in_flight: int) -> bool:
+        """Whether another chunk may be handed to the workers.
+
+        Enough that a worker never waits for this thread to write (a measured 3-5 % faster
+        than 2 per worker on 2 cores), bounded in bytes so memory does not grow with the
+        number of workers times the largest chunk.
+        """
+        if tasks < self._workers + 2:
+            return True
+        return tasks < 4 * self._workers and in_flight < _IN_FLIGHT_BYTES
+
+    def _decode(self, cid: ObjectId, entry: Any, n: int, buf: bytearray) -> memoryview:
+        view = self.store.chunk_view(cid, entry, worker_scratch("checkout"), buf)
         if len(view) != n:
             raise IntegrityError(f"chunk {cid} has {len(view)} bytes, manifest says {n}")
-        done = 0
-        while done < n:
-            done += os.pwrite(fd, view[done:], offset + done)
-        return n
+        return view
 
     def _diagnose(self, fid: ObjectId, fobj: FileObject, name: str) -> None:
         """Verify chunk by chunk to say which object is damaged; raises IntegrityError."""

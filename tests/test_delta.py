@@ -489,3 +489,33 @@ def test_a_failed_fsync_fails_the_commit_instead_of_being_retried(repo, work, mo
         s.step()
     assert repo.head("run") == head  # the branch did not move onto bytes that may not be on disk
     repo.close()
+
+
+def test_a_chunk_decoded_into_a_buffer_of_its_own_survives_the_scratch_being_reused(repo, work, plane_kernels):
+    # Checkout hands each decoded chunk to another thread to write while the worker decodes the
+    # next one with the same scratch: every kind of chunk must land in ``into`` (or in a map
+    # of its record), never in the scratch.
+    from mstore.storage.packs import MAP_MIN
+    from mstore.storage.store import Scratch
+
+    s = Series(repo, work, "f32", shape=(160, 130))
+    for _ in range(4):  # chains of byte-plane deltas
+        s.step()
+    rng = np.random.default_rng(7)
+    extra = work / "extra"
+    extra.mkdir()
+    (extra / "noise.bin").write_bytes(rng.bytes(300_000))  # small raw chunks
+    (extra / "text.jsonl").write_bytes(b'{"a": 1, "b": "some text"}\n' * 20_000)  # zstd
+    write_safetensors(extra / "big.safetensors", {"w": rng.integers(0, 255, MAP_MIN + 4096, dtype=np.uint8)})
+    repo.commit(extra, "extra", "other kinds of chunk")
+    chunks = [(oid, e) for kind, oid, e in repo.store.iter_entries("c")]
+    codecs_seen = {e.codec for _oid, e in chunks}
+    assert {0, 1, 3, 4} <= codecs_seen  # raw, zstd, delta, float planes
+    assert any(e.codec == 0 and e.enc_len >= MAP_MIN for _oid, e in chunks)
+
+    scratch = Scratch()
+    for (oid, e), (other, e2) in zip(chunks, chunks[1:] + chunks[:1], strict=True):
+        into = bytearray(e.raw_len)
+        view = repo.store.chunk_view(oid, e, scratch, into)
+        repo.store.chunk_view(other, e2, scratch, bytearray(e2.raw_len))  # the scratch again
+        assert blake3.blake3(view).digest() == oid.digest

@@ -34,7 +34,7 @@ def test_commits_and_checkouts_of_one_repository_run_on_the_same_worker_threads_
     from mstore import snapshot
 
     ran: dict[str, set[int]] = {"commit": set(), "checkout": set()}
-    for cls, name, op in ((snapshot.Ingest, "_work", "commit"), (snapshot.Checkout, "_put", "checkout")):
+    for cls, name, op in ((snapshot.Ingest, "_work", "commit"), (snapshot.Checkout, "_decode", "checkout")):
         def record(self, *args, _task=getattr(cls, name), _op=op, **kw):
             ran[_op].add(threading.get_ident())
             return _task(self, *args, **kw)
@@ -150,12 +150,12 @@ def _interrupted(call) -> float:
     return returned
 
 
-def test_no_chunk_is_written_after_a_failed_checkout_returns(tmp_path, monkeypatch):
-    # The workers outlive the checkout: a task still queued when it fails would write through
-    # a descriptor that is closed on the way out, and whose number the next open() reuses.
+def test_no_chunk_is_decoded_after_a_failed_checkout_returns(tmp_path, monkeypatch):
+    # The workers outlive the checkout: a task still queued when it fails would decode into a
+    # buffer of the repository's that the next checkout may be using.
     from mstore import snapshot
 
-    started = _record_task_starts(monkeypatch, snapshot.Checkout, "_put")
+    started = _record_task_starts(monkeypatch, snapshot.Checkout, "_decode")
     repo = Repo.init(tmp_path / "store")
     repo.commit(_twelve_tensors(tmp_path / "big", 1), "run", "twelve tensors")
     returned = _interrupted(lambda: repo.checkout("run", tmp_path / "out", progress=_ctrl_c_at_second_progress()))

@@ -175,14 +175,19 @@ class ObjectStore:
         with self.index.read() as txn:
             return {k: v[:32] for k, v in txn.db_items("deltas")}
 
-    def chunk_view(self, oid: ObjectId, entry: Entry, scratch: Scratch) -> memoryview:
+    def chunk_view(
+        self, oid: ObjectId, entry: Entry, scratch: Scratch, into: bytearray | None = None
+    ) -> memoryview:
         """A chunk's decoded bytes, read and decoded through ``scratch``: *not* hashed here.
 
         Only for callers that verify the content another way before anyone sees it: checkout
         hashes each whole file against its id (BLAKE3 of the content) before the file gets its
         name, so hashing every chunk as well would verify every byte twice; :meth:`get` hashes
         the result once. Record headers are still checked against the index and decoding is
-        bounded by the recorded length. The view is valid until ``scratch`` is used again.
+        bounded by the recorded length. The view is valid until ``scratch`` is used again;
+        with ``into`` (a buffer of at least the chunk's length) the result is either a view of
+        ``into`` or of a memory map of the record, so it stays valid whatever ``scratch`` does
+        next (until ``into`` is reused): another thread can write it out meanwhile.
 
         Records of at least ``MAP_MIN`` bytes are read through a memory map of the pack (decoded
         in place, no copy), smaller ones into ``scratch``. A delta chain is decoded from its
@@ -211,7 +216,10 @@ class ObjectStore:
                     )
                 if rec.kind != "c" or rec.id != cid.digest or rec.raw_len != raw_len or rec.check != cid.digest:
                     raise IntegrityError(f"record header of chunk {cid} does not match the index")
-                out = scratch.output(raw_len, slot)
+                last = step == len(chain) - 1
+                # The final result goes to ``into`` when given, except where it is the XOR's
+                # temporary beside a separate plane output (finish_delta_planes below).
+                out = into if into is not None and last and planes is None else scratch.output(raw_len, slot)
                 if step == 0:
                     if rec.codec == codecs.DELTA:
                         raise IntegrityError(f"chunk {cid} changed while its chain was read")
@@ -220,12 +228,15 @@ class ObjectStore:
                         plane_codec = rec.codec
                     else:
                         raw = codecs.decode_into(rec.codec, payload, raw_len, out)
+                        if into is not None and last and ent.enc_len < MAP_MIN and rec.codec == codecs.RAW:
+                            into[:raw_len] = raw  # a view of scratch's read buffer: copy it out
+                            raw = memoryview(into)[:raw_len]
                     continue
                 if rec.codec != codecs.DELTA:
                     raise IntegrityError(f"chunk {cid} changed while its chain was read")
                 if planes is not None:
-                    if step == len(chain) - 1:  # the last level: XOR, interleave and rotate in one pass
-                        final = scratch.final(raw_len)
+                    if last:  # the last level: XOR, interleave and rotate in one pass
+                        final = into if into is not None else scratch.final(raw_len)
                         if codecs.finish_delta_planes(payload, raw_len, planes, out, final, plane_codec):
                             return memoryview(final)[:raw_len]
                         res = None  # not such planes (the same test as below): go bytewise
@@ -237,10 +248,12 @@ class ObjectStore:
                     final = scratch.final(raw_len)  # this level's XOR is not such planes: go bytewise
                     codecs.finish_planes(planes, raw_len, final, plane_codec)
                     raw, planes = memoryview(final)[:raw_len], None
+                    if last and into is not None:
+                        out = into
                 assert raw is not None
                 raw = codecs.decode_delta_into(payload, raw_len, raw, out)
             if planes is not None:
-                final = scratch.final(raw_len)
+                final = into if into is not None else scratch.final(raw_len)
                 codecs.finish_planes(planes, raw_len, final, plane_codec)
                 return memoryview(final)[:raw_len]
             assert raw is not None
