@@ -227,6 +227,7 @@ class Contenders:
 
     # mstore: the CLI as a process, one `mstore commit` per version onto one branch.
     def _run_mstore(self, s: wl.Series, base: Path, run: Run) -> None:
+        warm = self.warm_bytes(s)
         store = base / "store"
         init_mstore(store).close()
         n = len(s.versions)
@@ -234,7 +235,7 @@ class Contenders:
             # --allow-regression: the series shrink on purpose (an adapter after a base model, a
             # deleted shard); the guards still run, and their cost is inside the figure.
             r = run_child([*self.mstore, "--store", str(store), "commit", str(v), "-b", "series", "-m", f"v{i}",
-                           "--kind", KINDS[s.name], "--allow-regression"], base, self.env)
+                           "--kind", KINDS[s.name], "--allow-regression"], base, self.env, warm=warm[i])
             self._ok(r, f"mstore commit v{i}")
             run.commit.append(r)
         with Repo.open(store) as repo:
@@ -243,13 +244,23 @@ class Contenders:
         for i in range(n):
             dest = base / "out" / f"v{i:02d}"
             rev = f"series~{n - 1 - i}" if i < n - 1 else "series"
-            r = run_child([*self.mstore, "--store", str(store), "checkout", rev, str(dest)], base, self.env)
+            r = run_child([*self.mstore, "--store", str(store), "checkout", rev, str(dest)], base, self.env,
+                          warm=warm[i])
             self._ok(r, f"mstore checkout v{i}")
             run.checkout.append(r)
             bad = check_tree(dest, s.files[i])
             if bad:
                 raise RuntimeError(f"v{i}: {bad}")
             rmtree(dest)
+
+    @staticmethod
+    def warm_bytes(s: wl.Series) -> list[int]:
+        """Per version, the memory to back before a step that writes it (twice its size).
+
+        Every contender's writing steps alike; see bench_store.warm_free_memory: on these VMs
+        the first write into memory the host took back costs a host fault per page.
+        """
+        return [2 * tree_bytes(v) for v in s.versions]
 
     def dvc_workspace(self, base: Path) -> Path:
         """A fresh git + DVC workspace under ``base``: no analytics, no update checks, copies."""
@@ -266,6 +277,7 @@ class Contenders:
     # .dvc file (timed, both). Checkout: the workspace is emptied (untimed), so every byte is
     # written as for the others, then `git checkout SHA -- data.dvc` + `dvc checkout` (timed).
     def _run_dvc(self, s: wl.Series, base: Path, run: Run) -> None:
+        warm = self.warm_bytes(s)
         ws = self.dvc_workspace(base)
         self._must([self.git, "add", "-A"], ws)
         self._must([self.git, "commit", "-q", "-m", "dvc init"], ws)
@@ -274,7 +286,7 @@ class Contenders:
         for i, v in enumerate(s.versions):
             rmtree(data)
             shutil.copytree(v, data)
-            r = run_child([*self.dvc, "add", "-q", "data"], ws, self.env)
+            r = run_child([*self.dvc, "add", "-q", "data"], ws, self.env, warm=warm[i])
             self._ok(r, f"dvc add v{i}")
             run.commit.append(r)
             r1 = run_child([self.git, "add", "data.dvc", ".gitignore"], ws, self.env)
@@ -291,7 +303,7 @@ class Contenders:
             rmtree(data)
             r1 = run_child([self.git, "checkout", "-q", sha, "--", "data.dvc"], ws, self.env)
             self._ok(r1, f"git checkout v{i}")
-            r2 = run_child([*self.dvc, "checkout", "-q", "data.dvc"], ws, self.env)
+            r2 = run_child([*self.dvc, "checkout", "-q", "data.dvc"], ws, self.env, warm=warm[i])
             self._ok(r2, f"dvc checkout v{i}")
             run.checkout_extra.append(r1)
             run.checkout.append(r2)
@@ -301,17 +313,18 @@ class Contenders:
 
     # cp: every version copied into a versions directory; checkout copies it back out.
     def _run_cp(self, s: wl.Series, base: Path, run: Run) -> None:
+        warm = self.warm_bytes(s)
         store = base / "versions"
         store.mkdir()
         for i, v in enumerate(s.versions):
-            r = run_child([self.cp, "-r", str(v), str(store / f"v{i:02d}")], base, self.env)
+            r = run_child([self.cp, "-r", str(v), str(store / f"v{i:02d}")], base, self.env, warm=warm[i])
             self._ok(r, f"cp v{i}")
             run.commit.append(r)
         run.stored_bytes = tree_bytes(store)
         (base / "out").mkdir()
         for i in range(len(s.versions)):
             dest = base / "out" / f"v{i:02d}"
-            r = run_child([self.cp, "-r", str(store / f"v{i:02d}"), str(dest)], base, self.env)
+            r = run_child([self.cp, "-r", str(store / f"v{i:02d}"), str(dest)], base, self.env, warm=warm[i])
             self._ok(r, f"cp back v{i}")
             run.checkout.append(r)
             bad = check_tree(dest, s.files[i])

@@ -178,10 +178,15 @@ with open(out, "w") as f:
 """
 
 
-def run_child(cmd: Sequence[str], cwd: Path, env: dict[str, str], sync: bool = True) -> ChildResult:
-    """Run ``cmd`` as one fresh process: wall time from fork to exit, its own CPU and peak RSS."""
+def run_child(cmd: Sequence[str], cwd: Path, env: dict[str, str], sync: bool = True, warm: int = 0) -> ChildResult:
+    """Run ``cmd`` as one fresh process: wall time from fork to exit, its own CPU and peak RSS.
+
+    ``warm``: bytes of memory to back first (untimed, see :func:`warm_free_memory`).
+    """
     if sync:
         os.sync()
+    if warm:
+        warm_free_memory(warm)
     with tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile("r", suffix=".json") as res:
         p = subprocess.run(
             [sys.executable, "-c", _SPAWN, res.name, *cmd], cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err,
