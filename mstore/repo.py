@@ -317,10 +317,11 @@ class Repo:
         The workers (one per core this process may run on, at most MAX_WORKERS) are kept from
         the first commit or checkout until here, with their decode and encode buffers: up to about ten times the
         largest chunk (16 MiB by default) per worker, once it has both checked out and
-        committed deltas, plus the buffers checkouts decode into (at most 64 MiB beyond two
-        chunks per worker). A repository used for many commits or checkouts in one process
-        allocates them once. Close a repository before it is used no more; do not close it
-        while another thread is committing or checking out with it.
+        committed deltas, plus the buffers checkouts decode into (per checkout at once: one
+        chunk per worker plus two, and more up to 64 MiB in all). A repository used for many
+        commits or checkouts in one process allocates them once. Close a repository before it
+        is used no more; do not close it while another thread is committing or checking out
+        with it.
         """
         with self._pool_lock:
             pool, self._pool = self._pool, None
@@ -350,6 +351,7 @@ class Repo:
                 # checked out) for as long as the repository is open, in a trainer all run long.
                 self._pool = ThreadPoolExecutor(max(1, min(cores, MAX_WORKERS)), thread_name_prefix="mstore-worker")
                 self._pool_pid = os.getpid()
+                self._results = None  # a forked child's own too (the parent's lock may be held)
             return self._pool
 
     def __enter__(self) -> Repo:

@@ -233,8 +233,8 @@ def settle(futures: Iterable[Future]) -> None:
     """Cancel the tasks not started yet and wait for the others.
 
     After a failure no task of the failed operation may still run: the workers are the
-    repository's and outlive it, and a checkout's tasks write through a file descriptor that is
-    about to be closed, and whose number the next open() would reuse.
+    repository's and outlive it, a commit's tasks append to its batch, and a checkout's decode
+    into buffers that the repository hands out again.
     """
     futures = list(futures)
     for f in futures:
@@ -899,32 +899,37 @@ class ResultBuffers:
     """Buffers that checkout workers decode chunks into and the writing thread writes from.
 
     A repository keeps one set beside its workers, for all its checkouts: fresh memory costs a
-    page fault per 4 KiB, and a fresh set per checkout made checkouts 25-35 % slower. There
-    are never more than a checkout has chunks in flight (see ``Checkout._room``), each as
-    large as the largest chunk it has held.
+    page fault per 4 KiB, and a fresh set per checkout made checkouts 25-35 % slower. A chunk
+    gets the smallest free buffer that holds it; new ones are sized in whole MiB, so chunks of
+    similar sizes share them. What a checkout holds at once is bounded by ``Checkout._room``
+    (counted in buffer sizes); at most ``keep`` free buffers are kept, the smallest let go.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, keep: int = 16):
         self._free: list[bytearray] = []
+        self._keep = keep
         self._lock = threading.Lock()
 
     def take(self, n: int) -> bytearray:
-        """A buffer of at least ``n`` bytes (a free one if any is large enough)."""
+        """A buffer of at least ``n`` bytes."""
         with self._lock:
-            for i in range(len(self._free) - 1, -1, -1):
-                if len(self._free[i]) >= n:
-                    return self._free.pop(i)
-            if self._free:
-                self._free.pop(0)  # every one is too small: this one gives way to a larger one
-        return bytearray(n)
+            fits = [i for i, b in enumerate(self._free) if len(b) >= n]
+            if fits:
+                return self._free.pop(min(fits, key=lambda i: len(self._free[i])))
+        return bytearray(-(-n // _BUFFER_UNIT) * _BUFFER_UNIT if n > _BUFFER_UNIT else n)
 
     def give(self, buf: bytearray) -> None:
         """Return a buffer taken with :meth:`take`."""
         with self._lock:
             self._free.append(buf)
+            if len(self._free) > self._keep:
+                self._free.remove(min(self._free, key=len))
 
 
-# A checkout keeps at most this many decoded bytes waiting to be written (beyond workers + 2
+# New result buffers above this size are rounded up to a multiple of it.
+_BUFFER_UNIT = 1 << 20
+
+# A checkout keeps at most this much buffer space waiting to be written (beyond workers + 2
 # chunks).
 _IN_FLIGHT_BYTES = 64 << 20
 
@@ -1048,15 +1053,15 @@ class Checkout:
         chunks = fobj.chunks
         with self.store.index.read() as txn:
             entries = [txn.get_entry("c", cid.digest) for cid, _n in chunks]
-        if any(entry is None for entry in entries):
-            self._diagnose(fid, fobj, name)  # raises, naming the missing chunk
+        if any(entry is None or entry.raw_len != n for entry, (_cid, n) in zip(entries, chunks, strict=True)):
+            self._diagnose(fid, fobj, name)  # raises, naming the missing chunk or the wrong length
         starts = []
         pos = 0
         for _cid, n in chunks:
             starts.append(pos)
             pos += n
         pending: dict[Future, tuple[int, bytearray]] = {}
-        in_flight = 0  # bytes decoded or being decoded, not yet written
+        in_flight = 0  # buffer bytes handed to tasks whose result is not written yet
         nxt = 0
         try:
             while nxt < len(chunks) or pending:
@@ -1064,7 +1069,7 @@ class Checkout:
                     cid, n = chunks[nxt]
                     buf = self.buffers.take(n)
                     pending[self.pool.submit(self._decode, cid, entries[nxt], n, buf)] = (starts[nxt], buf)
-                    in_flight += n
+                    in_flight += len(buf)
                     nxt += 1
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in finished:
@@ -1074,9 +1079,8 @@ class Checkout:
                     done = 0
                     while done < n:
                         done += os.pwrite(fd, view[done:], at + done)
-                    del view
                     self.buffers.give(buf)
-                    in_flight -= n
+                    in_flight -= len(buf)
                     self.progress(n)
         except BaseException as exc:
             settle(pending)  # no worker may still be decoding into a buffer we hand out again

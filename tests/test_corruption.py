@@ -291,3 +291,23 @@ def test_checkout_names_a_chunk_whose_bytes_decode_but_are_wrong(repo, work, tmp
     assert str(chunk) in str(info.value)
     assert not (tmp_path / "out" / "model.safetensors").exists()
     assert _leftovers(tmp_path / "out") == []
+
+
+def test_a_manifest_that_misstates_a_chunk_length_fails_checkout_naming_the_chunk(repo, work, tmp_path, monkeypatch):
+    # The lengths still add up to the file's size; only the split between two chunks is wrong.
+    from mstore import snapshot
+    from mstore.objects import FileObject
+
+    (work / "data.jsonl").write_bytes(b"".join(b'{"id": %d, "text": "record"}\n' % i for i in range(40_000)))
+    repo.commit(work, "b", "text")
+    real = snapshot.load_file
+
+    def lying(store, oid):
+        f = real(store, oid)
+        (c0, n0), (c1, n1), *rest = f.chunks
+        return FileObject(f.size, f.chunker, ((c0, n0 - 1), (c1, n1 + 1), *rest))
+
+    monkeypatch.setattr(snapshot, "load_file", lying)
+    with pytest.raises(IntegrityError, match=r"has \d+ bytes, manifest says"):
+        repo.checkout("b", tmp_path / "out")
+    assert not (tmp_path / "out" / "data.jsonl").exists()

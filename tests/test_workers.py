@@ -193,3 +193,31 @@ def test_a_repository_keeps_at_most_eight_workers_whatever_the_cores(tmp_path, m
     repo = Repo.init(tmp_path / "store")
     assert repo._worker_pool()._max_workers == repo_mod.MAX_WORKERS == 8
     repo.close()
+
+
+def test_chunks_decoded_out_of_order_are_each_written_at_their_own_offset(tmp_path, monkeypatch):
+    # The first chunk's decode is held back, so the ones after it finish (and are written)
+    # first; the file must still come out whole and in order.
+    from mstore import snapshot
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # two workers, whatever the machine
+    real = snapshot.Checkout._decode
+    order: list[int] = []
+
+    def held_first(self, cid, entry, n, buf, _seen=[]):  # noqa: B006 - shared on purpose
+        first = not _seen
+        _seen.append(cid)
+        if first:
+            time.sleep(0.3)
+        view = real(self, cid, entry, n, buf)
+        order.append(len(_seen) if not first else 0)
+        return view
+
+    repo = Repo.init(tmp_path / "store")
+    src = _twelve_tensors(tmp_path / "v", 3)
+    repo.commit(src, "run", "twelve tensors")
+    monkeypatch.setattr(snapshot.Checkout, "_decode", held_first)
+    repo.checkout("run", tmp_path / "out")
+    assert order[0] != 0 and 0 in order  # something finished before the first chunk
+    assert tree_bytes(tmp_path / "out") == tree_bytes(src)
+    repo.close()

@@ -293,7 +293,9 @@ class PackReader:
         The map covers only this record and lives as long as a view of it does (dropping the
         last view unmaps it), so memory use is bounded by what the caller holds. Sealed packs
         never change and an open pack only grows, so a mapped record cannot move; the size
-        check below refuses a pack already cut short (which would otherwise fault on access).
+        check below refuses a pack already cut short. A pack cut short while mapped, or a disk
+        read error under the map, faults (SIGBUS) instead of raising: what ``git`` accepts
+        for its mapped packs too; nothing in mstore truncates an indexed record.
 
         Raises:
             IntegrityError: the pack is missing, truncated or the record header is damaged.
@@ -305,7 +307,10 @@ class PackReader:
             if os.fstat(fd).st_size < offset + total:
                 raise IntegrityError(f"pack {name} is truncated at offset {offset}")
             start = offset - offset % mmap.ALLOCATIONGRANULARITY
-            m = mmap.mmap(fd, offset + total - start, access=mmap.ACCESS_READ, offset=start)
+            try:
+                m = mmap.mmap(fd, offset + total - start, access=mmap.ACCESS_READ, offset=start)
+            except OSError:  # a file system that cannot map files: read it instead
+                return self.read_into(name, offset, enc_len, bytearray(total))
         finally:
             os.close(fd)
         view = memoryview(m)[offset - start :]
