@@ -241,16 +241,7 @@ def load_catalog(backend: Backend, cache_dir: Path | None = None, max_object: in
         RemoteIntegrityError, OversizedObject: a malformed index.
     """
     cat = Catalog()
-    sizes: dict[str, int] = {}
-    indexes: list[str] = []
-    for key, size in backend.list("packs/"):
-        name = key[len("packs/") :]
-        if "/" in name:
-            continue
-        if name.endswith(".pack"):
-            sizes[name[: -len(".pack")]] = size
-        elif name.endswith(".idx"):
-            indexes.append(name[: -len(".idx")])
+    sizes, indexes = list_packs(backend)
     docs: dict[str, dict[str, Any]] = {}
     missing: list[str] = []
     for name in indexes:
@@ -284,21 +275,43 @@ def load_catalog(backend: Backend, cache_dir: Path | None = None, max_object: in
             atomic_write(cache_dir / f"{name}.idx", raw)
     for name in indexes:
         doc = docs.get(name)
-        if doc is None:
-            continue
-        keys = [(r[0], bytes.fromhex(r[1])) for r in doc["records"]]
-        actual = sizes.get(name)
-        if actual != doc["size"]:
-            problem = "missing" if actual is None else f"truncated: {actual:,} of {doc['size']:,} bytes"
-            cat.damaged[name] = problem
-            for k in keys:
-                cat.damaged_keys.setdefault(k, name)
-            continue
-        cat.packs[name] = {"size": doc["size"], "meta": bool(doc.get("meta"))}
-        for k, r in zip(keys, doc["records"], strict=True):
-            base = bytes.fromhex(r[6]) if len(r) == 7 else None
-            cat.objects.setdefault(k, Location(name, r[2], r[3], r[4], r[5], base))
+        if doc is not None:
+            catalog_pack(cat, name, doc, sizes.get(name))
     return cat
+
+
+def list_packs(backend: Backend) -> tuple[dict[str, int], list[str]]:
+    """``packs/`` of a remote: the size of each pack file, and the names that have an index."""
+    sizes: dict[str, int] = {}
+    indexes: list[str] = []
+    for key, size in backend.list("packs/"):
+        name = key[len("packs/") :]
+        if "/" in name:
+            continue
+        if name.endswith(".pack"):
+            sizes[name[: -len(".pack")]] = size
+        elif name.endswith(".idx"):
+            indexes.append(name[: -len(".idx")])
+    return sizes, indexes
+
+
+def catalog_pack(cat: Catalog, name: str, doc: dict[str, Any], actual: int | None) -> bool:
+    """Add one pack's parsed index to ``cat``; False if the pack is missing or not its size.
+
+    A damaged pack's objects go to ``damaged_keys`` (so a reader can say why it lacks them),
+    never to ``objects``. The one rule for load_catalog and remote gc's survey.
+    """
+    keys = [(r[0], bytes.fromhex(r[1])) for r in doc["records"]]
+    if actual != doc["size"]:
+        cat.damaged[name] = "missing" if actual is None else f"truncated: {actual:,} of {doc['size']:,} bytes"
+        for k in keys:
+            cat.damaged_keys.setdefault(k, name)
+        return False
+    cat.packs[name] = {"size": doc["size"], "meta": bool(doc.get("meta"))}
+    for k, r in zip(keys, doc["records"], strict=True):
+        base = bytes.fromhex(r[6]) if len(r) == 7 else None
+        cat.objects.setdefault(k, Location(name, r[2], r[3], r[4], r[5], base))
+    return True
 
 
 def lacks(backend: Backend, keys: Iterable[tuple[str, bytes | str]], cache_dir: Path | None = None) -> set:

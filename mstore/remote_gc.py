@@ -58,10 +58,11 @@ from .refs import short_name
 from .remote import (
     MAX_OBJECT,
     Catalog,
-    Location,
     RemoteRef,
     RemoteSource,
+    catalog_pack,
     check_layout,
+    list_packs,
     parse_index,
     read_ref,
     ref_from_key,
@@ -229,16 +230,8 @@ def survey(backend: Backend, cache_dir: Path | None = None) -> Survey:
     taken for a pack without index): callers refuse on it.
     """
     sv = Survey()
-    names: list[str] = []
-    for key, size in backend.list("packs/"):
-        name = key[len("packs/"):]
-        if "/" in name:
-            continue
-        if name.endswith(".pack"):
-            sv.sizes[name[: -len(".pack")]] = size
-        elif name.endswith(".idx"):
-            names.append(name[: -len(".idx")])
-    cat = sv.catalog
+    sizes, names = list_packs(backend)
+    sv.sizes.update(sizes)
     for name in names:
         try:
             raw = _read_index(backend, name, cache_dir)
@@ -246,24 +239,16 @@ def survey(backend: Backend, cache_dir: Path | None = None) -> Survey:
         except Exception as exc:  # noqa: BLE001 - any failure is doubt, recorded and refused on
             sv.unreadable[name] = f"{type(exc).__name__}: {exc}"
             continue
-        keys = [(r[0], bytes.fromhex(r[1])) for r in doc["records"]]
-        actual = sv.sizes.get(name)
-        if actual != doc["size"]:
-            cat.damaged[name] = "missing" if actual is None else f"truncated: {actual:,} of {doc['size']:,} bytes"
-            for k in keys:
-                cat.damaged_keys.setdefault(k, name)
-            if actual is None:
-                continue
+        actual = sizes.get(name)
+        intact = catalog_pack(sv.catalog, name, doc, actual)
+        if actual is None:
+            continue  # nothing to judge: the pack file is gone
         sv.indexes[name] = doc
         sv.index_digest[name] = blake3.blake3(raw).hexdigest()
-        if name in cat.damaged:
-            continue
-        cat.packs[name] = {"size": doc["size"], "meta": bool(doc.get("meta"))}
-        for k, r in zip(keys, doc["records"], strict=True):
-            base = bytes.fromhex(r[6]) if len(r) == 7 else None
-            cat.objects.setdefault(k, Location(name, r[2], r[3], r[4], r[5], base))
-            if base is not None:
-                sv.bases.setdefault(k[1], set()).add(base)
+        if intact:
+            for r in doc["records"]:
+                if len(r) == 7:
+                    sv.bases.setdefault(bytes.fromhex(r[1]), set()).add(bytes.fromhex(r[6]))
     return sv
 
 
