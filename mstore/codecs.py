@@ -381,7 +381,7 @@ def _decode_planes(data: bytes | memoryview, raw_len: int, into: memoryview | No
 def _delta_planes(payload: bytes | memoryview, raw_len: int, base: list, codec: int) -> list | None:
     """The XOR planes of a DELTA payload when they are planes of ``codec`` and ``base``'s element size."""
     delta_base(payload)
-    if payload[33] != codec:
+    if delta_inner(payload) != codec:
         return None
     item, planes = byte_planes(memoryview(payload)[DELTA_HEAD.size :], raw_len)
     if item != len(base):
@@ -483,6 +483,11 @@ def encode_delta(
     return DELTA_HEAD.pack(base_id, depth, codec) + enc
 
 
+def delta_inner(payload: bytes | memoryview) -> int:
+    """The codec of a DELTA payload's XOR bytes: its header's last byte (not validated here)."""
+    return payload[DELTA_HEAD.size - 1]
+
+
 def delta_base(payload: bytes | memoryview) -> tuple[bytes, int]:
     """``(base id, depth)`` named by a DELTA payload.
 
@@ -518,9 +523,9 @@ def decode_delta_into(
     if len(base) != raw_len:
         raise IntegrityError(f"delta base has {len(base)} bytes, the chunk {raw_len}")
     inner = memoryview(payload)[DELTA_HEAD.size :]
-    if payload[33] == LOWRANK:
+    if delta_inner(payload) == LOWRANK:
         return _decode_lowrank_into(inner, raw_len, base, out)
-    xor = decode_into(payload[33], inner, raw_len, out)
+    xor = decode_into(delta_inner(payload), inner, raw_len, out)
     view = memoryview(out)[:raw_len]
     xor_into(xor, base, view)  # in place where the XOR was decoded into ``out``: same positions
     return view

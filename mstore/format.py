@@ -63,9 +63,9 @@ def required_version(codec: int, payload: bytes | memoryview = b"") -> tuple[int
     """
     from . import codecs
 
-    if codec == codecs.DELTA and len(payload) > 33 and payload[33] == codecs.LOWRANK:
-        return LOWRANK_MIN_VERSION, "low-rank delta"
     if codec == codecs.DELTA:
+        if len(payload) >= codecs.DELTA_HEAD.size and codecs.delta_inner(payload) == codecs.LOWRANK:
+            return LOWRANK_MIN_VERSION, "low-rank delta"
         return DELTA_MIN_VERSION, codecs.NAMES[codec]
     if codec == codecs.FLOATPLANE:
         return FLOATPLANE_MIN_VERSION, codecs.NAMES[codec]
