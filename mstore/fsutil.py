@@ -21,6 +21,35 @@ def unique_name(prefix: str = "", suffix: str = "") -> str:
     return f"{prefix}{time.time_ns():x}-{os.getpid():x}-{os.urandom(8).hex()}{suffix}"
 
 
+_sync_file_range: list = []  # [the libc function, or None where there is none]
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing ``length`` bytes at ``offset`` to disk, without waiting.
+
+    Linux's ``sync_file_range(SYNC_FILE_RANGE_WRITE)``, which Python's ``os`` lacks (hence
+    ctypes). It changes no durability promise (the later ``fsync`` still decides); it only lets
+    the disk work while the writer goes on, so that ``fsync`` finds the bytes mostly written
+    already, as RocksDB's ``bytes_per_sync`` does. Does nothing where unavailable or refused.
+    """
+    if not _sync_file_range:
+        fn = None
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            fn = libc.sync_file_range
+            fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+            fn.restype = ctypes.c_int
+        except (OSError, AttributeError):
+            fn = None
+        _sync_file_range.append(fn)
+    fn = _sync_file_range[0]
+    if fn is not None and length > 0:
+        fn(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # a failure only means no early start
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     """Fsync a directory so a rename or create inside it survives a crash."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

@@ -135,3 +135,24 @@ def test_an_incompressible_tensor_above_the_write_buffer_commits_and_checks_out_
     repo.checkout("exp", tmp_path / "out")
     assert tree_bytes(tmp_path / "out") == tree_bytes(tmp_path / "v")
     repo.close()
+
+
+def test_starting_writeback_early_is_harmless_on_files_and_on_what_cannot_be_synced(tmp_path):
+    from mstore.fsutil import start_writeback
+
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        os.write(fd, b"x" * 100_000)
+        start_writeback(fd, 0, 100_000)
+        start_writeback(fd, 50_000, 10**9)  # past the end: nothing to write
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"x" * 100_000
+    r, w = os.pipe()
+    try:
+        start_writeback(w, 0, 10)  # a pipe has no pages to write back: refused, silently
+    finally:
+        os.close(r)
+        os.close(w)
