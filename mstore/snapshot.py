@@ -233,8 +233,9 @@ def settle(futures: Iterable[Future]) -> None:
     """Cancel the tasks not started yet and wait for the others.
 
     After a failure no task of the failed operation may still run: the workers are the
-    repository's and outlive it, a commit's tasks append to its batch, and a checkout's decode
-    into buffers that the repository hands out again.
+    repository's and outlive it, and a task left running would still be using its thread's
+    buffers (and, for a checkout, a result buffer the repository hands out again) when the
+    next operation starts.
     """
     futures = list(futures)
     for f in futures:

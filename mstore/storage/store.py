@@ -192,8 +192,8 @@ class ObjectStore:
         Records of at least ``MAP_MIN`` bytes are read through a memory map of the pack (decoded
         in place, no copy), smaller ones into ``scratch``. A delta chain is decoded from its
         whole base upwards through two alternating buffer pairs, so memory does not grow with
-        the chain; while every level is byte planes, the
-        XOR is taken plane by plane and the result interleaved once, with the last level's XOR.
+        the chain; while every level is byte planes, the XOR is taken plane by plane and the
+        result interleaved once, with the last level's XOR.
 
         Raises:
             IntegrityError: a record is missing, damaged or does not decode (message names the
