@@ -510,37 +510,7 @@ def is_ancestor(store: Any, ancestor: ObjectId, descendant: ObjectId) -> bool:
     return False
 
 
-class _PackBuilder:
-    """Builds remote packs in memory from verified local records."""
-
-    def __init__(self, meta: bool):
-        self.meta = meta
-        self.name = unique_name()
-        self.buf = bytearray(HEADER.pack(PACK_MAGIC, PACK_VERSION, 0))
-        self.records: list[list[Any]] = []
-        self.raw = 0
-
-    def add(
-        self, kind: str, digest: bytes, check: bytes, codec: int, raw_len: int, payload: bytes, base: bytes | None
-    ) -> None:
-        offset = len(self.buf)
-        self.buf += RECORD.pack(RECORD_MAGIC, ord(kind), codec, 0, raw_len, len(payload), digest, check)
-        self.buf += payload
-        self.records.append([kind, digest.hex(), offset, len(payload), raw_len, codec, *([base.hex()] if base else [])])
-        self.raw += raw_len
-
-    @property
-    def size(self) -> int:
-        return len(self.buf)
-
-    def seal(self) -> tuple[bytes, bytes]:
-        digest = blake3.blake3(self.buf).digest()
-        self.buf += FOOTER.pack(FOOTER_MAGIC, 0, len(self.records), digest)
-        index = {"v": 1, "pack": self.name, "size": len(self.buf), "meta": self.meta, "records": self.records}
-        return bytes(self.buf), json.dumps(index, separators=(",", ":")).encode()
-
-
-class _LocalPackBuilder(_PackBuilder):
+class _LocalPackBuilder:
     """A remote pack assembled in one preallocated buffer, each local record read straight into it.
 
     A remote record is byte for byte a local one, so the local pack's record (header and
@@ -619,7 +589,7 @@ class _LocalPackBuilder(_PackBuilder):
         )
         self.raw += rec.raw_len
 
-    def seal(self) -> tuple[memoryview, bytes]:  # type: ignore[override]
+    def seal(self) -> tuple[memoryview, bytes]:
         digest = blake3.blake3(self.view[: self._size]).digest()
         FOOTER.pack_into(self.view, self._size, FOOTER_MAGIC, 0, len(self.records), digest)
         self._size += FOOTER.size
@@ -850,14 +820,14 @@ def push(
             finally:
                 packs.put(None)
 
-        def upload(builder: _PackBuilder, pack: bytes | memoryview, index: bytes) -> _PackBuilder:
+        def upload(builder: _LocalPackBuilder, pack: bytes | memoryview, index: bytes) -> _LocalPackBuilder:
             backend.put(f"packs/{builder.name}.pack", pack)
             hook("pack-uploaded")
             backend.put(f"packs/{builder.name}.idx", index)  # R1: only after its pack
             hook("index-uploaded")
             return builder
 
-        def done(builder: _PackBuilder) -> None:
+        def done(builder: _LocalPackBuilder) -> None:
             mem = getattr(builder, "mem", None)
             if mem is not None and len(spare) < 2 * _UPLOADS:  # uploaded: its buffer is free
                 spare.append(mem)

@@ -9,9 +9,11 @@ import pytest
 
 from mstore import Repo
 from mstore.errors import OversizedObject, RemoteIntegrityError
+from mstore.fsutil import unique_name
 from mstore.hashing import hash_typed
-from mstore.remote import _log_entry, _PackBuilder, ref_key
+from mstore.remote import _log_entry, ref_key
 from mstore.storage.backends import open_backend
+from mstore.storage.packs import FOOTER, FOOTER_MAGIC, HEADER, PACK_MAGIC, PACK_VERSION, RECORD, RECORD_MAGIC
 from tests.conftest import tree_bytes
 from tests.remote.conftest import add_remote, checkpoint
 
@@ -77,17 +79,29 @@ def test_a_truncated_remote_pack_is_named_and_nothing_is_indexed(repo, work, tmp
     other.close()
 
 
-def _publish(backend, objects, commit_id, branch="refs/heads/evil"):
-    """Put hand-made objects on a remote the way a push would, and point a branch at them."""
-    b = _PackBuilder(meta=True)
+def _hand_made_pack(objects) -> tuple[str, bytes, bytes]:
+    """A remote pack and its index, built byte by byte (docs/remotes.md), from ``objects``."""
     import blake3
 
+    name = unique_name()
+    buf = bytearray(HEADER.pack(PACK_MAGIC, PACK_VERSION, 0))
+    records = []
     for kind, oid, raw, *encoded in objects:  # (kind, id, raw bytes[, codec, payload])
         codec, payload = encoded if encoded else (0, raw)
-        b.add(kind, oid.digest, blake3.blake3(raw).digest(), codec, len(raw), payload, None)
-    pack, index = b.seal()
-    backend.put(f"packs/{b.name}.pack", pack)
-    backend.put(f"packs/{b.name}.idx", index)
+        records.append([kind, oid.digest.hex(), len(buf), len(payload), len(raw), codec])
+        buf += RECORD.pack(RECORD_MAGIC, ord(kind), codec, 0, len(raw), len(payload), oid.digest,
+                           blake3.blake3(raw).digest())
+        buf += payload
+    buf += FOOTER.pack(FOOTER_MAGIC, 0, len(records), blake3.blake3(buf).digest())
+    index = {"v": 1, "pack": name, "size": len(buf), "meta": True, "records": records}
+    return name, bytes(buf), json.dumps(index, separators=(",", ":")).encode()
+
+
+def _publish(backend, objects, commit_id, branch="refs/heads/evil"):
+    """Put hand-made objects on a remote the way a push would, and point a branch at them."""
+    name, pack, index = _hand_made_pack(objects)
+    backend.put(f"packs/{name}.pack", pack)
+    backend.put(f"packs/{name}.idx", index)
     doc = {"v": 1, "ref": branch, "id": str(commit_id), "old": None, "seq": 1, "time": 0.0, "user": "x",
            "command": "push", "message": ""}
     backend.put(ref_key(branch), _log_entry(doc))
