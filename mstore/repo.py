@@ -247,6 +247,28 @@ class RemoteGc:
         with self._backend() as b:
             return self._rg.log(b)
 
+    def locks(self) -> list[Any]:
+        """The push and gc locks now on the remote (``remote_lock.Lock``)."""
+        from .remote_lock import list_locks
+
+        with self._backend() as b:
+            return list_locks(b)
+
+    def unlock(self, keys: list[str] | None = None, older_than: float = 24 * 3600.0, force: bool = False) -> list[Any]:
+        """Remove locks a killed push or remote gc left behind; returns the ones removed.
+
+        Without ``force`` only locks older than ``older_than`` seconds and past the stale age
+        (24 h) go; with it, every lock named (or every lock): only when their holders are dead.
+
+        Raises:
+            UserError: a named key is no lock there, or is fresh and ``force`` is not given
+                (nothing removed).
+        """
+        from .remote_lock import remove_locks
+
+        with self._backend() as b:
+            return remove_locks(b, older_than=older_than, force=force, keys=keys, clock=self.repo.clock)
+
 
 class Repo:
     """An opened mstore repository."""

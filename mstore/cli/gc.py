@@ -460,19 +460,11 @@ def gc_unlock(ctx, remote, keys, older_than, force, list_only, as_json) -> None:
     24 h stale age are removed (--older-than can only raise the bar), and a named fresher lock
     is refused.
     """
-    from .. import remote_gc
-    from ..remote_lock import STALE_AFTER, list_locks, remove_locks
+    from ..remote_lock import STALE_AFTER
 
     with state(ctx).repo() as repo:
-        settings = remote_gc.remote_settings(repo.remotes(), remote)
-        backend = remote_gc.open_remote(settings)
-        try:
-            if list_only:
-                locks = list_locks(backend)
-            else:
-                locks = remove_locks(backend, older_than=older_than * 3600, force=force, keys=list(keys) or None)
-        finally:
-            backend.close()
+        g = repo.remote_gc(remote)
+        locks = g.locks() if list_only else g.unlock(list(keys) or None, older_than=older_than * 3600, force=force)
         if as_json:
             out.emit_json([lk.to_dict() for lk in locks])
             return

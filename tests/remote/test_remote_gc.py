@@ -67,6 +67,22 @@ def test_a_stale_lock_does_not_block_and_unlock_removes_only_stale_locks_without
 
 
 @pytest.mark.parametrize("remote", ["file"], indirect=True)
+def test_gc_unlock_lists_and_removes_a_dead_pushers_lock_through_the_api_and_the_cli(store, tmp_path):
+    from tests.conftest import Cli
+
+    repo, _clock, backend, _settings = store
+    dead = "locks/push/" + "1" * 32 + ".json"
+    backend.put(dead, json.dumps({"op": "push", "host": "h", "pid": 1, "user": "u", "time": 1.0}).encode())
+    g = repo.remote_gc("origin")
+    assert [lk.key for lk in g.locks()] == [dead]
+    (tmp_path / "cwd").mkdir()
+    cli = Cli(repo.root, tmp_path / "cwd")
+    assert [lk["key"] for lk in cli.json("gc", "unlock", "--remote", "origin", "--list")] == [dead]
+    assert [lk["key"] for lk in cli.json("gc", "unlock", "--remote", "origin")] == [dead]
+    assert g.locks() == [] and g.unlock() == []
+
+
+@pytest.mark.parametrize("remote", ["file"], indirect=True)
 def test_an_unreadable_lock_blocks_until_forced_away(remote):
     backend = _backend(remote)
     junk = "locks/gc/" + "1" * 32 + ".json"
