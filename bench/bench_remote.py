@@ -70,10 +70,10 @@ def settle_memory(nbytes: int) -> None:
     """Before each timed step, untimed: write back dirty pages, then back fresh memory.
 
     Both sides write the same bytes into the page cache (the server into its volumes for a
-    push, the client into packs or the downloaded file for a clone), ``nbytes`` at least
-    that. As in bench_store, this
-    VM hands memory freed a few seconds ago back to the host, and whichever step first writes
-    into such pages pays a host fault per 4 KiB page; see bench_store.warm_free_memory.
+    push, the client into packs or the downloaded file for a clone); ``nbytes`` is at least
+    that. As in bench_store, this VM hands memory freed a few seconds ago back to the host,
+    and whichever step first writes into such pages pays a host fault per 4 KiB page; see
+    bench_store.warm_free_memory.
     """
     os.sync()
     bench_store.warm_free_memory(nbytes)
