@@ -148,8 +148,12 @@ def test_the_c_kernels_refuse_buffers_that_do_not_fit_the_element_count(item):
     if codecs._kernels is None:
         pytest.skip("the C byte-plane kernels are not built")
     planes = [bytes(10)] * item
-    with pytest.raises(ValueError, match="needs"):
-        codecs._kernels.join(planes, bytearray(10 * item), 11, False)  # planes hold 10 elements
+    with pytest.raises(ValueError, match="planes: buffer 0 has 10 bytes, needs 11"):
+        codecs._kernels.join(planes, bytearray(11 * item), 11, False)  # out fits, planes hold 10
+    with pytest.raises(ValueError, match="xor: buffer 0 has 9 bytes, needs 10"):
+        codecs._kernels.join(planes, bytearray(10 * item), 10, False, [bytes(9)] * item)
+    with pytest.raises(ValueError, match="planes: buffer 0 has 10 bytes, needs 11"):
+        codecs._kernels.split(bytes(11 * item), [bytearray(10)] * item, item, False)
     with pytest.raises(ValueError, match="needs"):
         codecs._kernels.join(planes, bytearray(10 * item - 1), 10, False)
     with pytest.raises(ValueError, match="element size"):

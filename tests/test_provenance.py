@@ -39,12 +39,14 @@ def test_an_egg_info_install_has_the_version_header_of_its_pkg_info_read(tmp_pat
     egg.mkdir()
     (egg / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: some-egg\nVersion: 3.4.5\n\nVersion: 0.0 (body)\n")
     monkeypatch.setattr(sys, "path", [str(tmp_path)])
+    monkeypatch.setattr(metadata, "version", lambda name: pytest.fail("asked importlib.metadata"))
     assert provenance.installed_versions(("some-egg",)) == {"some-egg": "3.4.5"}
 
 
 def test_an_egg_info_file_is_read_as_its_own_pkg_info(tmp_path, monkeypatch):
     (tmp_path / "some_egg-3.4.5-py3.11.egg-info").write_text("Metadata-Version: 1.0\nName: some-egg\nVersion: 3.4.5\n")
     monkeypatch.setattr(sys, "path", [str(tmp_path)])
+    monkeypatch.setattr(metadata, "version", lambda name: pytest.fail("asked importlib.metadata"))
     assert provenance.installed_versions(("some-egg",)) == {"some-egg": "3.4.5"}
 
 

@@ -398,6 +398,8 @@ def test_a_manifest_listing_genuine_chunks_in_the_wrong_order_is_refused_and_mov
     _pushed(repo, work, remote)  # a remote in use
     if path == "from the store after indexing":
         monkeypatch.setattr(remote_mod._FileVerifier, "BUDGET", 0)  # nothing kept in memory
+    else:  # the streaming check must be what refuses it, not the one after indexing
+        monkeypatch.setattr(remote_mod, "_verify_file_content", lambda *a: pytest.fail("checked after indexing"))
     a, b = b"A" * 5000 + bytes(range(256)), b"B" * 5000 + bytes(range(256))
     ca, cb = ObjectId.from_digest(blake3.blake3(a).digest()), ObjectId.from_digest(blake3.blake3(b).digest())
     fid = ObjectId.from_digest(blake3.blake3(a + b).digest())  # the id of the real content a + b
