@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from hypothesis import example, given, settings
@@ -184,3 +185,33 @@ def mutated_objects(draw) -> bytes:
 def test_valid_objects_with_one_field_corrupted_only_ever_raise_mstore_errors(raw):
     for parse in PARSERS:
         parses_or_refuses_cleanly(parse, raw)
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.binary(min_size=0, max_size=1 << 16), window=st.sampled_from([1, 7, 4096, 1 << 20]))
+def test_a_file_hashed_window_by_window_has_the_id_of_its_bytes(tmp_path_factory, data, window):
+    from mstore import hashing
+
+    path = tmp_path_factory.mktemp("h") / "f"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    saved, hashing._HASH_WINDOW = hashing._HASH_WINDOW, window
+    try:
+        assert hashing.hash_file_fd(fd, len(data)) == hashing.hash_bytes(data)
+    finally:
+        hashing._HASH_WINDOW = saved
+        os.close(fd)
+
+
+def test_hashing_a_file_that_is_shorter_than_said_is_refused(tmp_path):
+    from mstore import hashing
+    from mstore.errors import FormatError
+
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 1000)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(FormatError, match="changed size"):
+            hashing.hash_file_fd(fd, 2000)
+    finally:
+        os.close(fd)
