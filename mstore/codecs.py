@@ -214,22 +214,6 @@ def encode(
     return RAW, bytes(raw)
 
 
-def estimate_size(
-    raw: bytes | memoryview, level: int = DEFAULT_LEVEL, item_size: int = 0, sample: int = 1 << 18
-) -> int:
-    """About how many bytes :func:`encode` would make of ``raw``, from encoding a prefix.
-
-    Weights are statistically uniform across a tensor, so a 256 KiB prefix predicts the whole
-    piece's ratio within a few percent at a sixteenth of the cost: enough to decide that a
-    delta clearly beats storing the piece whole without encoding it whole as well.
-    """
-    n = len(raw)
-    if n <= 2 * sample:
-        return len(encode(raw, level, item_size)[1])
-    cut = sample - sample % max(1, item_size)
-    return int(len(encode(memoryview(raw)[:cut], level, item_size)[1]) * n / cut)
-
-
 def split_planes(raw: bytes | memoryview, item: int, rotate: bool) -> list:
     """Plane ``i`` holds byte ``i`` of every ``item``-byte little-endian element (numpy uint8 arrays).
 
@@ -733,6 +717,56 @@ def _lowrank_payload(a, b, base, base_id: bytes, depth: int, rows: int, cols: in
     if bytes(decode_delta_into(payload, n, base, bytearray(n))) != a.tobytes():  # never store what
         return None  # this machine cannot read back
     return payload
+
+
+def decode_prefix(codec: int, data: bytes | memoryview, raw_len: int, n: int) -> bytes | None:
+    """The first ``n`` bytes of a chunk stored with ``codec``, decoding no more than they need.
+
+    For RAW, ZSTD and the plane codecs (each plane's first ``n / element size`` bytes); None for
+    a delta, whose prefix needs its base's, or an ``n`` that is not a whole number of elements.
+    A guess's input (is a delta worth trying at all?), so the result is not checked against
+    anything; the damage it cannot see is reported by whoever decodes the chunk whole.
+
+    Raises:
+        IntegrityError: a header or frame that does not parse.
+    """
+    if not 0 <= n <= raw_len:
+        return None
+    if codec == RAW:
+        return bytes(memoryview(data)[:n]) if len(data) == raw_len else None
+    if codec == ZSTD:
+        return _read_prefix(data, n)
+    if codec not in PLANE_CODECS:
+        return None
+    view = memoryview(data)
+    if len(view) < 2 + 4 * 2:
+        raise IntegrityError("byte-plane chunk too short")
+    item, mask = view[0], view[1]
+    if item not in (2, 4, 8) or raw_len % item or n % item or len(view) < 2 + 4 * item:
+        return None
+    lengths = struct.unpack_from(f"<{item}I", view, 2)
+    m = n // item
+    planes: list[bytes | memoryview] = []
+    pos = 2 + 4 * item
+    for i, length in enumerate(lengths):
+        part = view[pos : pos + length]
+        pos += length
+        plane = _read_prefix(part, m) if mask & (1 << i) else part[:m]
+        if len(plane) != m:
+            raise IntegrityError(f"byte-plane chunk: plane {i} is shorter than {m} bytes")
+        planes.append(plane)
+    out = bytearray(n)
+    interleave(planes, n, out, rotate=codec == FLOATPLANE)
+    return bytes(out)
+
+
+def _read_prefix(frame: bytes | memoryview, n: int) -> bytes:
+    """The first ``n`` bytes a zstd frame decompresses to (fewer if it is shorter)."""
+    try:
+        with _decompressor().stream_reader(frame) as reader:
+            return reader.read(n)
+    except zstandard.ZstdError as exc:
+        raise IntegrityError(f"zstd frame does not decompress: {exc}") from None
 
 
 def decode(codec: int, data: bytes | memoryview, raw_len: int) -> bytes:

@@ -195,3 +195,67 @@ def test_decode_into_gives_what_decode_gives(data, item):
     codec, payload = codecs.encode(data, item_size=item)
     out = bytearray(len(data))
     assert bytes(codecs.decode_into(codec, payload, len(data), out)) == codecs.decode(codec, payload, len(data))
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.binary(min_size=0, max_size=4096), item=st.sampled_from([0, 2, 4, 8]), cut=st.integers(0, 4096))
+def test_a_prefix_decoded_alone_is_the_prefix_of_the_whole_decoding(data, item, cut):
+    codec, payload = codecs.encode(data, item_size=item)
+    n = min(cut, len(data))
+    if codec in codecs.PLANE_CODECS:
+        n -= n % item
+    assert codecs.decode_prefix(codec, payload, len(data), n) == data[:n]
+
+
+def _first_block_only(payload: bytes) -> bytes:
+    """A plane payload whose compressed planes keep only their frame's first block."""
+    import zstandard
+
+    item, mask = payload[0], payload[1]
+    lengths = struct.unpack_from(f"<{item}I", payload, 2)
+    pos, planes = 2 + 4 * item, []
+    for i, length in enumerate(lengths):
+        part = payload[pos : pos + length]
+        pos += length
+        if mask & (1 << i):
+            head = zstandard.frame_header_size(part)
+            block = int.from_bytes(part[head : head + 3], "little") >> 3
+            part = part[: head + 3 + block]
+        planes.append(part)
+    return struct.pack(f"<BB{item}I", item, mask, *(len(p) for p in planes)) + b"".join(planes)
+
+
+def test_a_prefix_of_real_float_planes_decodes_without_the_rest_of_each_plane():
+    raw = (np.random.default_rng(6).standard_normal(300_000) * 0.02).astype(np.float32).tobytes()
+    codec, payload = codecs.encode(raw, item_size=4)
+    assert codec == codecs.FLOATPLANE
+    assert codecs.decode_prefix(codec, payload, len(raw), 1 << 18) == raw[: 1 << 18]
+    # 300,000-byte planes are three zstd blocks each: the first element needs only the first.
+    cut = _first_block_only(payload)
+    assert len(cut) < len(payload)
+    with pytest.raises(IntegrityError):
+        codecs.decode(codec, cut, len(raw))
+    assert codecs.decode_prefix(codec, cut, len(raw), 4) == raw[:4]
+
+
+def test_no_prefix_comes_of_a_delta_or_of_a_cut_inside_an_element():
+    raw = np.arange(10_000, dtype=np.float32).tobytes()
+    codec, payload = codecs.encode(raw, item_size=4)
+    assert codec in codecs.PLANE_CODECS
+    assert codecs.decode_prefix(codec, payload, len(raw), 4001) is None
+    delta = codecs.encode_delta(raw, raw, b"\0" * 32, 1, 3, 4)
+    assert codecs.decode_prefix(codecs.DELTA, delta, len(raw), 4000) is None
+
+
+def test_a_prefix_of_a_damaged_plane_frame_is_refused():
+    raw = (np.random.default_rng(7).standard_normal(50_000) * 0.02).astype(np.float32).tobytes()
+    codec, payload = codecs.encode(raw, item_size=4)
+    item, mask = payload[0], payload[1]
+    assert mask, "some plane must be compressed for this test"
+    lengths = struct.unpack_from(f"<{item}I", payload, 2)
+    first = next(i for i in range(item) if mask & (1 << i))
+    start = 2 + 4 * item + sum(lengths[:first])
+    bad = bytearray(payload)
+    bad[start : start + 4] = b"\0\0\0\0"  # the zstd magic of that plane's frame
+    with pytest.raises(IntegrityError):
+        codecs.decode_prefix(codec, bytes(bad), len(raw), 4000)

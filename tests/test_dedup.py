@@ -168,3 +168,26 @@ def test_an_older_version_committed_again_is_still_recognised_by_one_whole_file_
 
     assert calls == [(work / "old" / "model.safetensors").stat().st_size]
     assert res.new_bytes == len(res.commit.to_bytes())
+
+
+def test_a_first_checkpoint_is_not_hashed_whole_before_chunking(repo, work, monkeypatch):
+    write_safetensors(work / "ckpt" / "model.safetensors", checkpoint(8, seed=6))
+    calls = _count_whole_file_hashes(monkeypatch)
+
+    repo.commit(work / "ckpt", "exp", "step 1")  # its first piece (the header) is not stored: nor is the file
+
+    assert calls == []
+    assert repo.open_file("exp", "model.safetensors").read() == (work / "ckpt" / "model.safetensors").read_bytes()
+
+
+def test_a_copy_of_a_stored_checkpoint_at_a_new_path_is_recognised_by_one_whole_file_hash(repo, work, monkeypatch):
+    write_safetensors(work / "a" / "model.safetensors", checkpoint(8, seed=7))
+    repo.commit(work / "a", "exp", "step 1")
+    (work / "b").mkdir()
+    (work / "b" / "best.safetensors").write_bytes((work / "a" / "model.safetensors").read_bytes())
+    calls = _count_whole_file_hashes(monkeypatch)
+
+    res = repo.commit(work / "b", "exp", "the best one, renamed")
+
+    assert calls == [(work / "b" / "best.safetensors").stat().st_size]
+    assert res.new_bytes < 4096  # the tree and the commit

@@ -9,6 +9,7 @@ and gc never takes a base that a live delta needs.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import blake3
@@ -19,7 +20,7 @@ from mstore import IntegrityError, MstoreError, ObjectId, Repo
 from mstore.codecs import DELTA, delta_base
 from mstore.format import Config, write_config
 from mstore.storage.packs import RECORD
-from tests.conftest import DAY, Clock, repo_at_version, tree_bytes, write_safetensors
+from tests.conftest import DAY, Clock, random_tensors, repo_at_version, tree_bytes, write_safetensors
 
 
 def _bf16(x: np.ndarray) -> np.ndarray:
@@ -530,3 +531,91 @@ def test_a_chunk_decoded_into_a_buffer_of_its_own_survives_the_scratch_being_reu
         _scribble(scratch)
         assert len(view) == e.raw_len
         assert blake3.blake3(view).digest() == oid.digest
+
+
+class _Reads:
+    """Counts, per chunk, whole decodes and prefix decodes made through the store."""
+
+    def __init__(self, monkeypatch):
+        from mstore.storage.store import ObjectStore
+
+        self.whole: list[ObjectId] = []
+        self.prefix: list[ObjectId] = []
+        view, prefix = ObjectStore.chunk_view, ObjectStore.chunk_prefix
+
+        def chunk_view(store, oid, *a, **k):
+            self.whole.append(oid)
+            return view(store, oid, *a, **k)
+
+        def chunk_prefix(store, oid, *a, **k):
+            self.prefix.append(oid)
+            return prefix(store, oid, *a, **k)
+
+        monkeypatch.setattr(ObjectStore, "chunk_view", chunk_view)
+        monkeypatch.setattr(ObjectStore, "chunk_prefix", chunk_prefix)
+
+
+def test_a_piece_whose_prefix_xor_does_not_pay_is_stored_whole_without_decoding_its_base_whole(
+    repo, work, tmp_path, monkeypatch
+):
+    rng = np.random.default_rng(11)
+    for v in range(2):  # 2 MiB vectors of unrelated values, like Adam moments that move as much as they are
+        write_safetensors(work / f"m{v}" / "model.safetensors", {"m": rng.standard_normal(1 << 19).astype(np.float32)})
+    repo.commit(work / "m0", "moments", "v0")
+    base = chunk_ids(repo, "moments")[1]
+    reads = _Reads(monkeypatch)
+
+    repo.commit(work / "m1", "moments", "v1")
+
+    assert reads.prefix == [base]
+    assert base not in reads.whole
+    assert codec_of(repo, chunk_ids(repo, "moments")[1]) != DELTA
+    repo.checkout("moments", tmp_path / "out")
+    assert tree_bytes(tmp_path / "out") == tree_bytes(work / "m1")
+
+
+def test_a_piece_whose_base_is_itself_a_delta_goes_straight_to_the_whole_xor(repo, work, monkeypatch):
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal(1 << 19).astype(np.float32)
+    for v in range(4):
+        x = x + np.float32(1e-4) * rng.standard_normal(x.shape).astype(np.float32)
+        write_safetensors(work / f"w{v}" / "model.safetensors", {"w": x})
+    for v in range(3):
+        repo.commit(work / f"w{v}", "slow", f"v{v}")
+    reads = _Reads(monkeypatch)
+
+    repo.commit(work / "w3", "slow", "v3")  # three from the last whole piece: its base is v2's delta
+
+    new = chunk_ids(repo, "slow")[1]
+    with repo.store.index.read() as txn:
+        base = ObjectId.from_digest(bytes(txn.db_get("deltas", new.digest)[:32]))
+    assert base == chunk_ids(repo, "slow~1")[1]
+    assert codec_of(repo, base) == DELTA
+    assert reads.prefix == []
+    assert base in reads.whole
+
+
+def test_the_same_tensor_twice_in_one_file_is_stored_once(repo, work):
+    x = np.random.default_rng(13).standard_normal(1 << 19).astype(np.float32)
+    write_safetensors(work / "tied" / "model.safetensors", {"a": x, "b": x.copy()})
+    result = repo.commit(work / "tied", "tied", "two copies")
+    ids = chunk_ids(repo, "tied")
+    assert ids[1] == ids[2]
+    assert result.new_bytes < x.nbytes + (1 << 16)  # one copy and the header
+
+
+def test_a_file_cut_short_while_it_is_committed_fails_naming_it_and_moves_no_ref(repo, work, monkeypatch):
+    from mstore import UserError, snapshot
+
+    path = write_safetensors(work / "cut" / "model.safetensors", random_tensors(8, (256, 256)))
+    plan_file = snapshot.plan_file
+
+    def plan_then_cut(f, size, *a, **k):  # the training process rewrites the file meanwhile
+        plan = plan_file(f, size, *a, **k)
+        os.truncate(path, size // 2)
+        return plan
+
+    monkeypatch.setattr(snapshot, "plan_file", plan_then_cut)
+    with pytest.raises(UserError, match="model.safetensors changed size while it was being committed"):
+        repo.commit(work / "cut", "cut", "v0")
+    assert "cut" not in repo.branches()

@@ -15,8 +15,9 @@ The content of a file never makes a commit fail: a bad header only changes the c
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import BinaryIO
 
 from ..errors import FormatError
@@ -56,7 +57,7 @@ __all__ = [
 
 @dataclass
 class ChunkPlan:
-    """How one file will be chunked; iterate :meth:`chunks` to read it."""
+    """How one file will be chunked; iterate :meth:`sources` to read it."""
 
     f: BinaryIO
     size: int
@@ -67,11 +68,6 @@ class ChunkPlan:
     tensor_max: int
     # torch archives: (offset, length, hint, key) of every piece (see .torchzip)
     zip_pieces: list | None = None
-
-    def chunks(self) -> Iterator[bytes]:
-        """The file's bytes, chunk by chunk, in order (bounded memory)."""
-        for data, _hint in self.pieces():
-            yield data
 
     def _keyed(self) -> list:
         if self.header is not None:
@@ -87,19 +83,28 @@ class ChunkPlan:
         """
         return [key for _o, _n, _h, key in self._keyed()]
 
-    def pieces(self) -> Iterator[tuple[bytes, int]]:
-        """``(chunk bytes, float element size or 0)`` in order: the hint selects the codec."""
+    def sources(self) -> Iterator[tuple[bytes | Callable[[], bytes], int, int]]:
+        """``(piece, length, float element size or 0)`` in order, without reading ahead.
+
+        A piece planned by position (a tensor, an archive entry) comes as a function that reads
+        it, so it can be read on whichever thread encodes it; a content-defined chunk is found
+        by reading, so it comes as bytes.
+        """
         keyed = self._keyed()
         if not keyed:
             for data in cdc_chunks(self.f, self.cdc_avg):
-                yield data, 0
+                yield data, len(data), 0
             return
         fd = self.f.fileno()
         for offset, length, hint, _key in keyed:
-            data = os.pread(fd, length, offset)
-            if len(data) != length:
-                raise FormatError("file changed size while it was being read")
-            yield data, hint
+            yield partial(_read_exact, fd, offset, length), length, hint
+
+
+def _read_exact(fd: int, offset: int, length: int) -> bytes:
+    data = os.pread(fd, length, offset)
+    if len(data) != length:
+        raise FormatError("file changed size while it was being read")
+    return data
 
 
 def plan_file(f: BinaryIO, size: int, name: str, cdc_avg: int, tensor_max: int) -> ChunkPlan:

@@ -263,6 +263,34 @@ class ObjectStore:
                 f"chunk {oid} is damaged (pack {name}, offset {entry.offset}): {exc}"
             ) from None
 
+    def chunk_prefix(self, oid: ObjectId, entry: Entry, n: int, scratch: Scratch) -> bytes | None:
+        """The first ``n`` bytes of a chunk stored whole, decoding no more than they need.
+
+        None for a delta chunk (its prefix needs its chain) or a prefix its codec cannot give
+        alone (see :func:`codecs.decode_prefix`). Like :meth:`chunk_view` it is not hashed: the
+        ingest uses it only to guess whether a delta against the chunk can pay before it decodes
+        and verifies the chunk whole.
+
+        Raises:
+            IntegrityError: the record is missing, its header does not match the index, or it
+                does not parse (message names the chunk and pack).
+        """
+        if entry.codec == codecs.DELTA:
+            return None
+        name = self.pack_name(entry.pack)
+        try:
+            if entry.enc_len >= MAP_MIN:
+                rec, payload = self.reader.map_record(name, entry.offset, entry.enc_len)
+            else:
+                buf = scratch.payload(entry.enc_len, 0)
+                rec, payload = self.reader.read_into(name, entry.offset, entry.enc_len, buf)
+            mismatch = rec.kind != "c" or rec.id != oid.digest or rec.raw_len != entry.raw_len
+            if mismatch or rec.codec == codecs.DELTA:
+                raise IntegrityError(f"record header of chunk {oid} does not match the index")
+            return codecs.decode_prefix(rec.codec, payload, rec.raw_len, n)
+        except IntegrityError as exc:
+            raise IntegrityError(f"chunk {oid} is damaged (pack {name}, offset {entry.offset}): {exc}") from None
+
     def iter_entries(self, kind: str | None = None) -> Iterator[tuple[str, ObjectId, Entry]]:
         """Every indexed object, from one read snapshot."""
         with self.index.read() as txn:
