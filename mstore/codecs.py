@@ -203,7 +203,7 @@ def encode(
     n = len(raw)
     if n < 64:
         return RAW, bytes(raw)
-    if item_size in (2, 4, 8) and n % item_size == 0 and n >= 16 * item_size:
+    if _planes_fit(n, item_size):
         enc = _encode_planes(raw, item_size, plane_min_saving, rotate=rotate)
         if enc is not None:
             return (FLOATPLANE if rotate else BYTEPLANE), enc
@@ -212,6 +212,11 @@ def encode(
     if len(enc) <= n * (1 - MIN_SAVING):
         return ZSTD, enc
     return RAW, bytes(raw)
+
+
+def _planes_fit(n: int, item_size: int) -> bool:
+    """Whether ``n`` bytes of ``item_size``-byte floats are worth splitting into planes."""
+    return item_size in (2, 4, 8) and n % item_size == 0 and n >= 16 * item_size and n >= 64
 
 
 def split_planes(raw: bytes | memoryview, item: int, rotate: bool) -> list:
@@ -261,8 +266,13 @@ def _split(raw: bytes | memoryview, item: int, rotate: bool) -> list[memoryview]
 
 
 def _encode_planes(
-    raw: bytes | memoryview, item: int, min_saving: float = MIN_SAVING, rotate: bool = False
+    raw: bytes | memoryview, item: int, min_saving: float = MIN_SAVING, rotate: bool = False, prefix: bytes = b""
 ) -> bytes | None:
+    """Byte planes of ``raw``, each compressed where that pays, after ``prefix``; None if no gain.
+
+    ``prefix`` (a delta's header) is joined in the same copy as the planes: prepending it to the
+    result afterwards copied every delta payload once more, into fresh memory.
+    """
     comp = _plane_compressor()
     mask = 0
     parts = []
@@ -284,7 +294,7 @@ def _encode_planes(
     header = struct.pack(f"<BB{item}I", item, mask, *(len(p) for p in parts))
     # Raw planes in ``parts`` are views of this thread's scratch buffers: the join copies them
     # into the new bytes returned; nothing else may keep them.
-    return header + b"".join(parts)
+    return b"".join([prefix, header, *parts])
 
 
 def byte_planes(data: bytes | memoryview, raw_len: int) -> tuple[int, list[bytes | memoryview]]:
@@ -463,6 +473,10 @@ def encode_delta(
         raise ValueError("delta depth out of range")
     xor = _scratch(_XOR_SLOT, len(raw))
     xor_into(raw, base, xor)
+    if _planes_fit(len(raw), item_size):  # what encode() would choose first, its header joined in
+        enc = _encode_planes(xor, item_size, DELTA_PLANE_MIN_SAVING, True, DELTA_HEAD.pack(base_id, depth, FLOATPLANE))
+        if enc is not None:
+            return enc
     codec, enc = encode(xor, level, item_size, DELTA_PLANE_MIN_SAVING)
     return DELTA_HEAD.pack(base_id, depth, codec) + enc
 

@@ -288,7 +288,7 @@ class Repo:
         self.store = ObjectStore(self.root, self.config, clock)
         self.user = _current_user()
         self._pool: Any = None  # worker threads, started by the first commit or checkout
-        self._results: Any = None  # the checkouts' result buffers (snapshot.ResultBuffers), beside them
+        self._results: Any = None  # commits' and checkouts' buffers (snapshot.ResultBuffers), beside them
         self._pool_pid = 0
         self._pool_lock = threading.Lock()
         self._closed = False
@@ -375,6 +375,19 @@ class Repo:
                 self._pool_pid = os.getpid()
                 self._results = None  # a forked child's own too (the parent's lock may be held)
             return self._pool
+
+    def _buffers(self) -> Any:
+        """The buffers (snapshot.ResultBuffers) commits read pieces into, checkouts decode into.
+
+        Kept beside the workers, for every operation: fresh memory costs a page fault per 4 KiB.
+        """
+        from .snapshot import ResultBuffers
+
+        self._worker_pool()  # a forked child's are its own
+        with self._pool_lock:
+            if self._results is None:
+                self._results = ResultBuffers()
+            return self._results
 
     def __enter__(self) -> Repo:
         return self
@@ -885,7 +898,7 @@ class Repo:
         from . import provenance as _prov
         from .guards import check, numeric_metrics
         from .objects import canonical_json
-        from .snapshot import Ingest, import_numpy_meanwhile, may_need_numpy, scan, stored_summary, walk_files
+        from .snapshot import Ingest, import_numpy_meanwhile, scan, stored_summary, walk_files
 
         full = branch_ref(branch)
         if kind not in COMMIT_KINDS:
@@ -904,7 +917,12 @@ class Repo:
                 parent,
             )
         child = scan(path)
-        if child.tensor_files and may_need_numpy(child, parent is not None):
+        if child.tensor_files and not codecs.have_kernels():
+            # Without the C kernels every float piece needs numpy. With them only a low-rank
+            # delta does, tried only where a float32 matrix's XOR does not pay (a merged LoRA
+            # adapter): the worker trying one imports numpy then (once per process, ~0.1 s),
+            # rather than every commit of a fine-tune importing it for nothing (~0.05 s of CPU
+            # on two busy cores, 5-8 % of such a commit).
             import_numpy_meanwhile()
         findings = []
         previous: dict[str, tuple[int, ObjectId]] = {}
@@ -932,7 +950,13 @@ class Repo:
         with (
             self.store.batch() as batch,
             Ingest(
-                self.store, batch, progress, previous=previous, ancestors=ancestors, pool=self._worker_pool()
+                self.store,
+                batch,
+                progress,
+                previous=previous,
+                ancestors=ancestors,
+                pool=self._worker_pool(),
+                buffers=self._buffers(),
             ) as ingest,
         ):
             tree_id = ingest.ingest_root(path)
@@ -986,7 +1010,7 @@ class Repo:
             IntegrityError: damaged data; no damaged file is ever created under its final name.
         """
         from .chunking import may_hold_tensors
-        from .snapshot import Checkout, ResultBuffers, import_numpy_meanwhile, resolve_path, walk_files
+        from .snapshot import Checkout, import_numpy_meanwhile, resolve_path, walk_files
 
         rev_s, inner = self._split_path(rev)
         commit = load_commit(self.store, self.resolve(rev_s))
@@ -997,12 +1021,7 @@ class Repo:
             names = iter([inner or entry.name])
         if not codecs.have_kernels() and any(may_hold_tensors(n) for n in names):
             import_numpy_meanwhile()  # with the C kernels only low-rank deltas need numpy: rare
-        pool = self._worker_pool()
-        with self._pool_lock:
-            if self._results is None:
-                self._results = ResultBuffers()
-            buffers = self._results
-        co = Checkout(self.store, progress or (lambda n: None), pool=pool, buffers=buffers)
+        co = Checkout(self.store, progress or (lambda n: None), pool=self._worker_pool(), buffers=self._buffers())
         try:
             co.run(entry, Path(dest), force=force)
         finally:

@@ -35,6 +35,7 @@ from .chunking import (
     SAFETENSORS_NAME,
     TORCHZIP_NAME,
     ChunkPlan,
+    Extent,
     may_hold_tensors,
     plan_file,
     plan_keyed_pieces,
@@ -93,6 +94,12 @@ DELTA_HOPELESS: Any = object()  # a sentinel, never bytes
 # version 0.68 -> 0.59 s (median of 6). The bound keeps a commit's memory flat in file size.
 IN_FLIGHT_BYTES = 64 << 20
 IN_FLIGHT_MAX = 64
+# Pieces at least this large are read into buffers of a pool kept for the repository's life
+# (ResultBuffers), smaller ones into new bytes. Reading every piece of a 245 MB version into
+# new memory faulted in and zeroed 245 MB of pages per commit, and on these virtual machines
+# the copy into fresh pages ran at ~2 GB/s: ~15 % of a full fine-tune commit's CPU was the
+# kernel's, on reads.
+POOLED_READ_MIN = 256 << 10
 
 # Vocabulary files larger than this are not parsed for the vocabulary guard.
 MAX_VOCAB_FILE = 64 << 20
@@ -333,6 +340,7 @@ class Ingest:
         previous: dict[str, tuple[int, ObjectId]] | None = None,
         ancestors: list[ObjectId] | None = None,
         pool: ThreadPoolExecutor | None = None,
+        buffers: ResultBuffers | None = None,
     ):
         self.store = store
         self.batch = batch
@@ -371,6 +379,8 @@ class Ingest:
         # Dry runs (batch None) count what a real commit would add.
         self.new_bytes = 0
         self._seen_new: set[ObjectId] = set()
+        # What the workers read pieces into (the repository's, kept across operations).
+        self.buffers = buffers if buffers is not None else ResultBuffers()
         # The batch is written by the workers (each stores the piece it encoded) and, while no
         # piece is in flight, by the caller's thread (file manifests, trees).
         self._batch_lock = threading.Lock()
@@ -389,20 +399,28 @@ class Ingest:
     # -- chunks ---------------------------------------------------------------------------
     def _work(
         self,
-        piece: bytes | Callable[[], bytes],
+        piece: bytes | Extent,
         item_size: int,
         bases: tuple[ObjectId, ...] = (),
         cols: int = 0,
-    ) -> tuple[bytes, ObjectId, bool]:
-        """One piece, on a worker thread: read it (``piece`` may be its reader), hash, encode, store.
+    ) -> tuple[bytes | memoryview, ObjectId, bool, bytearray | None]:
+        """One piece, on a worker thread: read it (if an extent), hash, encode, store.
 
-        Returns ``(bytes, id, already stored)``; the caller only feeds the file hash, in order.
+        Returns ``(bytes, id, already stored, buffer)``; the caller only feeds the file hash,
+        in order, then gives the buffer the bytes were read into (if any) back to the pool.
         Storing here rather than on the caller's thread keeps both cores busy whatever the
         version: a file's first version (whole planes, ~1 GB/s per core) left the workers
         waiting for the one thread that read, hashed and wrote every piece, and a delta
         version (~0.35 GB/s) the other way round.
         """
-        data = piece() if callable(piece) else piece
+        buf = None
+        if not isinstance(piece, Extent):
+            data: bytes | memoryview = piece
+        elif piece.length >= POOLED_READ_MIN:
+            buf = self.buffers.take(piece.length)
+            data = piece.read(buf)
+        else:
+            data = piece.read()
         oid = hash_bytes(data)
         if self.store.has("c", oid):
             if self.batch is not None:
@@ -410,9 +428,9 @@ class Ingest:
                     if not self.batch.contains("c", oid):  # marks it re-used (age refresh) ...
                         # ... unless a concurrent gc took it since: store it again.
                         self.batch.add("c", oid, data, item_size=item_size)
-            return data, oid, True
+            return data, oid, True, buf
         if self.batch is None:
-            return data, oid, False
+            return data, oid, False, buf
         codec, payload = self._encode(data, oid, item_size, bases, cols)
         with self._batch_lock:
             if not self.batch.contains("c", oid):  # the same bytes twice in this commit: stored once
@@ -422,7 +440,7 @@ class Ingest:
                     self.batch.add("c", oid, data, item_size=item_size)
                 else:
                     self.delta_chunks += codec == codecs.DELTA
-        return data, oid, False
+        return data, oid, False, buf
 
     def _encode(
         self, data: bytes, oid: ObjectId, item_size: int, bases: tuple[ObjectId, ...], cols: int
@@ -599,7 +617,8 @@ class Ingest:
             return True  # (its sources() would read the file from where it stands)
         for piece, n, _hint in plan.sources():
             if n:  # empty pieces are never stored
-                return self.store.has("c", hash_bytes(piece()))
+                assert isinstance(piece, Extent)
+                return self.store.has("c", hash_bytes(piece.read()))
         return True
 
     def _differs_from(self, f: BinaryIO, size: int, fid: ObjectId) -> bool:
@@ -659,10 +678,12 @@ class Ingest:
 
             def drain_one() -> None:
                 nonlocal total, held
-                data, oid, exists = inflight[0].result()
+                data, oid, exists, buf = inflight[0].result()
                 inflight.popleft()
                 held -= len(data)
                 hasher.update(data)
+                if buf is not None:
+                    self.buffers.give(buf)
                 chunks.append((oid, len(data)))
                 total += len(data)
                 if self.batch is None and not exists and oid not in self._seen_new:
@@ -775,26 +796,6 @@ class Ingest:
         if self.batch is not None:
             self.batch.add("t", tree.id, tree.to_bytes())
         return tree.id
-
-
-def may_need_numpy(child: VersionSummary, has_parent: bool) -> bool:
-    """Whether committing this version will likely use numpy (worth importing it early).
-
-    Without the C kernels every float piece does. With them only low-rank deltas do, tried for
-    float32 matrices wider than the range finder with a parent version (and for torch
-    archives, whose pieces the scan does not describe).
-    """
-    if not codecs.have_kernels():
-        return True
-    if not has_parent:
-        return False
-    if child.tensor_files > len(child.tensors):
-        return True  # tensor files the scan could not describe (torch archives)
-    return any(
-        dtype == "F32" and len(shape) == 2 and codecs.lowrank_possible(*shape)
-        for tensors in child.tensors.values()
-        for dtype, shape in tensors.values()
-    )
 
 
 def import_numpy_meanwhile() -> None:
@@ -1010,8 +1011,9 @@ def walk_files(store: ObjectStore, root: ObjectId, prefix: str = "") -> Iterator
 
 
 class ResultBuffers:
-    """Buffers that checkout workers decode chunks into and the writing thread writes from.
+    """Buffers that checkout workers decode into and commit workers read pieces into.
 
+    A checkout's writing thread writes from them, a commit's hashing thread hashes from them.
     A repository keeps one set beside its workers, for all its checkouts: fresh memory costs a
     page fault per 4 KiB, and a fresh set per checkout made checkouts 25-35 % slower. A chunk
     gets the smallest free buffer that holds it; new ones are sized in whole MiB, so chunks of

@@ -15,9 +15,8 @@ The content of a file never makes a commit fail: a bad header only changes the c
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
 from typing import BinaryIO
 
 from ..errors import FormatError
@@ -46,6 +45,7 @@ __all__ = [
     "SAFETENSORS_NAME",
     "TORCHZIP_NAME",
     "ChunkPlan",
+    "Extent",
     "SafetensorsHeader",
     "TensorInfo",
     "plan_file",
@@ -83,12 +83,12 @@ class ChunkPlan:
         """
         return [key for _o, _n, _h, key in self._keyed()]
 
-    def sources(self) -> Iterator[tuple[bytes | Callable[[], bytes], int, int]]:
+    def sources(self) -> Iterator[tuple[bytes | Extent, int, int]]:
         """``(piece, length, float element size or 0)`` in order, without reading ahead.
 
-        A piece planned by position (a tensor, an archive entry) comes as a function that reads
-        it, so it can be read on whichever thread encodes it; a content-defined chunk is found
-        by reading, so it comes as bytes.
+        A piece planned by position (a tensor, an archive entry) comes as an :class:`Extent`,
+        read by whichever thread encodes it, into a buffer of its choice; a content-defined
+        chunk is found by reading, so it comes as bytes.
         """
         keyed = self._keyed()
         if not keyed:
@@ -97,14 +97,33 @@ class ChunkPlan:
             return
         fd = self.f.fileno()
         for offset, length, hint, _key in keyed:
-            yield partial(_read_exact, fd, offset, length), length, hint
+            yield Extent(fd, offset, length), length, hint
 
 
-def _read_exact(fd: int, offset: int, length: int) -> bytes:
-    data = os.pread(fd, length, offset)
-    if len(data) != length:
-        raise FormatError("file changed size while it was being read")
-    return data
+@dataclass(frozen=True)
+class Extent:
+    """``length`` bytes of an open file at ``offset``, read when wanted."""
+
+    fd: int
+    offset: int
+    length: int
+
+    def read(self, into: bytearray | None = None) -> bytes | memoryview:
+        """The bytes: new ones, or a view of the start of ``into`` (at least ``length`` long).
+
+        Raises:
+            FormatError: the file ends before them (it was cut since it was planned).
+        """
+        if into is None:
+            data = os.pread(self.fd, self.length, self.offset)
+            got = len(data)
+        else:
+            view = memoryview(into)[: self.length]
+            got = os.preadv(self.fd, [view], self.offset)
+            data = view
+        if got != self.length:
+            raise FormatError("file changed size while it was being read")
+        return data
 
 
 def plan_file(f: BinaryIO, size: int, name: str, cdc_avg: int, tensor_max: int) -> ChunkPlan:
