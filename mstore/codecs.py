@@ -277,12 +277,7 @@ def _encode_planes(
     mask = 0
     parts = []
     for i, plane in enumerate(_split(raw, item, rotate)):
-        head = comp.compress(plane[:_SAMPLE])
-        enc = None
-        if len(head) <= min(len(plane), _SAMPLE) * (1 - min_saving):
-            enc = comp.compress(plane)
-            if len(enc) > len(plane) * (1 - min_saving):
-                enc = None
+        enc = _compress_plane(comp, plane, min_saving)
         if enc is None:
             parts.append(plane)
         else:
@@ -295,6 +290,33 @@ def _encode_planes(
     # Raw planes in ``parts`` are views of this thread's scratch buffers: the join copies them
     # into the new bytes returned; nothing else may keep them.
     return b"".join([prefix, header, *parts])
+
+
+def _compress_plane(comp: zstandard.ZstdCompressor, plane: memoryview, min_saving: float) -> bytes | None:
+    """One zstd frame of ``plane`` if it saves ``min_saving``, judged on its first _SAMPLE bytes.
+
+    A plane no larger than the sample is compressed once (the sample is the plane; compressing
+    it again for the frame doubled the work on every small tensor). Up to 16 samples, the
+    sample is the frame's first block, flushed and judged, and the rest follows into the same
+    frame (a separate sample cost up to 45 % more on a model's 150-400 KB planes, the flush
+    ~6 %). Larger planes: a separate sample, then the frame in one call (1.5 % more).
+    """
+    n = len(plane)
+    keep = 1 - min_saving
+    if n <= _SAMPLE:
+        enc = comp.compress(plane)
+        return enc if len(enc) <= n * keep else None
+    if n <= 16 * _SAMPLE:
+        cobj = comp.compressobj(size=n)
+        head = cobj.compress(plane[:_SAMPLE]) + cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+        if len(head) > _SAMPLE * keep:
+            return None
+        enc = b"".join([head, cobj.compress(plane[_SAMPLE:]), cobj.flush()])
+    else:
+        if len(comp.compress(plane[:_SAMPLE])) > _SAMPLE * keep:
+            return None
+        enc = comp.compress(plane)
+    return enc if len(enc) <= n * keep else None
 
 
 def byte_planes(data: bytes | memoryview, raw_len: int) -> tuple[int, list[bytes | memoryview]]:

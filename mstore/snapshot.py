@@ -295,6 +295,10 @@ class _Whole:
         self.item_size = item_size
         self.rotate = rotate
         self.cut = DELTA_PROBE - DELTA_PROBE % max(1, item_size)
+        # Encoded / raw size of this piece's chain root (the same tensor stored whole, one to
+        # max_depth versions ago), when there is one: weights' statistics drift slowly, so it
+        # predicts this version's ratio without encoding anything (see estimate()).
+        self.ratio: float | None = None
         self._prefix: int | None = None
         self._encoded: tuple[int, bytes] | None = None
 
@@ -302,7 +306,9 @@ class _Whole:
         return codecs.encode(view, self.level, self.item_size, rotate=self.rotate)
 
     def prefix_size(self) -> int:
-        """Encoded size of the first ``cut`` bytes."""
+        """Encoded size of the first ``cut`` bytes (predicted from ``ratio`` when known)."""
+        if self.ratio is not None and len(self.data) > self.cut:
+            return int(self.ratio * self.cut)
         if self._prefix is None:
             if len(self.data) <= self.cut:
                 self._prefix = len(self.encoded()[1])
@@ -313,11 +319,16 @@ class _Whole:
     def estimate(self) -> int:
         """About how many bytes the piece takes stored whole (exact for small pieces).
 
-        Weights are statistically uniform across a tensor, so a 256 KiB prefix predicts the
-        whole piece's ratio within a few percent (a full fine-tune's largest fp32 pieces: 0.832
-        estimated, 0.831 encoded).
+        From the chain root's ratio when known, else from a prefix: weights are statistically
+        uniform across a tensor, so a 256 KiB prefix predicts the whole piece's ratio within a
+        few percent (a full fine-tune's largest fp32 pieces: 0.832 estimated, 0.831 encoded).
+        Either only decides whether a delta is clearly smaller; a close call encodes both.
         """
-        if self._encoded is not None or len(self.data) <= 2 * self.cut:
+        if self._encoded is not None:
+            return len(self._encoded[1])
+        if self.ratio is not None:
+            return int(self.ratio * len(self.data))
+        if len(self.data) <= 2 * self.cut:
             return len(self.encoded()[1])
         return int(self.prefix_size() * len(self.data) / self.cut)
 
@@ -477,11 +488,16 @@ class Ingest:
             entry = self.store.entry("c", base)
             if entry is None or entry.raw_len != len(data):
                 continue
-            depth = 1 + self._chain_length(base, entry)
+            # Counting stops past max_depth, which is all that is compared.
+            chain = _delta_bases(self.store, base, self.max_depth + 1) if entry.codec == codecs.DELTA else []
+            depth = 1 + len(chain)
             if depth <= self.max_depth:
                 break
         else:
             return None  # a keyframe: the chain restarts with this piece stored whole
+        root = self.store.entry("c", chain[-1]) if chain else entry
+        if root is not None and root.codec != codecs.DELTA and root.raw_len == len(data) and root.raw_len:
+            whole.ratio = root.enc_len / root.raw_len  # the same piece, stored whole at most a chain ago
         scratch = worker_scratch("base")
         lowrank = bool(cols) and self.lowrank
         # A base stored whole means this piece's last delta did not pay (optimizer moments that
@@ -515,15 +531,6 @@ class Ingest:
             if low is not None and (xor is DELTA_HOPELESS or len(low) < len(xor)):
                 return low
         return xor
-
-    def _chain_length(self, oid: ObjectId, entry: Any) -> int:
-        """How many deltas lie between ``oid`` and a chunk stored whole.
-
-        Counting stops past ``max_depth``, which is all the caller compares.
-        """
-        if entry.codec != codecs.DELTA:
-            return 0
-        return len(_delta_bases(self.store, oid, self.max_depth + 1))
 
     def _ancestor_file(self, rel: str) -> ObjectId | None:
         """The id of the file at ``rel`` in the nearest earlier ancestor that has one."""

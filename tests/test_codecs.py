@@ -259,3 +259,30 @@ def test_a_prefix_of_a_damaged_plane_frame_is_refused():
     bad[start : start + 4] = b"\0\0\0\0"  # the zstd magic of that plane's frame
     with pytest.raises(IntegrityError):
         codecs.decode_prefix(codec, bytes(bad), len(raw), 4000)
+
+
+@pytest.mark.parametrize("plane_bytes", [60_000, 200_000, 1 << 20, 3 << 20])
+def test_planes_of_every_size_round_trip_in_frames_that_declare_their_size(plane_bytes):
+    # Small planes are one call, mid-sized ones a judged first block and the rest streamed into
+    # the same frame, large ones a separate sample and one call: each must decode alone.
+    import zstandard
+
+    raw = (np.random.default_rng(plane_bytes).standard_normal(plane_bytes) * 0.02).astype(np.float32).tobytes()
+    codec, payload = codecs.encode(raw, item_size=4)
+    assert codec == codecs.FLOATPLANE
+    assert codecs.decode(codec, payload, len(raw)) == raw
+    item, mask = payload[0], payload[1]
+    lengths = struct.unpack_from(f"<{item}I", payload, 2)
+    pos = 2 + 4 * item
+    for i, length in enumerate(lengths):
+        if mask & (1 << i):
+            assert zstandard.get_frame_parameters(payload[pos : pos + length]).content_size == plane_bytes
+        pos += length
+    assert mask & 0b1000  # the exponent plane compresses
+
+
+def test_a_plane_whose_first_block_does_not_compress_is_stored_raw_even_if_the_rest_would():
+    rng = np.random.default_rng(8)
+    plane = rng.integers(0, 256, codecs._SAMPLE, dtype=np.uint8).tobytes() + bytes(300_000)
+    assert codecs._compress_plane(codecs._plane_compressor(), memoryview(plane), codecs.MIN_SAVING) is None
+    assert codecs._compress_plane(codecs._plane_compressor(), memoryview(plane[::-1]), codecs.MIN_SAVING) is not None

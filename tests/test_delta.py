@@ -641,3 +641,28 @@ def test_pieces_read_into_the_repositorys_reused_buffers_are_stored_as_they_were
         repo.checkout(f"pooled~{2 - v}", tmp_path / f"out{v}")
         assert tree_bytes(tmp_path / f"out{v}") == tree_bytes(work / f"p{v}")
     assert repo.fsck().ok
+
+
+def test_a_delta_that_clearly_pays_is_judged_by_its_chain_roots_ratio_without_encoding_it_whole(
+    repo, work, monkeypatch
+):
+    from mstore import codecs
+
+    rng = np.random.default_rng(15)
+    x = rng.standard_normal(1 << 19).astype(np.float32)
+    for v in range(2):
+        x = x + np.float32(1e-4) * rng.standard_normal(x.shape).astype(np.float32)
+        write_safetensors(work / f"r{v}" / "model.safetensors", {"w": x})
+    repo.commit(work / "r0", "ratio", "v0")
+    encoded: list[tuple[int, int]] = []
+    encode = codecs.encode
+
+    def counting(raw, *a, **k):
+        encoded.append((len(raw), k.get("item_size", a[1] if len(a) > 1 else 0)))
+        return encode(raw, *a, **k)
+
+    monkeypatch.setattr(codecs, "encode", counting)
+    repo.commit(work / "r1", "ratio", "v1")
+
+    assert codec_of(repo, chunk_ids(repo, "ratio")[1]) == DELTA
+    assert [n for n, item in encoded if item == 4] == []  # neither the piece nor a prefix of it
