@@ -135,6 +135,24 @@ def package_versions() -> dict[str, str]:
     return installed_versions(TRACKED_PACKAGES)
 
 
+def platform_name() -> str:
+    """The OS, its release and the machine, as ``platform.platform(terse=True)`` gives them.
+
+    Built from ``os.uname()`` and the C library's own version string where those exist:
+    ``platform.platform()`` also runs ``uname -p`` in a subprocess and scans the interpreter's
+    binary for a glibc version, 8 ms of every commit.
+    """
+    if not hasattr(os, "uname"):
+        return platform.platform(terse=True)
+    u = os.uname()
+    name = f"{u.sysname}-{u.release}-{u.machine}"
+    try:
+        libc = os.confstr("CS_GNU_LIBC_VERSION")  # "glibc 2.36"
+    except (ValueError, OSError):
+        libc = None
+    return f"{name}-with-{libc.replace(' ', '')}" if libc else name
+
+
 def capture(cwd: Path, argv: list[str] | None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The provenance record of a commit made now, from ``cwd`` with command line ``argv``.
 
@@ -146,7 +164,7 @@ def capture(cwd: Path, argv: list[str] | None, extra: dict[str, Any] | None = No
         "user": current_user(),
         "host": socket.gethostname(),
         "python": platform.python_version(),
-        "platform": platform.platform(terse=True),
+        "platform": platform_name(),
         "mstore": mstore_version(),
         "packages": package_versions(),
     }

@@ -10,6 +10,7 @@ import random
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from mstore import Repo
 from mstore.objects import load_file
@@ -191,3 +192,16 @@ def test_a_copy_of_a_stored_checkpoint_at_a_new_path_is_recognised_by_one_whole_
 
     assert calls == [(work / "b" / "best.safetensors").stat().st_size]
     assert res.new_bytes < 4096  # the tree and the commit
+
+
+@pytest.mark.parametrize("size", [0, 1, 16 * 1024 - 1, 16 * 1024, 16 * 1024 + 1, 300_000])
+def test_a_stream_no_longer_than_fastcdcs_minimum_is_one_chunk_as_fastcdc_cuts_it(size):
+    import io
+
+    from pyfastcdc import FastCDC
+
+    from mstore.chunking.cdc import cdc_chunks
+
+    data = np.random.default_rng(size).bytes(size)
+    expected = [bytes(c.data) for c in FastCDC(64 * 1024).cut_stream(io.BytesIO(data))]
+    assert list(cdc_chunks(io.BytesIO(data), 64 * 1024)) == expected

@@ -83,3 +83,15 @@ def test_an_egg_info_earlier_on_the_path_wins_over_a_later_dist_info(tmp_path, m
     (second / "some_egg-9.9.dist-info").mkdir(parents=True)
     monkeypatch.setattr(sys, "path", [str(first), str(second)])
     assert provenance.installed_versions(("some-egg",)) == {"some-egg": "1.0"}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="os.uname and glibc's version string")
+def test_the_recorded_platform_is_what_platform_says_without_running_a_subprocess(monkeypatch):
+    import platform
+    import subprocess
+
+    expected = platform.platform(terse=True)
+    ran: list = []
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: ran.append(a) or pytest.fail(f"ran {a}"))
+    assert provenance.platform_name() == expected
+    assert ran == []
