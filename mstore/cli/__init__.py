@@ -166,31 +166,50 @@ def cli(ctx: click.Context, store: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the CLI and map errors to exit codes."""
+    """Entry point: run the CLI and map errors to exit codes.
+
+    As the installed command (``argv`` None) it then leaves through ``os._exit`` once its
+    output is flushed: every command has closed its repository and made what it wrote durable
+    by then, and tearing the interpreter down (dropping every module and freeing the workers'
+    and buffers' memory object by object) cost 30-35 ms of each command, a twentieth of a
+    commit's. The kernel frees the memory at exit either way.
+    """
+    code = _run(argv)
+    if argv is not None:
+        sys.exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that went away, a closed stream
+            pass
+    os._exit(code)
+
+
+def _run(argv: list[str] | None) -> int:
+    """Run one command; its exit code."""
     from ..errors import MstoreError
     from ._output import echo
 
     try:
         rc = cli.main(args=argv, prog_name="mstore", standalone_mode=False)
-        if isinstance(rc, int) and rc:
-            sys.exit(rc)  # ctx.exit(N) returns N in non-standalone mode
+        return rc if isinstance(rc, int) else 0  # ctx.exit(N) returns N in non-standalone mode
     except MstoreError as exc:
         echo(f"error: {exc}", err=True)
         if exc.show_traceback:
             raise
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except click.exceptions.Abort:
         echo("aborted", err=True)
-        sys.exit(130)
+        return 130
     except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except click.ClickException as exc:
         exc.show()
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except BrokenPipeError:
         # `mstore log | head`: the reader went away; not an error.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(0)
+        return 0
     except KeyboardInterrupt:
         echo("interrupted", err=True)
-        sys.exit(130)
+        return 130
