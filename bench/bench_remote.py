@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a small series, one run")
     ap.add_argument("--json", type=Path, help="write the figures here too")
     args = ap.parse_args()
+    bench_store.installed_bytecode()
     if args.quick:
         args.tensors, args.checkpoints, args.runs = 8, 2, 1
     tmp = Path(tempfile.mkdtemp(prefix="mstore-bench-remote-"))

@@ -47,6 +47,7 @@ from bench_store import (  # noqa: E402  (the house helpers: same measurement, s
     b3_file,
     disk_usage,
     generate_big,
+    installed_bytecode,
     log,
     machine_info,
     make_tensor,
@@ -824,6 +825,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    installed_bytecode()
     MSTORE_CONFIG.clear()
     MSTORE_CONFIG.update(a.overrides)
     started = time.perf_counter()
