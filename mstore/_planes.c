@@ -38,6 +38,17 @@
             if (rot) v = ROTL1(T, v);                                              \
             for (int j = 0; j < ITEM; j++) p[j][i] = (uint8_t)(v >> (8 * j));      \
         }                                                                          \
+    }                                                                              \
+    static void splitx_##ITEM(const uint8_t *src, const uint8_t *x, uint8_t **p,   \
+                              Py_ssize_t n, int rot) {                             \
+        for (Py_ssize_t i = 0; i < n; i++) {                                       \
+            T v, w;                                                                \
+            memcpy(&v, src + (size_t)i * ITEM, ITEM);                              \
+            memcpy(&w, x + (size_t)i * ITEM, ITEM);                                \
+            v ^= w;                                                                \
+            if (rot) v = ROTL1(T, v);                                              \
+            for (int j = 0; j < ITEM; j++) p[j][i] = (uint8_t)(v >> (8 * j));      \
+        }                                                                          \
     }
 
 #define JOIN(T, ITEM)                                                                      \
@@ -67,8 +78,16 @@ JOIN(uint32_t, 4)
 JOIN(uint64_t, 8)
 
 /* Called with constant flags, so the compiler specialises each loop (no branch inside). */
-static void split_any(int item, const uint8_t *src, uint8_t **p, Py_ssize_t n, int rot) {
-    if (item == 2) {
+static void split_any(int item, const uint8_t *src, const uint8_t *x, uint8_t **p, Py_ssize_t n, int rot) {
+    if (x) {
+        if (item == 2) {
+            if (rot) splitx_2(src, x, p, n, 1); else splitx_2(src, x, p, n, 0);
+        } else if (item == 4) {
+            if (rot) splitx_4(src, x, p, n, 1); else splitx_4(src, x, p, n, 0);
+        } else {
+            if (rot) splitx_8(src, x, p, n, 1); else splitx_8(src, x, p, n, 0);
+        }
+    } else if (item == 2) {
         if (rot) split_2(src, p, n, 1); else split_2(src, p, n, 0);
     } else if (item == 4) {
         if (rot) split_4(src, p, n, 1); else split_4(src, p, n, 0);
@@ -138,34 +157,51 @@ static int check_item(int item) {
 }
 
 PyDoc_STRVAR(split_doc,
-             "split(raw, planes, item, rotate)\n\n"
-             "Write byte j of every item-byte little-endian element of raw into planes[j] (rotated\n"
-             "left by one bit first when rotate is true). len(raw) must be a multiple of item.");
+             "split(raw, planes, item, rotate[, xor])\n\n"
+             "(All arguments are positional.) "
+             "Write byte j of every item-byte little-endian element of raw into planes[j] (XORed\n"
+             "with the same element of xor first when given, then rotated left by one bit when\n"
+             "rotate is true). len(raw) must be a multiple of item, xor at least as long.");
 
 static PyObject *py_split(PyObject *self, PyObject *args) {
-    PyObject *raw_obj, *planes_obj;
+    PyObject *raw_obj, *planes_obj, *xor_obj = Py_None;
     int item, rot;
-    if (!PyArg_ParseTuple(args, "OOip", &raw_obj, &planes_obj, &item, &rot)) return NULL;
+    if (!PyArg_ParseTuple(args, "OOip|O", &raw_obj, &planes_obj, &item, &rot, &xor_obj)) return NULL;
     if (check_item(item) < 0) return NULL;
-    Py_buffer raw;
+    Py_buffer raw, x;
     if (PyObject_GetBuffer(raw_obj, &raw, PyBUF_SIMPLE) < 0) return NULL;
     if (raw.len % item) {
         PyErr_Format(PyExc_ValueError, "%zd bytes are not whole %d-byte elements", raw.len, item);
         PyBuffer_Release(&raw);
         return NULL;
     }
+    int have_x = xor_obj != Py_None;
+    if (have_x) {
+        if (PyObject_GetBuffer(xor_obj, &x, PyBUF_SIMPLE) < 0) {
+            PyBuffer_Release(&raw);
+            return NULL;
+        }
+        if (x.len < raw.len) {
+            PyErr_Format(PyExc_ValueError, "xor has %zd bytes, needs %zd", x.len, raw.len);
+            PyBuffer_Release(&x);
+            PyBuffer_Release(&raw);
+            return NULL;
+        }
+    }
     Py_ssize_t n = raw.len / item;
     Py_buffer views[MAX_ITEM];
     if (get_buffers(planes_obj, item, n, 1, views, "planes") < 0) {
+        if (have_x) PyBuffer_Release(&x);
         PyBuffer_Release(&raw);
         return NULL;
     }
     uint8_t *p[MAX_ITEM];
     for (int j = 0; j < item; j++) p[j] = (uint8_t *)views[j].buf;
     Py_BEGIN_ALLOW_THREADS
-    split_any(item, (const uint8_t *)raw.buf, p, n, rot);
+    split_any(item, (const uint8_t *)raw.buf, have_x ? (const uint8_t *)x.buf : NULL, p, n, rot);
     Py_END_ALLOW_THREADS
     release(views, item);
+    if (have_x) PyBuffer_Release(&x);
     PyBuffer_Release(&raw);
     Py_RETURN_NONE;
 }

@@ -255,28 +255,42 @@ def split_planes(raw: bytes | memoryview, item: int, rotate: bool) -> list:
     return planes
 
 
-def _split(raw: bytes | memoryview, item: int, rotate: bool) -> list[memoryview]:
-    """:func:`split_planes` into this thread's scratch buffers (numpy arrays without the C kernels)."""
+def _split(raw: bytes | memoryview, item: int, rotate: bool, xor: bytes | memoryview | None = None) -> list[memoryview]:
+    """:func:`split_planes` into this thread's scratch buffers (numpy arrays without the C kernels).
+
+    With ``xor`` the planes are those of ``raw ^ xor``: the C kernel takes the XOR in the same
+    pass, so a delta needs neither a buffer for it nor a pass over it.
+    """
     if _kernels is None:
+        if xor is not None:
+            out = _scratch(_XOR_SLOT, len(raw))
+            xor_into(raw, xor, out)
+            raw = out
         return [a.data for a in split_planes(raw, item, rotate)]
     m = len(raw) // item
     planes = [_scratch(i, m) for i in range(item)]
-    _kernels.split(raw, planes, item, rotate)
+    _kernels.split(raw, planes, item, rotate, xor)
     return planes
 
 
 def _encode_planes(
-    raw: bytes | memoryview, item: int, min_saving: float = MIN_SAVING, rotate: bool = False, prefix: bytes = b""
+    raw: bytes | memoryview,
+    item: int,
+    min_saving: float = MIN_SAVING,
+    rotate: bool = False,
+    prefix: bytes = b"",
+    xor: bytes | memoryview | None = None,
 ) -> bytes | None:
-    """Byte planes of ``raw``, each compressed where that pays, after ``prefix``; None if no gain.
+    """Byte planes of ``raw`` (of ``raw ^ xor`` if given) after ``prefix``; None if no gain.
 
-    ``prefix`` (a delta's header) is joined in the same copy as the planes: prepending it to the
-    result afterwards copied every delta payload once more, into fresh memory.
+    Each plane is compressed where that pays. ``prefix`` (a delta's header) is joined in the
+    same copy as the planes: prepending it to the result afterwards copied every delta payload
+    once more, into fresh memory.
     """
     comp = _plane_compressor()
     mask = 0
     parts = []
-    for i, plane in enumerate(_split(raw, item, rotate)):
+    for i, plane in enumerate(_split(raw, item, rotate, xor)):
         enc = _compress_plane(comp, plane, min_saving)
         if enc is None:
             parts.append(plane)
@@ -493,12 +507,15 @@ def encode_delta(
         raise ValueError("a delta needs a base of the same length")
     if not 1 <= depth <= 255:
         raise ValueError("delta depth out of range")
-    xor = _scratch(_XOR_SLOT, len(raw))
-    xor_into(raw, base, xor)
-    if _planes_fit(len(raw), item_size):  # what encode() would choose first, its header joined in
-        enc = _encode_planes(xor, item_size, DELTA_PLANE_MIN_SAVING, True, DELTA_HEAD.pack(base_id, depth, FLOATPLANE))
+    if _planes_fit(len(raw), item_size):  # as encode() of the XOR: its planes, else the XOR raw
+        head = DELTA_HEAD.pack(base_id, depth, FLOATPLANE)
+        enc = _encode_planes(raw, item_size, DELTA_PLANE_MIN_SAVING, True, head, xor=base)
         if enc is not None:
             return enc
+    xor = _scratch(_XOR_SLOT, len(raw))
+    xor_into(raw, base, xor)
+    if _planes_fit(len(raw), item_size):
+        return DELTA_HEAD.pack(base_id, depth, RAW) + bytes(xor)
     codec, enc = encode(xor, level, item_size, DELTA_PLANE_MIN_SAVING)
     return DELTA_HEAD.pack(base_id, depth, codec) + enc
 

@@ -286,3 +286,32 @@ def test_a_plane_whose_first_block_does_not_compress_is_stored_raw_even_if_the_r
     plane = rng.integers(0, 256, codecs._SAMPLE, dtype=np.uint8).tobytes() + bytes(300_000)
     assert codecs._compress_plane(codecs._plane_compressor(), memoryview(plane), codecs.MIN_SAVING) is None
     assert codecs._compress_plane(codecs._plane_compressor(), memoryview(plane[::-1]), codecs.MIN_SAVING) is not None
+
+
+@pytest.mark.parametrize("item", [2, 4, 8])
+@pytest.mark.parametrize("rotate", [False, True])
+def test_the_c_split_of_a_xor_is_the_split_of_the_xored_bytes(item, rotate):
+    if codecs._kernels is None:
+        pytest.skip("the C byte-plane kernels are not built")
+    rng = np.random.default_rng(item)
+    raw = rng.integers(0, 256, 3001 * item, dtype=np.uint8).tobytes()
+    other = rng.integers(0, 256, 3001 * item, dtype=np.uint8).tobytes()
+    xored = bytes(a ^ b for a, b in zip(raw, other, strict=True))
+    fused = [bytearray(3001) for _ in range(item)]
+    codecs._kernels.split(raw, fused, item, rotate, other)
+    assert [bytes(p) for p in fused] == [bytes(p) for p in codecs.split_planes(xored, item, rotate)]
+    with pytest.raises(ValueError, match="xor has"):
+        codecs._kernels.split(raw, fused, item, rotate, other[:-1])
+
+
+@pytest.mark.parametrize("dtype,item", [(np.float16, 2), (np.float32, 4), (np.float64, 8)])
+def test_delta_payloads_are_byte_identical_with_and_without_the_c_kernels(dtype, item, monkeypatch):
+    if codecs._kernels is None:
+        pytest.skip("the C byte-plane kernels are not built")
+    rng = np.random.default_rng(4)
+    base = (rng.standard_normal(40_000) * 0.02).astype(dtype)
+    raw = (base + (rng.standard_normal(40_000) * 1e-4).astype(dtype)).tobytes()
+    with_c = codecs.encode_delta(raw, base.tobytes(), b"\1" * 32, 1, 3, item)
+    monkeypatch.setattr(codecs, "_kernels", None)
+    assert codecs.encode_delta(raw, base.tobytes(), b"\1" * 32, 1, 3, item) == with_c
+    assert codecs.decode_delta(with_c, len(raw), base.tobytes()) == raw
