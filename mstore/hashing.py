@@ -107,11 +107,13 @@ def hash_typed(kind: str, payload: bytes) -> ObjectId:
     return ObjectId.from_digest(h.digest())
 
 
-# Hash files by reading windows of this size into one reused buffer (big enough for blake3's
-# threads to share each window). Not through a memory map: a file cut short while it is mapped
-# kills the process with SIGBUS, and what mstore hashes whole is often a checkpoint that a
-# training process may be rewriting right then; a short read is an error that can be reported.
-_HASH_WINDOW = 16 << 20
+# Hash files by reading windows of this size into two buffers, one read by a helper thread
+# while the other is hashed (by blake3's threads). Not through a memory map: a file cut short
+# while it is mapped kills the process with SIGBUS, and what mstore hashes whole is often a
+# checkpoint a training process may be rewriting right then; a short read is an error that can
+# be reported. Measured on a 164 MB file in the page cache (2 cores): mapped 5.7 GB/s, read
+# then hashed 4.0-5.0, read beside the hashing 6.4-6.6 (4 MiB windows fit the CPU caches best).
+_HASH_WINDOW = 4 << 20
 
 
 def hash_file(f, size: int) -> ObjectId:
@@ -125,17 +127,33 @@ def hash_file_fd(fd: int, size: int) -> ObjectId:
     Raises:
         FormatError: the file holds fewer than ``size`` bytes (it was cut meanwhile).
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     h = blake3.blake3(max_threads=_hash_threads())
-    buf = bytearray(min(_HASH_WINDOW, size))
-    view = memoryview(buf)
-    off = 0
-    while off < size:
-        n = min(len(buf), size - off)
-        got = os.preadv(fd, [view[:n]], off)
-        if got <= 0:
-            raise FormatError(f"file ended at byte {off} of {size}: it changed size while being read")
-        h.update(view[:got])
-        off += got
+    win = min(_HASH_WINDOW, size)
+    if size <= win:
+        buf = bytearray(size)
+        if size and os.preadv(fd, [buf], 0) != size:
+            raise FormatError(f"file is shorter than {size} bytes: it changed size while being read")
+        h.update(buf)
+        return ObjectId.from_digest(h.digest())
+    bufs = (memoryview(bytearray(win)), memoryview(bytearray(win)))
+
+    def read(i: int, off: int) -> int:
+        return os.preadv(fd, [bufs[i % 2][: min(win, size - off)]], off)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="mstore-hash-read") as reader:
+        off, i = 0, 0
+        pending = reader.submit(read, 0, 0)
+        while off < size:
+            got = pending.result()
+            if got <= 0:
+                raise FormatError(f"file ended at byte {off} of {size}: it changed size while being read")
+            if off + got < size:
+                pending = reader.submit(read, i + 1, off + got)
+            h.update(bufs[i % 2][:got])
+            off += got
+            i += 1
     return ObjectId.from_digest(h.digest())
 
 
