@@ -1,7 +1,8 @@
 /*
  * Byte-plane kernels for mstore.codecs: split elements into byte planes and interleave them
- * back, with FLOATPLANE's one-bit rotation fused into the same pass, and optionally XORed
- * with a second set of planes (the last level of a delta chain) in that pass as well.
+ * back, with FLOATPLANE's one-bit rotation fused into the same pass, and optionally XORed in
+ * that pass as well: a split with a second buffer (a delta's base), a join with a second set
+ * of planes (the last level of a delta chain).
  *
  * Why by hand: the libraries that shuffle bytes (c-blosc2's shuffle, numcodecs.Shuffle) do a
  * plain byte transposition only; the rotation and the XOR would then each cost more full passes
@@ -307,4 +308,15 @@ static struct PyModuleDef module = {
     -1, methods,
 };
 
-PyMODINIT_FUNC PyInit__planes(void) { return PyModule_Create(&module); }
+/* What the kernels can do; mstore.codecs uses an extension built from an older source (no
+ * fused XOR in split) as if none were built, rather than fail every delta. */
+#define KERNELS_VERSION 2
+
+PyMODINIT_FUNC PyInit__planes(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddIntConstant(m, "VERSION", KERNELS_VERSION) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -65,10 +65,15 @@ import zstandard
 
 from .errors import IntegrityError
 
+# The kernels this source needs (mstore/_planes.c KERNELS_VERSION): 2 = split with a fused XOR.
+KERNELS_VERSION = 2
+
 try:  # by name: the import linter cannot see into an extension module and would blame `mstore`
     _kernels: Any = importlib.import_module("mstore._planes")
 except ImportError:  # built without a C compiler: the numpy versions below give the same bytes
     _kernels = None
+if _kernels is not None and getattr(_kernels, "VERSION", 1) < KERNELS_VERSION:
+    _kernels = None  # built from an older source (not rebuilt since): the numpy versions, not errors
 
 RAW = 0
 ZSTD = 1
@@ -788,7 +793,10 @@ def decode_prefix(codec: int, data: bytes | memoryview, raw_len: int, n: int) ->
     if codec == RAW:
         return bytes(memoryview(data)[:n]) if len(data) == raw_len else None
     if codec == ZSTD:
-        return _read_prefix(data, n)
+        out = _read_prefix(data, n)
+        if len(out) != n:
+            raise IntegrityError(f"zstd frame gave {len(out)} bytes, fewer than {n}")
+        return out
     if codec not in PLANE_CODECS:
         return None
     view = memoryview(data)

@@ -41,6 +41,10 @@ class UserError(MstoreError):
     exit_code = 2
 
 
+class FileChanged(UserError):
+    """A file being committed changed size while it was read (another process rewrote it)."""
+
+
 class InvalidName(UserError, ValueError):
     """A ref name, tree entry name or path component is not acceptable."""
 

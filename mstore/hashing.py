@@ -12,7 +12,7 @@ import re
 
 import blake3
 
-from .errors import FormatError, InvalidRevision
+from .errors import FileChanged, InvalidRevision
 
 DIGEST_SIZE = 32
 HEX_LENGTH = 64
@@ -125,7 +125,7 @@ def hash_file_fd(fd: int, size: int) -> ObjectId:
     """BLAKE3 of the first ``size`` bytes of a readable descriptor, read window by window.
 
     Raises:
-        FormatError: the file holds fewer than ``size`` bytes (it was cut meanwhile).
+        FileChanged: the file holds fewer than ``size`` bytes (it was cut meanwhile).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -134,7 +134,7 @@ def hash_file_fd(fd: int, size: int) -> ObjectId:
     if size <= win:
         buf = bytearray(size)
         if size and os.preadv(fd, [buf], 0) != size:
-            raise FormatError(f"file is shorter than {size} bytes: it changed size while being read")
+            raise FileChanged(f"file is shorter than {size} bytes: it changed size while being read")
         h.update(buf)
         return ObjectId.from_digest(h.digest())
     bufs = (memoryview(bytearray(win)), memoryview(bytearray(win)))
@@ -148,7 +148,7 @@ def hash_file_fd(fd: int, size: int) -> ObjectId:
         while off < size:
             got = pending.result()
             if got <= 0:
-                raise FormatError(f"file ended at byte {off} of {size}: it changed size while being read")
+                raise FileChanged(f"file ended at byte {off} of {size}: it changed size while being read")
             if off + got < size:
                 pending = reader.submit(read, i + 1, off + got)
             h.update(bufs[i % 2][:got])
@@ -169,11 +169,14 @@ def hash_own_file_fd(fd: int, size: int) -> ObjectId:
 
     h = blake3.blake3(max_threads=_hash_threads())
     off = 0
-    while off < size:
-        n = min(64 << 20, size - off)
-        with mmap.mmap(fd, n, offset=off, access=mmap.ACCESS_READ) as m:
-            h.update(m)
-        off += n
+    try:
+        while off < size:
+            n = min(64 << 20, size - off)
+            with mmap.mmap(fd, n, offset=off, access=mmap.ACCESS_READ) as m:
+                h.update(m)
+            off += n
+    except (OSError, ValueError):  # a file system that cannot map files (or a short file): read it
+        return hash_file_fd(fd, size)
     return ObjectId.from_digest(h.digest())
 
 

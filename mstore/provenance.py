@@ -136,13 +136,14 @@ def package_versions() -> dict[str, str]:
 
 
 def platform_name() -> str:
-    """The OS, its release and the machine, as ``platform.platform(terse=True)`` gives them.
+    """The OS, its release and the machine, e.g. ``Linux-6.1.0-x86_64-with-glibc2.36``.
 
-    Built from ``os.uname()`` and the C library's own version string where those exist:
-    ``platform.platform()`` also runs ``uname -p`` in a subprocess and scans the interpreter's
-    binary for a glibc version, 8 ms of every commit.
+    On Linux with glibc it is built from ``os.uname()`` and glibc's own version string:
+    ``platform.platform(terse=True)`` says the same where ``uname -p`` prints nothing useful,
+    but it runs ``uname -p`` in a subprocess and scans the interpreter's binary for the glibc
+    version, 8 ms of every commit. Elsewhere (macOS, musl, Windows) it is that function's answer.
     """
-    if not hasattr(os, "uname"):
+    if not sys.platform.startswith("linux"):
         return platform.platform(terse=True)
     u = os.uname()
     name = f"{u.sysname}-{u.release}-{u.machine}"
@@ -150,7 +151,9 @@ def platform_name() -> str:
         libc = os.confstr("CS_GNU_LIBC_VERSION")  # "glibc 2.36"
     except (ValueError, OSError):
         libc = None
-    return f"{name}-with-{libc.replace(' ', '')}" if libc else name
+    if not libc:
+        return platform.platform(terse=True)  # not glibc (musl): let platform find out
+    return f"{name}-with-{libc.replace(' ', '')}"
 
 
 def capture(cwd: Path, argv: list[str] | None, extra: dict[str, Any] | None = None) -> dict[str, Any]:

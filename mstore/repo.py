@@ -337,10 +337,12 @@ class Repo:
         """Stop the worker threads, release the index and open files.
 
         The workers (one per core this process may run on, at most MAX_WORKERS) are kept from
-        the first commit or checkout until here, with their decode and encode buffers: up to about ten times the
-        largest chunk (16 MiB by default) per worker, once it has both checked out and
-        committed deltas, plus the buffers checkouts decode into (per checkout at once: one
-        chunk per worker plus two, and more up to 64 MiB in all). A repository used for many
+        the first commit or checkout until here, with their decode and encode buffers: up to
+        about ten times the largest chunk (16 MiB by default) per worker, once it has both
+        checked out and committed deltas, plus the buffers checkouts decode into and commits
+        read pieces into (at most 16 kept free; in use at once, per checkout one chunk per
+        worker plus two and more up to 64 MiB in all, per commit up to 64 MiB of pieces and one
+        more piece per worker). A repository used for many
         commits or checkouts in one process allocates them once. Close a repository before it
         is used no more; do not close it while another thread is committing or checking out
         with it.

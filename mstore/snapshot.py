@@ -42,8 +42,10 @@ from .chunking import (
     plan_zip_pieces,
     read_header,
 )
+from .chunking.cdc import cdc_chunks
 from .errors import (
     Conflict,
+    FileChanged,
     FormatError,
     IntegrityError,
     InvalidName,
@@ -71,7 +73,7 @@ from .storage.store import MAX_DELTA_CHAIN, DeltaBaseMissing, ObjectStore, Scrat
 
 Progress = Callable[[int], None]
 
-# Files at least this large are hashed whole before chunking (see Ingest._unchanged).
+# Files at least this large may be hashed whole before chunking (see Ingest._unchanged).
 PREHASH_MIN = 1 << 20
 
 # A delta is stored only if it is smaller than this fraction of the piece stored whole.
@@ -581,17 +583,18 @@ class Ingest:
         }
 
     def _unchanged(self, f: BinaryIO, size: int, rel: str, plan: ChunkPlan) -> tuple[ObjectId, FileObject] | None:
-        # Hash the whole file first when it is large (one fast multi-threaded pass, about 5 % of
-        # what storing new data costs) or when the parent had a file of this size here: if the
-        # store already holds it — unchanged, or any earlier version re-committed — it is
-        # neither chunked nor hashed again.
+        # Hash the whole file first (one fast multi-threaded pass, about 5 % of what storing new
+        # data costs) where the store may hold it already: the parent had a file of this size
+        # here and a couple of its chunks do not prove it changed (unchanged, or an earlier
+        # version committed again), or it is large and new here but its first chunk is stored
+        # (a copy). Then it is neither chunked nor hashed again.
         prev = self.previous.get(rel)
         likely = prev is not None and prev[0] == size
         if size == 0 or not (likely or size >= PREHASH_MIN):
             return None
         if likely and size >= PREHASH_MIN and self._differs_from(f, size, prev[1]):
             return None
-        if not likely and not self._first_piece_stored(plan):
+        if not likely and not self._first_piece_stored(f, size, plan):
             return None
         fid = hash_file(f, size)
         if not self.store.has("f", fid):
@@ -611,22 +614,29 @@ class Ingest:
                     return None  # a chunk is gone (damage or a concurrent gc): store the file afresh
         return fid, fobj
 
-    def _first_piece_stored(self, plan: ChunkPlan) -> bool:
-        """False if the file's first piece is not stored, so neither is the file: no whole hash.
+    def _first_piece_stored(self, f: BinaryIO, size: int, plan: ChunkPlan) -> bool:
+        """False if the file's first piece is stored under neither chunker: nor is the file.
 
         A file new at its path (a first checkpoint, a new shard) is stored already only if it
-        is a copy of one stored elsewhere, and then its first piece is stored too. Hashing that
-        piece (a safetensors header, an archive's first entry) instead of the whole file saves a
-        pass over every new file, which on a first version kept the workers waiting. Files cut
-        by content have no first piece without chunking: True (hash them whole).
+        is a copy of one stored elsewhere, and then that copy's first chunk is stored: its first
+        tensor-plan piece (a safetensors header, an archive's first entry), or, where the copy
+        was cut by content (stored under another name: a download cache's blob), its first
+        FastCDC chunk, which depends only on the first ``4 * cdc_avg`` bytes. Hashing those two
+        instead of the whole file saves a pass over every new file, which on a first version
+        kept the workers waiting. Files cut by content have no tensor plan: True (hash them
+        whole, as before).
         """
         if plan.chunker == CDC_NAME:
             return True  # (its sources() would read the file from where it stands)
         for piece, n, _hint in plan.sources():
             if n:  # empty pieces are never stored
                 assert isinstance(piece, Extent)
-                return self.store.has("c", hash_bytes(piece.read()))
-        return True
+                if self.store.has("c", hash_bytes(piece.read())):
+                    return True
+                break
+        head = os.pread(f.fileno(), min(size, 4 * self.cdc_avg), 0)
+        first = next(cdc_chunks(io.BytesIO(head), self.cdc_avg), b"")
+        return bool(first) and self.store.has("c", hash_bytes(first))
 
     def _differs_from(self, f: BinaryIO, size: int, fid: ObjectId) -> bool:
         """True if a few of file ``fid``'s chunks are provably not where they were in ``f``.
@@ -670,8 +680,8 @@ class Ingest:
             plan = plan_file(f, size, path.name, self.cdc_avg, self.tensor_max)
             try:
                 same = self._unchanged(f, size, rel, plan)
-            except FormatError:  # the file was cut while being hashed
-                raise UserError(f"{path} changed size while it was being committed") from None
+            except FileChanged:  # the file was cut while being hashed
+                raise FileChanged(f"{path} changed size while it was being committed") from None
             if same is not None:
                 self.progress(size)
                 self._account(rel, size, same[0], same[1], plan)
@@ -716,14 +726,14 @@ class Ingest:
                         drain_one()
                 while inflight:
                     drain_one()
-            except FormatError:  # a piece read short: the file was cut while being committed
+            except FileChanged:  # a piece read short: the file was cut while being committed
                 settle(inflight)
-                raise UserError(f"{path} changed size while it was being committed") from None
+                raise FileChanged(f"{path} changed size while it was being committed") from None
             except BaseException:
                 settle(inflight)  # none of this commit's tasks may outlive it
                 raise
         if total != size:
-            raise UserError(f"{path} changed size while it was being committed")
+            raise FileChanged(f"{path} changed size while it was being committed")
         fid = hasher.id()
         fobj = FileObject(size, plan.chunker, tuple(chunks))
         if self.batch is not None:
@@ -1021,11 +1031,13 @@ class ResultBuffers:
     """Buffers that checkout workers decode into and commit workers read pieces into.
 
     A checkout's writing thread writes from them, a commit's hashing thread hashes from them.
-    A repository keeps one set beside its workers, for all its checkouts: fresh memory costs a
-    page fault per 4 KiB, and a fresh set per checkout made checkouts 25-35 % slower. A chunk
-    gets the smallest free buffer that holds it; new ones are sized in whole MiB, so chunks of
-    similar sizes share them. What a checkout holds at once is bounded by ``Checkout._room``
-    (counted in buffer sizes); at most ``keep`` free buffers are kept, the smallest let go.
+    A repository keeps one set beside its workers, for all its checkouts and commits: fresh
+    memory costs a page fault per 4 KiB, and a fresh set per checkout made checkouts 25-35 %
+    slower. A chunk gets the smallest free buffer that holds it; new ones are sized in whole
+    MiB, so chunks of similar sizes share them. What a checkout holds at once is bounded by
+    ``Checkout._room`` (counted in buffer sizes), what a commit holds by IN_FLIGHT_BYTES
+    (counted in piece sizes: a small piece may hold a larger buffer); at most ``keep`` free
+    buffers are kept, the smallest let go.
     """
 
     def __init__(self, keep: int = 16):

@@ -205,3 +205,21 @@ def test_a_stream_no_longer_than_fastcdcs_minimum_is_one_chunk_as_fastcdc_cuts_i
     data = np.random.default_rng(size).bytes(size)
     expected = [bytes(c.data) for c in FastCDC(64 * 1024).cut_stream(io.BytesIO(data))]
     assert list(cdc_chunks(io.BytesIO(data), 64 * 1024)) == expected
+
+
+def test_a_copy_of_bytes_first_stored_cut_by_content_is_recognised_at_a_tensor_path(repo, work, monkeypatch):
+    # A download cache keeps the checkpoint as blobs/<hash> (no .safetensors name: cut by
+    # content); the same bytes committed later as model.safetensors must still be found whole.
+    blob = work / "cache" / "blobs" / "1f2e3d"
+    write_safetensors(blob.with_suffix(".tmp"), checkpoint(8, seed=9))
+    blob.with_suffix(".tmp").rename(blob)
+    repo.commit(work / "cache", "cache", "download")
+    assert load_file(repo.store, repo.ls("cache:blobs/1f2e3d")[0].id).chunker == "fastcdc"
+    (work / "ckpt").mkdir()
+    (work / "ckpt" / "model.safetensors").write_bytes(blob.read_bytes())
+    calls = _count_whole_file_hashes(monkeypatch)
+
+    res = repo.commit(work / "ckpt", "exp", "the downloaded model")
+
+    assert calls == [blob.stat().st_size]
+    assert res.new_bytes < 4096  # the tree and the commit

@@ -621,27 +621,38 @@ def test_a_file_cut_short_while_it_is_committed_fails_naming_it_and_moves_no_ref
     assert "cut" not in repo.branches()
 
 
-def test_pieces_read_into_the_repositorys_reused_buffers_are_stored_as_they_were_read(repo, work, tmp_path):
-    # Workers read pieces into pooled buffers and give them back once the file hash has them:
-    # nothing stored may still point into one when the next piece or commit reuses it.
+def test_pieces_read_into_the_repositorys_reused_buffers_are_stored_as_they_were_read(
+    repo, work, tmp_path, monkeypatch
+):
+    # Workers read pieces into pooled buffers, and the caller gives each back once the file
+    # hash has it: nothing stored may still point into one then. Every buffer given back is
+    # scribbled over at once, so a piece stored (or its fallback encoded) after its buffer went
+    # back would be stored wrong, and the checkout or fsck below would say so.
+    from mstore.snapshot import ResultBuffers
+
+    give = ResultBuffers.give
+    given: list[int] = []
+
+    def scribbling_give(self, buf):
+        buf[:] = b"\xa5" * len(buf)
+        given.append(len(buf))
+        give(self, buf)
+
+    monkeypatch.setattr(ResultBuffers, "give", scribbling_give)
     rng = np.random.default_rng(14)
-    tensors = {
-        "noise": rng.integers(0, 255, 3 << 20, dtype=np.uint8),  # raw, above the write buffer
-        "w": rng.standard_normal((512, 700)).astype(np.float32),  # float planes
-        "small": rng.standard_normal(1000).astype(np.float32),  # below the pooled size: new bytes
-    }
+    tensors = {f"noise{i}": rng.integers(0, 255, 3 << 20, dtype=np.uint8) for i in range(8)}  # raw pieces
+    tensors |= {f"w{i}": rng.standard_normal((512, 700)).astype(np.float32) for i in range(40)}  # float planes
+    tensors["small"] = rng.standard_normal(1000).astype(np.float32)  # below the pooled size: new bytes
     for v in range(3):
-        tensors["w"] = tensors["w"] + np.float32(1e-3) * rng.standard_normal((512, 700)).astype(np.float32)
+        for i in range(40):
+            tensors[f"w{i}"] = tensors[f"w{i}"] + np.float32(1e-3) * rng.standard_normal((512, 700)).astype(np.float32)
         write_safetensors(work / f"p{v}" / "model.safetensors", tensors)
         repo.commit(work / f"p{v}", "pooled", f"v{v}")
-        for buf in repo._buffers()._free:  # what the next piece would be read into
-            buf[:] = b"\xa5" * len(buf)
-    assert repo._buffers()._free, "pieces this large are read into pooled buffers"
+    assert len(given) >= 3 * 48  # every piece of 256 KiB or more went through the pool
     for v in range(3):
         repo.checkout(f"pooled~{2 - v}", tmp_path / f"out{v}")
         assert tree_bytes(tmp_path / f"out{v}") == tree_bytes(work / f"p{v}")
     assert repo.fsck().ok
-
 
 def test_a_delta_that_clearly_pays_is_judged_by_its_chain_roots_ratio_without_encoding_it_whole(
     repo, work, monkeypatch
@@ -666,3 +677,15 @@ def test_a_delta_that_clearly_pays_is_judged_by_its_chain_roots_ratio_without_en
 
     assert codec_of(repo, chunk_ids(repo, "ratio")[1]) == DELTA
     assert [n for n, item in encoded if item == 4] == []  # neither the piece nor a prefix of it
+
+
+def test_a_prefix_read_of_a_record_that_is_not_what_the_index_says_names_the_chunk(repo, work):
+    from mstore.storage.store import Scratch
+
+    write_safetensors(work / "one" / "model.safetensors", {"w": np.ones(1 << 18, np.float32)})
+    repo.commit(work / "one", "one", "v0")
+    header, piece = chunk_ids(repo, "one")[:2]
+    entry = repo.store.entry("c", piece)
+    with pytest.raises(IntegrityError, match=str(header)):
+        repo.store.chunk_prefix(header, entry, 4096, Scratch())  # the record there is another chunk's
+    assert repo.store.chunk_prefix(piece, entry, 4096, Scratch()) == np.ones(1024, np.float32).tobytes()

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from ..errors import FormatError
+from ..errors import FileChanged, FormatError
 from .cdc import CDC_NAME, cdc_chunks
 from .safetensors import (
     SAFETENSORS_NAME,
@@ -75,7 +75,7 @@ class ChunkPlan:
         return self.zip_pieces or []
 
     def piece_keys(self) -> list:
-        """What each piece of :meth:`pieces` is, in order.
+        """What each piece of :meth:`sources` is, in order.
 
         A tensor's piece is ``(name, dtype, shape, offset)``, a torch archive's storage entry's
         ``(name, "zip", (size,), offset)``; None for headers, padding and archive structure;
@@ -112,7 +112,7 @@ class Extent:
         """The bytes: new ones, or a view of the start of ``into`` (at least ``length`` long).
 
         Raises:
-            FormatError: the file ends before them (it was cut since it was planned).
+            FileChanged: the file ends before them (it was cut since it was planned).
         """
         if into is None:
             data = os.pread(self.fd, self.length, self.offset)
@@ -122,7 +122,7 @@ class Extent:
             got = os.preadv(self.fd, [view], self.offset)
             data = view
         if got != self.length:
-            raise FormatError("file changed size while it was being read")
+            raise FileChanged("file changed size while it was being read")
         return data
 
 

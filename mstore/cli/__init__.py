@@ -176,12 +176,16 @@ def main(argv: list[str] | None = None) -> None:
     """
     code = _run(argv)
     if argv is not None:
-        sys.exit(code)
+        if code:
+            sys.exit(code)
+        return
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):  # a reader that went away, a closed stream
+        except BrokenPipeError:  # `mstore log | head`: the reader went away; not an error
             pass
+        except (OSError, ValueError):  # output lost (disk full, a closed stream): say so by the code
+            code = code or 120  # what Python exits with when it cannot flush stdout at exit
     os._exit(code)
 
 
