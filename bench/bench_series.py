@@ -34,6 +34,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import tomli_w
 import zstandard
 
@@ -81,6 +82,11 @@ COMMIT_VS_DVC_MIN = 2.0  # mstore commit throughput >= 2x DVC's
 CHECKOUT_VS_DVC_MAX = 1.0  # mstore checkout time <= DVC's
 SINGLE_TARGETS = {"fp32": 1.21, "bf16": 1.50}
 BIG_RSS_MAX_MB = 400.0  # peak RSS committing / checking out a 4 GB checkpoint
+# --scale: every version is the base plus uniform noise of this amplitude (what make_tensor adds
+# for the second version), and each store size is the median over this many commits (one
+# keyframe cycle at the default max_depth 8).
+SCALE_STEP = 4e-4
+SCALE_WINDOW = 9
 
 QUICK_MODEL = wl.ModelSpec(vocab=2048, hidden=128, layers=4, heads=4, intermediate=344, versions=3, steps=1,
                            lora_versions=2, lora_r=8)
@@ -401,11 +407,27 @@ def single_file(path: Path, dtype: str, scratch: Path, repeat: int) -> dict[str,
 # -- optional scale part -------------------------------------------------------------------------
 
 
+def scale_tensor(seed: int, index: int, shape: tuple[int, ...], version: int) -> np.ndarray:
+    """Tensor ``index`` of version ``version``: the base plus noise of the same size in every version.
+
+    Any two versions then differ alike, so what one more commit costs depends on the store it
+    goes into, not on which version it is. (Built on ``make_tensor``'s updates, which grow with
+    the version, every tensor drifted until, from the eighth version on, two pieces in three no
+    longer paid as deltas: the commits measured "into a store of 1" were v1-v5, all cheap
+    deltas, and those "into 10 and 50" mostly whole pieces, a 1.45x CPU gap that was the
+    workload's, not the store's.)
+    """
+    base = make_tensor(seed, index, shape, None, "f32")
+    upd = np.random.default_rng([seed, index, version + 1]).random(shape, dtype=np.float32)
+    base += (upd - np.float32(0.5)) * np.float32(SCALE_STEP)
+    return base
+
+
 def write_scale_version(path: Path, layout: Layout, v: int, seed: int) -> None:
     """Version ``v`` of a synthetic fp32 checkpoint in which every tensor moves (like a full fine-tune)."""
     from safetensors.numpy import save_file
 
-    arrays = {name: make_tensor(seed, i, shape, v, "f32") for i, (name, shape, _l) in enumerate(layout.tensors())}
+    arrays = {name: scale_tensor(seed, i, shape, v) for i, (name, shape, _l) in enumerate(layout.tensors())}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(arrays, str(path))
 
@@ -415,7 +437,10 @@ def scale_phase(con: Contenders, scratch: Path, sizes: list[int], version_mb: in
     """Commit time vs store size (mstore and DVC), and peak RSS of one big checkpoint (one repetition each)."""
     out: dict[str, Any] = {"version_mb": version_mb, "store_sizes": sizes, "big_mb": big_mb}
     layout = Layout.for_size(version_mb * MB, 4)
-    window = 5
+    # One keyframe cycle at the default [delta] max_depth (8 deltas, then a whole piece): every
+    # store size is measured over the same mix of chain positions (1-3 links to decode, one
+    # whole piece), not over whichever positions its first commits happen to fall on.
+    window = SCALE_WINDOW
     n = max(sizes) + window
     src = scratch / "scale-src" / "model.safetensors"
     per: dict[str, list[float]] = {}
@@ -439,8 +464,11 @@ def scale_phase(con: Contenders, scratch: Path, sizes: list[int], version_mb: in
             else:
                 ws = con.dvc_workspace(base)
             for v in range(n):
+                # As everywhere else: the version's own write-back (and the last commit's) is
+                # not left to land inside the next timed step.
                 if cname == "mstore":
                     write_scale_version(src, layout, v, seed)
+                    os.sync()
                     r = run_child([*con.mstore, "--store", str(store), "commit", str(src.parent), "-b", "scale", "-m",
                                    f"v{v}", "--kind", "checkpoint"], base, con.env)
                     con._ok(r, f"mstore commit v{v}")
@@ -448,6 +476,7 @@ def scale_phase(con: Contenders, scratch: Path, sizes: list[int], version_mb: in
                     cpus.append(r.cpu)
                 else:
                     write_scale_version(ws / "data" / "model.safetensors", layout, v, seed)
+                    os.sync()
                     r = run_child([*con.dvc, "add", "-q", "data"], ws, con.env)
                     con._ok(r, f"dvc add v{v}")
                     r1 = run_child([con.git, "add", "data.dvc", ".gitignore"], ws, con.env)
