@@ -9,6 +9,7 @@ and gc never takes a base that a live delta needs.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -689,3 +690,33 @@ def test_a_prefix_read_of_a_record_that_is_not_what_the_index_says_names_the_chu
     with pytest.raises(IntegrityError, match=str(header)):
         repo.store.chunk_prefix(header, entry, 4096, Scratch())  # the record there is another chunk's
     assert repo.store.chunk_prefix(piece, entry, 4096, Scratch()) == np.ones(1024, np.float32).tobytes()
+
+
+def test_a_bad_entry_after_files_were_started_leaves_no_piece_in_flight_and_no_file_open(repo, work):
+    # A directory's files go through one pipeline: the first file's pieces may still be in
+    # flight when a later entry turns out bad. The commit fails naming it; nothing keeps running.
+    write_safetensors(work / "bad" / "a.safetensors", random_tensors(8, (512, 512)))
+    (work / "bad" / "b_dangling").symlink_to(work / "nowhere")
+    with pytest.raises(MstoreError, match="dangling symlink"):
+        repo.commit(work / "bad", "bad", "v0")
+    fds = f"/proc/{os.getpid()}/fd"
+    open_paths = [os.readlink(f"{fds}/{fd}") for fd in os.listdir(fds) if os.path.exists(f"{fds}/{fd}")]
+    assert str(work / "bad" / "a.safetensors") not in open_paths
+    assert "bad" not in [b.name for b in repo.branches()]
+    pool = repo._worker_pool()
+    assert pool.submit(lambda: 1).result(timeout=5) == 1  # the workers are free again
+
+
+def test_files_of_a_directory_overlap_in_the_pipeline_and_each_gets_its_own_bytes(repo, work, tmp_path):
+    rng = np.random.default_rng(16)
+    d = work / "many"
+    for i in range(12):  # small and large files alternating: pieces of several files in flight at once
+        n = 50_000 if i % 2 else 700_000
+        write_safetensors(d / f"f{i:02d}.safetensors", {"w": rng.standard_normal(n).astype(np.float32)})
+        (d / f"f{i:02d}.json").write_text(json.dumps({"i": i}))
+    repo.commit(d, "many", "v0")
+    repo.checkout("many", tmp_path / "out")
+    assert tree_bytes(tmp_path / "out") == tree_bytes(d)
+    for i in range(12):
+        entry = repo.ls(f"many:f{i:02d}.safetensors")[0]
+        assert entry.id == ObjectId(blake3.blake3((d / f"f{i:02d}.safetensors").read_bytes()).hexdigest())
