@@ -512,16 +512,16 @@ def encode_delta(
         raise ValueError("a delta needs a base of the same length")
     if not 1 <= depth <= 255:
         raise ValueError("delta depth out of range")
-    if _planes_fit(len(raw), item_size):  # as encode() of the XOR: its planes, else the XOR raw
+    planes = _planes_fit(len(raw), item_size)
+    if planes:  # what encode() of the XOR chooses first, the XOR taken while splitting
         head = DELTA_HEAD.pack(base_id, depth, FLOATPLANE)
         enc = _encode_planes(raw, item_size, DELTA_PLANE_MIN_SAVING, True, head, xor=base)
         if enc is not None:
             return enc
     xor = _scratch(_XOR_SLOT, len(raw))
     xor_into(raw, base, xor)
-    if _planes_fit(len(raw), item_size):
-        return DELTA_HEAD.pack(base_id, depth, RAW) + bytes(xor)
-    codec, enc = encode(xor, level, item_size, DELTA_PLANE_MIN_SAVING)
+    # Planes that do not pay leave the XOR raw, as encode() would; else encode() chooses.
+    codec, enc = (RAW, bytes(xor)) if planes else encode(xor, level, item_size, DELTA_PLANE_MIN_SAVING)
     return DELTA_HEAD.pack(base_id, depth, codec) + enc
 
 

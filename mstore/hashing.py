@@ -175,8 +175,8 @@ def hash_own_file_fd(fd: int, size: int) -> ObjectId:
             with mmap.mmap(fd, n, offset=off, access=mmap.ACCESS_READ) as m:
                 h.update(m)
             off += n
-    except (OSError, ValueError):  # a file system that cannot map files (or a short file): read it
-        return hash_file_fd(fd, size)
+    except (OSError, ValueError):  # a file system that cannot map files, or a file cut short
+        return hash_file_fd(fd, size)  # (which then says so: FileChanged)
     return ObjectId.from_digest(h.digest())
 
 

@@ -89,7 +89,8 @@ DELTA_PROBE = 1 << 18
 DELTA_HOPELESS: Any = object()  # a sentinel, never bytes
 
 # Pieces a file's ingest keeps in flight: at least workers + 2, and more while they hold less
-# than IN_FLIGHT_BYTES (up to IN_FLIGHT_MAX). A model's pieces are mostly small tensors (a full
+# than IN_FLIGHT_BYTES (up to IN_FLIGHT_MAX); a checkout's decoded chunks waiting to be written
+# are bounded by the same bytes (Checkout._room). A model's pieces are mostly small tensors (a full
 # fine-tune's 245 MB are 379 pieces, 0.65 MB on average): with only workers + 2 of them in flight
 # the workers waited for the caller's thread and it for them (two cores 1.3 busy in a commit);
 # 64 MiB in flight kept them 1.6 busy and cut the in-process commit of a full fine-tune's
@@ -463,7 +464,8 @@ class Ingest:
         delta = self._delta(data, item_size, tuple(b for b in bases if b != oid), cols, whole) if bases else None
         if delta is DELTA_HOPELESS:
             delta = None
-        # A delta clearly smaller than the whole piece would be (estimated from a prefix) wins
+        # A delta clearly smaller than the whole piece would be (estimated from its chain
+        # root's ratio, or from a prefix) wins
         # without encoding the piece whole as well; a close call encodes both and compares. A
         # delta under a quarter of the raw bytes needs no estimate: float tensors stored whole
         # do not get near that (bf16 weights ~0.66, fp32 ~0.82).
@@ -1064,9 +1066,6 @@ class ResultBuffers:
 # New result buffers above this size are rounded up to a multiple of it.
 _BUFFER_UNIT = 1 << 20
 
-# A checkout keeps at most this much buffer space waiting to be written (beyond workers + 2
-# chunks).
-_IN_FLIGHT_BYTES = 64 << 20
 
 
 class Checkout:
@@ -1222,7 +1221,11 @@ class Checkout:
             if isinstance(exc, IntegrityError):
                 self._diagnose(fid, fobj, name)
             raise
-        if hash_own_file_fd(fd, fobj.size) != fid:
+        try:
+            written = hash_own_file_fd(fd, fobj.size)
+        except FileChanged as exc:  # the written file is shorter than its chunks: cut by someone
+            raise IntegrityError(f"{name}: {exc}") from None
+        if written != fid:
             self._diagnose(fid, fobj, name)
 
     def _room(self, tasks: int, in_flight: int) -> bool:
@@ -1234,7 +1237,7 @@ class Checkout:
         """
         if tasks < self._workers + 2:
             return True
-        return tasks < 4 * self._workers and in_flight < _IN_FLIGHT_BYTES
+        return tasks < 4 * self._workers and in_flight < IN_FLIGHT_BYTES
 
     def _decode(self, cid: ObjectId, entry: Any, n: int, buf: bytearray) -> memoryview:
         view = self.store.chunk_view(cid, entry, worker_scratch("checkout"), buf)

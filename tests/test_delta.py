@@ -692,9 +692,9 @@ def test_a_prefix_read_of_a_record_that_is_not_what_the_index_says_names_the_chu
     assert repo.store.chunk_prefix(piece, entry, 4096, Scratch()) == np.ones(1024, np.float32).tobytes()
 
 
-def test_a_bad_entry_after_files_were_started_leaves_no_piece_in_flight_and_no_file_open(repo, work):
-    # A directory's files go through one pipeline: the first file's pieces may still be in
-    # flight when a later entry turns out bad. The commit fails naming it; nothing keeps running.
+def test_a_bad_entry_after_a_stored_file_fails_the_commit_and_leaves_no_file_open(repo, work):
+    # The first file is read and stored before the dangling symlink after it is reached: the
+    # commit fails naming the symlink, moves no ref, and keeps neither the file nor a worker.
     write_safetensors(work / "bad" / "a.safetensors", random_tensors(8, (512, 512)))
     (work / "bad" / "b_dangling").symlink_to(work / "nowhere")
     with pytest.raises(MstoreError, match="dangling symlink"):
@@ -707,10 +707,10 @@ def test_a_bad_entry_after_files_were_started_leaves_no_piece_in_flight_and_no_f
     assert pool.submit(lambda: 1).result(timeout=5) == 1  # the workers are free again
 
 
-def test_files_of_a_directory_overlap_in_the_pipeline_and_each_gets_its_own_bytes(repo, work, tmp_path):
+def test_every_file_of_a_directory_of_mixed_sizes_gets_its_own_bytes_and_id(repo, work, tmp_path):
     rng = np.random.default_rng(16)
     d = work / "many"
-    for i in range(12):  # small and large files alternating: pieces of several files in flight at once
+    for i in range(12):  # pooled and unpooled pieces, tensor files beside content-cut ones
         n = 50_000 if i % 2 else 700_000
         write_safetensors(d / f"f{i:02d}.safetensors", {"w": rng.standard_normal(n).astype(np.float32)})
         (d / f"f{i:02d}.json").write_text(json.dumps({"i": i}))

@@ -208,14 +208,7 @@ class ObjectStore:
             raw: memoryview | None = None
             for step, (cid, ent) in enumerate(reversed(chain)):
                 slot = step % 2
-                if ent.enc_len >= MAP_MIN:
-                    rec, payload = self.reader.map_record(self.pack_name(ent.pack), ent.offset, ent.enc_len)
-                else:
-                    rec, payload = self.reader.read_into(
-                        self.pack_name(ent.pack), ent.offset, ent.enc_len, scratch.payload(ent.enc_len, slot)
-                    )
-                if rec.kind != "c" or rec.id != cid.digest or rec.raw_len != raw_len or rec.check != cid.digest:
-                    raise IntegrityError(f"record header of chunk {cid} does not match the index")
+                rec, payload = self._chunk_record(cid, ent, raw_len, scratch, slot)
                 last = step == len(chain) - 1
                 # The final result goes to ``into`` when given, except where it is the XOR's
                 # temporary beside a separate plane output (finish_delta_planes below).
@@ -279,17 +272,26 @@ class ObjectStore:
             return None
         name = self.pack_name(entry.pack)
         try:
-            if entry.enc_len >= MAP_MIN:
-                rec, payload = self.reader.map_record(name, entry.offset, entry.enc_len)
-            else:
-                buf = scratch.payload(entry.enc_len, 0)
-                rec, payload = self.reader.read_into(name, entry.offset, entry.enc_len, buf)
-            mismatch = rec.kind != "c" or rec.id != oid.digest or rec.raw_len != entry.raw_len
-            if mismatch or rec.codec == codecs.DELTA:
+            rec, payload = self._chunk_record(oid, entry, entry.raw_len, scratch, 0)
+            if rec.codec == codecs.DELTA:
                 raise IntegrityError(f"record header of chunk {oid} does not match the index")
             return codecs.decode_prefix(rec.codec, payload, rec.raw_len, n)
         except IntegrityError as exc:
             raise IntegrityError(f"chunk {oid} is damaged (pack {name}, offset {entry.offset}): {exc}") from None
+
+    def _chunk_record(self, cid: ObjectId, ent: Entry, raw_len: int, scratch: Scratch, slot: int) -> tuple[Any, Any]:
+        """A chunk's record: mapped (MAP_MIN bytes or more) or read into ``scratch``, header checked.
+
+        The header must name the chunk (as id and as check) and say ``raw_len``, as the index does.
+        """
+        if ent.enc_len >= MAP_MIN:
+            rec, payload = self.reader.map_record(self.pack_name(ent.pack), ent.offset, ent.enc_len)
+        else:
+            buf = scratch.payload(ent.enc_len, slot)
+            rec, payload = self.reader.read_into(self.pack_name(ent.pack), ent.offset, ent.enc_len, buf)
+        if rec.kind != "c" or rec.id != cid.digest or rec.raw_len != raw_len or rec.check != cid.digest:
+            raise IntegrityError(f"record header of chunk {cid} does not match the index")
+        return rec, payload
 
     def iter_entries(self, kind: str | None = None) -> Iterator[tuple[str, ObjectId, Entry]]:
         """Every indexed object, from one read snapshot."""
