@@ -174,7 +174,33 @@ def _scratch(slot: int, n: int) -> memoryview:
     return memoryview(buf)[:n]
 
 
-_XOR_SLOT = -1  # scratch slot of encode_delta's XOR; slots 0..7 hold planes
+_XOR_SLOT = -1  # scratch slot of encode_delta's XOR; slots 8g..8g+7 hold the planes of group g
+
+# An encoded payload: bytes, or (where the caller asked for ``parts``) a list of buffers whose
+# concatenation it is. Planes left raw are then views of this thread's scratch buffers of
+# that group, valid until the next encoding into the same group on the same thread: a commit
+# worker writes them out at once, and skips copying every raw plane into one bytes first.
+Payload = bytes | list
+# Scratch groups (see ``parts`` of encode): group 0 is every joined encoding's.
+WHOLE_PARTS = 1
+DELTA_PARTS = 2
+
+
+def payload_len(payload: bytes | bytearray | memoryview | list) -> int:
+    """Bytes in an encoded payload (see Payload)."""
+    if isinstance(payload, list):
+        return sum(len(p) for p in payload)
+    return len(payload)
+
+
+def payload_head(payload: bytes | bytearray | memoryview | list) -> bytes | bytearray | memoryview:
+    """A payload's first bytes: all of it, or its first part (which holds any header)."""
+    return payload[0] if isinstance(payload, list) else payload
+
+
+def payload_bytes(payload: bytes | bytearray | memoryview | list) -> bytes:
+    """An encoded payload as one bytes object."""
+    return b"".join(payload) if isinstance(payload, list) else bytes(payload)
 
 
 def xor_into(a: bytes | memoryview, b: bytes | memoryview, out: bytearray | memoryview) -> None:
@@ -198,21 +224,24 @@ def encode(
     item_size: int = 0,
     plane_min_saving: float = MIN_SAVING,
     rotate: bool = True,
-) -> tuple[int, bytes]:
+    parts: int | None = None,
+) -> tuple[int, Payload]:
     """Choose an encoding for ``raw`` and return ``(codec, encoded bytes)``.
 
     ``item_size`` (2, 4 or 8) says the bytes are float elements of that size (byte planes:
     FLOATPLANE, or with ``rotate=False`` BYTEPLANE, for stores older than format version 2);
-    ``plane_min_saving`` is what a plane must save to be compressed.
+    ``plane_min_saving`` is what a plane must save to be compressed. With ``parts`` (a scratch
+    group, WHOLE_PARTS or DELTA_PARTS) the payload may be a list of buffers instead (see
+    Payload), including ``raw`` itself when it is stored as it is.
     """
     n = len(raw)
     if n < 64:
         return RAW, bytes(raw)
     if _planes_fit(n, item_size):
-        enc = _encode_planes(raw, item_size, plane_min_saving, rotate=rotate)
+        enc = _encode_planes(raw, item_size, plane_min_saving, rotate=rotate, parts=parts)
         if enc is not None:
             return (FLOATPLANE if rotate else BYTEPLANE), enc
-        return RAW, bytes(raw)
+        return RAW, ([raw] if parts else bytes(raw))
     enc = _compressor(level).compress(raw)
     if len(enc) <= n * (1 - MIN_SAVING):
         return ZSTD, enc
@@ -260,8 +289,10 @@ def split_planes(raw: bytes | memoryview, item: int, rotate: bool) -> list:
     return planes
 
 
-def _split(raw: bytes | memoryview, item: int, rotate: bool, xor: bytes | memoryview | None = None) -> list[memoryview]:
-    """:func:`split_planes` into this thread's scratch buffers (numpy arrays without the C kernels).
+def _split(
+    raw: bytes | memoryview, item: int, rotate: bool, xor: bytes | memoryview | None = None, group: int = 0
+) -> list[memoryview]:
+    """:func:`split_planes` into this thread's scratch buffers of ``group`` (numpy arrays without the C kernels).
 
     With ``xor`` the planes are those of ``raw ^ xor``: the C kernel takes the XOR in the same
     pass, so a delta needs neither a buffer for it nor a pass over it.
@@ -273,7 +304,7 @@ def _split(raw: bytes | memoryview, item: int, rotate: bool, xor: bytes | memory
             raw = out
         return [a.data for a in split_planes(raw, item, rotate)]
     m = len(raw) // item
-    planes = [_scratch(i, m) for i in range(item)]
+    planes = [_scratch(8 * group + i, m) for i in range(item)]
     _kernels.split(raw, planes, item, rotate, xor)
     return planes
 
@@ -285,30 +316,34 @@ def _encode_planes(
     rotate: bool = False,
     prefix: bytes = b"",
     xor: bytes | memoryview | None = None,
-) -> bytes | None:
+    parts: int | None = None,
+) -> Payload | None:
     """Byte planes of ``raw`` (of ``raw ^ xor`` if given) after ``prefix``; None if no gain.
 
     Each plane is compressed where that pays. ``prefix`` (a delta's header) is joined in the
     same copy as the planes: prepending it to the result afterwards copied every delta payload
-    once more, into fresh memory.
+    once more, into fresh memory. With ``parts`` (a scratch group) the result is the list
+    ``[prefix + header, plane, ...]``, raw planes being views of that group's scratch.
     """
     comp = _plane_compressor()
     mask = 0
-    parts = []
-    for i, plane in enumerate(_split(raw, item, rotate, xor)):
+    out: list = []
+    for i, plane in enumerate(_split(raw, item, rotate, xor, parts or 0)):
         enc = _compress_plane(comp, plane, min_saving)
         if enc is None:
-            parts.append(plane)
+            out.append(plane)
         else:
             mask |= 1 << i
-            parts.append(enc)
-    total = sum(len(p) for p in parts)
+            out.append(enc)
+    total = sum(len(p) for p in out)
     if total > len(raw) * (1 - MIN_SAVING):
         return None
-    header = struct.pack(f"<BB{item}I", item, mask, *(len(p) for p in parts))
-    # Raw planes in ``parts`` are views of this thread's scratch buffers: the join copies them
+    header = struct.pack(f"<BB{item}I", item, mask, *(len(p) for p in out))
+    if parts:
+        return [prefix + header, *out]
+    # Raw planes in ``out`` are views of this thread's scratch buffers: the join copies them
     # into the new bytes returned; nothing else may keep them.
-    return b"".join([prefix, header, *parts])
+    return b"".join([prefix, header, *out])
 
 
 def _compress_plane(comp: zstandard.ZstdCompressor, plane: memoryview, min_saving: float) -> bytes | None:
@@ -505,9 +540,18 @@ def finish_planes(planes: list, raw_len: int, into: memoryview | bytearray, code
 
 
 def encode_delta(
-    raw: bytes | memoryview, base: bytes | memoryview, base_id: bytes, depth: int, level: int, item_size: int
-) -> bytes:
-    """The DELTA payload of ``raw`` against ``base`` (same length), at chain ``depth`` (>= 1)."""
+    raw: bytes | memoryview,
+    base: bytes | memoryview,
+    base_id: bytes,
+    depth: int,
+    level: int,
+    item_size: int,
+    parts: int | None = None,
+) -> Payload:
+    """The DELTA payload of ``raw`` against ``base`` (same length), at chain ``depth`` (>= 1).
+
+    ``parts``: as for :func:`encode` (a list of buffers may come back, see Payload).
+    """
     if len(raw) != len(base):
         raise ValueError("a delta needs a base of the same length")
     if not 1 <= depth <= 255:
@@ -515,7 +559,7 @@ def encode_delta(
     planes = _planes_fit(len(raw), item_size)
     if planes:  # what encode() of the XOR chooses first, the XOR taken while splitting
         head = DELTA_HEAD.pack(base_id, depth, FLOATPLANE)
-        enc = _encode_planes(raw, item_size, DELTA_PLANE_MIN_SAVING, True, head, xor=base)
+        enc = _encode_planes(raw, item_size, DELTA_PLANE_MIN_SAVING, True, head, xor=base, parts=parts)
         if enc is not None:
             return enc
     xor = _scratch(_XOR_SLOT, len(raw))

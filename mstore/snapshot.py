@@ -303,10 +303,10 @@ class _Whole:
         # predicts this version's ratio without encoding anything (see estimate()).
         self.ratio: float | None = None
         self._prefix: int | None = None
-        self._encoded: tuple[int, bytes] | None = None
+        self._encoded: tuple[int, codecs.Payload] | None = None
 
-    def _encode(self, view: bytes | memoryview) -> tuple[int, bytes]:
-        return codecs.encode(view, self.level, self.item_size, rotate=self.rotate)
+    def _encode(self, view: bytes | memoryview, parts: int | None = None) -> tuple[int, codecs.Payload]:
+        return codecs.encode(view, self.level, self.item_size, rotate=self.rotate, parts=parts)
 
     def prefix_size(self) -> int:
         """Encoded size of the first ``cut`` bytes (predicted from ``ratio`` when known)."""
@@ -314,7 +314,7 @@ class _Whole:
             return int(self.ratio * self.cut)
         if self._prefix is None:
             if len(self.data) <= self.cut:
-                self._prefix = len(self.encoded()[1])
+                self._prefix = codecs.payload_len(self.encoded()[1])
             else:
                 self._prefix = len(self._encode(memoryview(self.data)[: self.cut])[1])
         return self._prefix
@@ -328,17 +328,21 @@ class _Whole:
         Either only decides whether a delta is clearly smaller; a close call encodes both.
         """
         if self._encoded is not None:
-            return len(self._encoded[1])
+            return codecs.payload_len(self._encoded[1])
         if self.ratio is not None:
             return int(self.ratio * len(self.data))
         if len(self.data) <= 2 * self.cut:
-            return len(self.encoded()[1])
+            return codecs.payload_len(self.encoded()[1])
         return int(self.prefix_size() * len(self.data) / self.cut)
 
-    def encoded(self) -> tuple[int, bytes]:
-        """``(codec, payload)`` of the piece stored whole."""
+    def encoded(self) -> tuple[int, codecs.Payload]:
+        """``(codec, payload)`` of the piece stored whole.
+
+        The payload may be parts (codecs.Payload) in this thread's WHOLE_PARTS scratch, which
+        only this encoding uses: valid until the thread encodes its next piece whole.
+        """
         if self._encoded is None:
-            self._encoded = self._encode(self.data)
+            self._encoded = self._encode(self.data, codecs.WHOLE_PARTS)
         return self._encoded
 
 
@@ -458,8 +462,12 @@ class Ingest:
 
     def _encode(
         self, data: bytes, oid: ObjectId, item_size: int, bases: tuple[ObjectId, ...], cols: int
-    ) -> tuple[int, bytes]:
-        """The piece's codec and payload: whole, or as a delta against one of ``bases``."""
+    ) -> tuple[int, codecs.Payload]:
+        """The piece's codec and payload: whole, or as a delta against one of ``bases``.
+
+        The payload may be parts in this thread's scratch (codecs.Payload): the caller writes
+        it before the thread encodes another piece.
+        """
         whole = _Whole(data, self.level, item_size, self.floatplanes)
         delta = self._delta(data, item_size, tuple(b for b in bases if b != oid), cols, whole) if bases else None
         if delta is DELTA_HOPELESS:
@@ -469,12 +477,14 @@ class Ingest:
         # without encoding the piece whole as well; a close call encodes both and compares. A
         # delta under a quarter of the raw bytes needs no estimate: float tensors stored whole
         # do not get near that (bf16 weights ~0.66, fp32 ~0.82).
-        elif delta is not None and (len(delta) <= DELTA_SURE * len(data) or len(delta) <= 0.9 * whole.estimate()):
+        elif delta is not None and (
+            (size := codecs.payload_len(delta)) <= DELTA_SURE * len(data) or size <= 0.9 * whole.estimate()
+        ):
             return codecs.DELTA, delta
         codec, payload = whole.encoded()
         # Every read of a delta decodes its chain, so a delta must save at least 5 % of the
         # piece stored whole to be worth that (Adam's first moment, say, barely does).
-        if delta is not None and len(delta) < DELTA_MIN_GAIN * len(payload):
+        if delta is not None and codecs.payload_len(delta) < DELTA_MIN_GAIN * codecs.payload_len(payload):
             return codecs.DELTA, delta
         return codec, payload
 
@@ -527,12 +537,16 @@ class Ingest:
                 return None
         except MstoreError:
             return None  # a damaged base is fsck's to report; this piece is stored whole
-        xor = DELTA_HOPELESS if hopeless else codecs.encode_delta(data, raw, base.digest, depth, self.level, item_size)
+        xor = (
+            DELTA_HOPELESS
+            if hopeless
+            else codecs.encode_delta(data, raw, base.digest, depth, self.level, item_size, parts=codecs.DELTA_PARTS)
+        )
         # A float32 matrix whose XOR barely pays may differ from its base by a low-rank update
         # (a merged LoRA adapter): try base + U @ V plus a residual (format >= 3).
-        if lowrank and (xor is DELTA_HOPELESS or len(xor) > LOWRANK_TRY * whole.estimate()):
+        if lowrank and (xor is DELTA_HOPELESS or codecs.payload_len(xor) > LOWRANK_TRY * whole.estimate()):
             low = codecs.encode_lowrank_delta(data, raw, base.digest, depth, cols, self.level)
-            if low is not None and (xor is DELTA_HOPELESS or len(low) < len(xor)):
+            if low is not None and (xor is DELTA_HOPELESS or len(low) < codecs.payload_len(xor)):
                 return low
         return xor
 

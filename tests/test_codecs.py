@@ -346,3 +346,21 @@ def test_an_extension_built_from_an_older_source_is_left_unused(monkeypatch):
         monkeypatch.undo()
         importlib.reload(codecs)
     assert codecs.have_kernels()
+
+
+def test_parts_of_a_whole_and_a_delta_encoding_survive_later_encodings_on_the_same_thread():
+    rng = np.random.default_rng(7)
+    base = (rng.standard_normal(50_000) * 0.02).astype(np.float32)
+    child = base + (rng.standard_normal(50_000) * 1e-4).astype(np.float32)
+    other = (rng.standard_normal(50_000) * 0.02).astype(np.float32)
+    whole_codec, whole = codecs.encode(child.tobytes(), 3, 4, parts=codecs.WHOLE_PARTS)
+    delta = codecs.encode_delta(child.tobytes(), base.tobytes(), b"\x05" * 32, 1, 3, 4, parts=codecs.DELTA_PARTS)
+    # What a commit worker may encode next, before it writes: a prefix estimate, a probe.
+    codecs.encode(other.tobytes(), 3, 4)
+    codecs.encode_delta(other.tobytes()[:4096], base.tobytes()[:4096], b"\x05" * 32, 1, 3, 4)
+
+    assert isinstance(whole, list) and isinstance(delta, list)  # raw planes are views, not copies
+    assert codecs.payload_bytes(whole) == codecs.encode(child.tobytes(), 3, 4)[1]
+    assert codecs.payload_bytes(delta) == codecs.encode_delta(child.tobytes(), base.tobytes(), b"\x05" * 32, 1, 3, 4)
+    assert codecs.decode(whole_codec, codecs.payload_bytes(whole), child.nbytes) == child.tobytes()
+    assert codecs.payload_len(delta) == len(codecs.payload_bytes(delta))

@@ -43,6 +43,24 @@ def test_records_around_a_payload_of_more_than_the_write_buffer_read_back_in_ord
         assert bytes(got) == p
 
 
+def test_a_record_given_in_parts_reads_back_as_their_concatenation_in_a_pack_that_scans_intact(tmp_path):
+    rng = np.random.default_rng(2)
+    # A header part, a part written straight out, a part small enough for the buffer.
+    parts = [rng.bytes(40), rng.bytes(packs._DIRECT_MIN + 3), rng.bytes(1000)]
+    w = PackWriter(tmp_path, 1 << 30)
+    first = w.add("c", b"\x01" * 32, b"\x01" * 32, 0, 7, b"abcdefg")
+    split = w.add("c", b"\x02" * 32, b"\x02" * 32, 0, sum(map(len, parts)), [memoryview(p) for p in parts])
+    last = w.add("c", b"\x03" * 32, b"\x03" * 32, 0, 3, b"xyz")
+    w.seal()
+
+    reader = PackReader(tmp_path)
+    assert bytes(reader.read(w.name, split, sum(map(len, parts)))[1]) == b"".join(parts)
+    assert bytes(reader.read(w.name, first, 7)[1]) == b"abcdefg"
+    assert bytes(reader.read(w.name, last, 3)[1]) == b"xyz"
+    records, intact, _size = packs.scan_pack(tmp_path / w.name)
+    assert intact and [r.enc_len for r in records] == [7, sum(map(len, parts)), 3]
+
+
 def _pack_of(tmp_path, payloads):
     w = PackWriter(tmp_path, 1 << 30)
     offsets = [w.add("c", bytes([i]) * 32, bytes([i]) * 32, 0, len(p), p) for i, p in enumerate(payloads)]

@@ -22,7 +22,7 @@ import os
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +31,8 @@ import blake3
 from .. import codecs
 from ..errors import IntegrityError, StorageError, UnsupportedFormat
 from ..fsutil import fsync_dir, pread_exact, start_writeback, unique_name, write_all
+
+Buffer = bytes | bytearray | memoryview
 
 PACK_MAGIC = b"MSTPACK\0"
 PACK_VERSION = 1
@@ -51,9 +53,13 @@ MAP_MIN = 1 << 20
 # durability): the disk then works while the writer goes on, instead of all at the fsync.
 _WRITEBACK_STEP = 8 << 20
 
-# Buffer this much before a write(2); large enough to amortise syscalls, small enough that a
-# chunk never waits long in memory.
-_WRITE_BUFFER = 4 << 20
+# Small records are gathered into a buffer of this much (allocated once per pack) before a
+# write(2): large enough to amortise syscalls, small enough that a chunk never waits long in
+# memory. Payloads of at least _DIRECT_MIN (or larger than the buffer) go out as they are: a
+# write per record costs less than copying it into the buffer first (tensor pieces are up
+# to 4 MiB; growing a bytearray by concatenation also reallocated it into fresh pages).
+_WRITE_BUFFER = 1 << 20
+_DIRECT_MIN = 128 << 10
 
 
 @dataclass(frozen=True)
@@ -103,7 +109,8 @@ class PackWriter:
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
         except OSError as exc:
             raise StorageError(f"cannot create pack {self.path}: {exc.strerror}") from exc
-        self._buf = bytearray()
+        self._buf = memoryview(bytearray(_WRITE_BUFFER))
+        self._fill = 0  # bytes of _buf in use
         self._hash = blake3.blake3()
         self._written = 0  # bytes handed to write(2)
         self._writeback_from = 0  # where the disk has not been asked to start writing yet
@@ -135,29 +142,39 @@ class PackWriter:
     def _append(self, data: bytes | memoryview) -> None:
         self._hash.update(data)
         self.size += len(data)
-        if len(data) >= _WRITE_BUFFER:  # a big payload goes out as is: no copy into the buffer
+        n = len(data)
+        if n >= _DIRECT_MIN or n > len(self._buf):  # out as it is: no copy into the buffer
             self._drain()
             self._write(data)
             return
-        self._buf += data
-        if len(self._buf) >= _WRITE_BUFFER:
+        if self._fill + n > len(self._buf):
             self._drain()
+        self._buf[self._fill : self._fill + n] = data
+        self._fill += n
 
     def _drain(self) -> None:
-        if self._buf:
-            self._write(self._buf)
-            self._buf = bytearray()
+        if self._fill:
+            self._write(self._buf[: self._fill])
+            self._fill = 0
 
-    def add(self, kind: str, oid: bytes, check: bytes, codec: int, raw_len: int, payload: bytes) -> int:
+    def add(
+        self, kind: str, oid: bytes, check: bytes, codec: int, raw_len: int, payload: bytes | Sequence[Buffer]
+    ) -> int:
         """Append one encoded object; returns the record's offset.
+
+        ``payload`` is the encoded bytes, or a sequence of buffers they are the concatenation
+        of (written in turn: an encoder's planes need not be joined into one copy first).
 
         Raises:
             StorageError: the disk refused, now or at an earlier write of this pack.
         """
         self._check_usable()
         offset = self.size
-        self._append(RECORD.pack(RECORD_MAGIC, ord(kind), codec, 0, raw_len, len(payload), oid, check))
-        self._append(payload)
+        parts = (payload,) if isinstance(payload, (bytes, bytearray, memoryview)) else payload
+        length = sum(len(p) for p in parts)
+        self._append(RECORD.pack(RECORD_MAGIC, ord(kind), codec, 0, raw_len, length, oid, check))
+        for part in parts:
+            self._append(part)
         self.records += 1
         return offset
 
@@ -189,7 +206,8 @@ class PackWriter:
             return
         self._check_usable()
         digest = self._hash.digest()
-        self._buf += FOOTER.pack(FOOTER_MAGIC, 0, self.records, digest)
+        self._drain()
+        self._write(FOOTER.pack(FOOTER_MAGIC, 0, self.records, digest))
         self.size += FOOTER.size
         self.sync()
         os.close(self.fd)

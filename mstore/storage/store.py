@@ -479,8 +479,13 @@ class WriteBatch:
         self.add_encoded(kind, oid, check, codec, len(raw), payload)
         return True
 
-    def add_encoded(self, kind: str, oid: ObjectId, check: bytes, codec: int, raw_len: int, payload: bytes) -> None:
+    def add_encoded(
+        self, kind: str, oid: ObjectId, check: bytes, codec: int, raw_len: int, payload: codecs.Payload
+    ) -> None:
         """Append an already encoded object (the caller has checked it is not stored).
+
+        ``payload`` may be a list of buffers (codecs.Payload); they are written before this
+        returns and not kept.
 
         A delta chunk's base must be stored (or pending in this batch) already; it is then
         treated as re-used, so it is re-checked at commit time like any object a commit needs.
@@ -490,7 +495,8 @@ class WriteBatch:
             DeltaBaseMissing: a delta whose base is not in the store (nothing was appended).
             StorageError: the pack could not be written or made durable.
         """
-        need, what = required_version(codec, payload)
+        head = codecs.payload_head(payload)
+        need, what = required_version(codec, head)
         if self.store.config.version < need:
             raise UnsupportedFormat(
                 f"{KINDS[kind]} {oid} is a {what} record (format version {need}); this store is version "
@@ -499,19 +505,20 @@ class WriteBatch:
         if codec == codecs.DELTA:
             if kind != "c":
                 raise StorageError("only chunks can be stored as deltas")
-            base, depth = codecs.delta_base(payload)
+            base, depth = codecs.delta_base(head)
             if not self.contains("c", ObjectId.from_digest(base)):
                 raise DeltaBaseMissing(f"chunk {oid}: its delta base {base.hex()} is not in the store")
         if self.writer is None or self.writer.full:
             self._roll()  # flushes what is pending (and clears its delta rows): not this object
         assert self.writer is not None
+        enc_len = codecs.payload_len(payload)
         offset = self.writer.add(kind, oid.digest, check, codec, raw_len, payload)
-        self.pending[(kind, oid.digest)] = (self.writer, offset, len(payload), raw_len, codec)
+        self.pending[(kind, oid.digest)] = (self.writer, offset, enc_len, raw_len, codec)
         if codec == codecs.DELTA:
             self.delta_rows[oid.digest] = base + bytes([depth])
         self.new_bytes += raw_len
-        self.stored_bytes += len(payload)
-        self._unflushed += len(payload)
+        self.stored_bytes += enc_len
+        self._unflushed += enc_len
         if self._unflushed >= self.FLUSH_BYTES:
             self.flush()
 
