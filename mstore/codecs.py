@@ -821,13 +821,17 @@ def _lowrank_payload(a, b, base, base_id: bytes, depth: int, rows: int, cols: in
     return payload
 
 
-def decode_prefix(codec: int, data: bytes | memoryview, raw_len: int, n: int) -> bytes | None:
+def decode_prefix(
+    codec: int, data: bytes | memoryview, raw_len: int, n: int, into: bytearray | None = None
+) -> bytes | memoryview | None:
     """The first ``n`` bytes of a chunk stored with ``codec``, decoding no more than they need.
 
     For RAW, ZSTD and the plane codecs (each plane's first ``n / element size`` bytes); None for
     a delta, whose prefix needs its base's, or an ``n`` that is not a whole number of elements.
     A guess's input (is a delta worth trying at all?), so the result is not checked against
-    anything; the damage it cannot see is reported by whoever decodes the chunk whole.
+    anything; the damage it cannot see is reported by whoever decodes the chunk whole. With
+    ``into`` (at least ``n`` bytes) planes are interleaved there and a view of it comes back:
+    a commit probes a prefix of most pieces, and fresh memory for each cost page faults.
 
     Raises:
         IntegrityError: a header or frame that does not parse.
@@ -860,6 +864,9 @@ def decode_prefix(codec: int, data: bytes | memoryview, raw_len: int, n: int) ->
         if len(plane) != m:
             raise IntegrityError(f"byte-plane chunk: plane {i} is shorter than {m} bytes")
         planes.append(plane)
+    if into is not None:
+        interleave(planes, n, into, rotate=codec == FLOATPLANE)
+        return memoryview(into)[:n]
     out = bytearray(n)
     interleave(planes, n, out, rotate=codec == FLOATPLANE)
     return bytes(out)

@@ -69,6 +69,7 @@ from .objects import (
     load_file,
     load_tree,
 )
+from .storage.index import Entry
 from .storage.store import MAX_DELTA_CHAIN, DeltaBaseMissing, ObjectStore, Scratch, WriteBatch
 
 Progress = Callable[[int], None]
@@ -202,14 +203,14 @@ class _Lineage:
         the whole piece found (its chunk came from another line: a revert, a copied
         checkpoint), the history says nothing about it and the base is the parent's piece.
         """
-        store, max_depth = self.ingest.store, self.ingest.max_depth
+        max_depth = self.ingest.max_depth
         distinct: list[ObjectId] = []  # the piece's versions, nearest first, repeats collapsed
         j = 0
         while True:
             j += 1
             gen = self._gen(j)
             cid = gen.get(key) if gen is not None else None
-            entry = store.entry("c", cid) if cid is not None else None
+            entry = self.ingest.entry(cid) if cid is not None else None
             if entry is None:  # the history runs out before a whole piece: plain chain
                 return (distinct[0],) if distinct else ()
             if not distinct or distinct[-1] != cid:
@@ -397,6 +398,12 @@ class Ingest:
         # Dry runs (batch None) count what a real commit would add.
         self.new_bytes = 0
         self._seen_new: set[ObjectId] = set()
+        # Index entries of chunks found stored (the parent's pieces and their chain roots),
+        # which the lineage, the delta and its chain look up again: each lookup is an LMDB
+        # transaction that releases the GIL twice, and a commit made ~1600 of them. An entry
+        # gc removes meanwhile fails the read of its record (the piece is stored whole), and a
+        # base marked re-used is re-checked when the commit lands, as before.
+        self._entries: dict[ObjectId, Entry] = {}
         # What the workers read pieces into (the repository's, kept across operations).
         self.buffers = buffers if buffers is not None else ResultBuffers()
         # The batch is written by the workers (each stores the piece it encoded) and, while no
@@ -451,7 +458,8 @@ class Ingest:
             return data, oid, False, buf
         codec, payload = self._encode(data, oid, item_size, bases, cols)
         with self._batch_lock:
-            if not self.batch.contains("c", oid):  # the same bytes twice in this commit: stored once
+            # The same bytes twice in this commit are stored once; the index lacked them above.
+            if not self.batch.contains("c", oid, unindexed=True):
                 try:
                     self.batch.add_encoded("c", oid, oid.digest, codec, len(data), payload)
                 except DeltaBaseMissing:  # a concurrent gc took the base: store it whole
@@ -499,7 +507,7 @@ class Ingest:
         piece whole costs, estimated once for every comparison made here and by the caller.
         """
         for base in bases:
-            entry = self.store.entry("c", base)
+            entry = self.entry(base)
             if entry is None or entry.raw_len != len(data):
                 continue
             # Counting stops past max_depth, which is all that is compared.
@@ -509,7 +517,7 @@ class Ingest:
                 break
         else:
             return None  # a keyframe: the chain restarts with this piece stored whole
-        root = self.store.entry("c", chain[-1]) if chain else entry
+        root = self.entry(chain[-1]) if chain else entry
         if root is not None and root.codec != codecs.DELTA and root.raw_len == len(data) and root.raw_len:
             whole.ratio = root.enc_len / root.raw_len  # the same piece, stored whole at most a chain ago
         scratch = worker_scratch("base")
@@ -549,6 +557,15 @@ class Ingest:
             if low is not None and (xor is DELTA_HOPELESS or len(low) < codecs.payload_len(xor)):
                 return low
         return xor
+
+    def entry(self, oid: ObjectId) -> Entry | None:
+        """The index entry of stored chunk ``oid`` (remembered once found), or None."""
+        entry = self._entries.get(oid)
+        if entry is None:
+            entry = self.store.entry("c", oid)
+            if entry is not None:
+                self._entries[oid] = entry
+        return entry
 
     def _ancestor_file(self, rel: str) -> ObjectId | None:
         """The id of the file at ``rel`` in the nearest earlier ancestor that has one."""

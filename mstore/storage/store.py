@@ -256,8 +256,10 @@ class ObjectStore:
                 f"chunk {oid} is damaged (pack {name}, offset {entry.offset}): {exc}"
             ) from None
 
-    def chunk_prefix(self, oid: ObjectId, entry: Entry, n: int, scratch: Scratch) -> bytes | None:
+    def chunk_prefix(self, oid: ObjectId, entry: Entry, n: int, scratch: Scratch) -> bytes | memoryview | None:
         """The first ``n`` bytes of a chunk stored whole, decoding no more than they need.
+
+        The result may be a view of ``scratch``, valid until it is used again.
 
         None for a delta chunk (its prefix needs its chain) or a prefix its codec cannot give
         alone (see :func:`codecs.decode_prefix`). Like :meth:`chunk_view` it is not hashed: the
@@ -275,7 +277,7 @@ class ObjectStore:
             rec, payload = self._chunk_record(oid, entry, entry.raw_len, scratch, 0)
             if rec.codec == codecs.DELTA:
                 raise IntegrityError(f"record header of chunk {oid} does not match the index")
-            return codecs.decode_prefix(rec.codec, payload, rec.raw_len, n)
+            return codecs.decode_prefix(rec.codec, payload, rec.raw_len, n, scratch.output(n))
         except IntegrityError as exc:
             raise IntegrityError(f"chunk {oid} is damaged (pack {name}, offset {entry.offset}): {exc}") from None
 
@@ -338,8 +340,11 @@ class Scratch:
     def _get(bufs: list[bytearray], level: int, need: int) -> bytearray:
         while len(bufs) <= level:
             bufs.append(bytearray())
-        if len(bufs[level]) < need:
-            bufs[level] = bytearray(need)
+        have = len(bufs[level])
+        if have < need:
+            # Grown by half at least: records of one tensor shape differ by a few bytes, and
+            # growing to each exact size reallocated (and faulted in) the buffer every time.
+            bufs[level] = bytearray(max(need, have + have // 2))
         return bufs[level]
 
     def payload(self, enc_len: int, level: int = 0) -> bytearray:
@@ -427,11 +432,18 @@ class WriteBatch:
         with self.store.index.read() as txn:
             return any(rec["name"] == name for _n, rec in txn.iter_packs())
 
-    def contains(self, kind: str, oid: ObjectId, txn: Txn | None = None) -> bool:
-        """True if the object is already pending here or indexed (and then marks it re-used)."""
+    def contains(self, kind: str, oid: ObjectId, txn: Txn | None = None, unindexed: bool = False) -> bool:
+        """True if the object is already pending here or indexed (and then marks it re-used).
+
+        ``unindexed``: the caller has just found the object missing from the index, so only
+        this batch is looked in (if another writer indexes it meanwhile, it is stored twice
+        and the first copy indexed wins).
+        """
         key = (kind, oid.digest)
         if key in self.pending or key in self.reused or key in self.flushed:
             return True
+        if unindexed:
+            return False
         if txn is not None:
             entry = txn.get_entry(kind, oid.digest)
         else:
