@@ -129,6 +129,9 @@ class PackWriter:
             raise StorageError(f"pack {self.path} is unusable after an earlier write error: {self._broken}")
 
     def _write(self, data: bytes | memoryview) -> None:
+        # Hashed here, where bytes leave in file order, rather than record by record: each
+        # update releases and retakes the GIL, and a commit's workers contend for it.
+        self._hash.update(data)
         try:
             write_all(self.fd, data)
         except OSError as exc:
@@ -140,7 +143,6 @@ class PackWriter:
             self._writeback_from = self._written
 
     def _append(self, data: bytes | memoryview) -> None:
-        self._hash.update(data)
         self.size += len(data)
         n = len(data)
         if n >= _DIRECT_MIN or n > len(self._buf):  # out as it is: no copy into the buffer
@@ -205,8 +207,8 @@ class PackWriter:
         if self.sealed:
             return
         self._check_usable()
-        digest = self._hash.digest()
         self._drain()
+        digest = self._hash.digest()
         self._write(FOOTER.pack(FOOTER_MAGIC, 0, self.records, digest))
         self.size += FOOTER.size
         self.sync()
