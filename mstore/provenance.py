@@ -10,11 +10,8 @@ directory and command line explicitly. Package versions come from installed meta
 
 from __future__ import annotations
 
-import getpass
 import os
 import platform
-import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -106,11 +103,14 @@ def current_user() -> str:
 
         return pwd.getpwuid(os.getuid()).pw_name
     except (KeyError, ImportError):  # pragma: no cover - exotic systems
+        import getpass
+
         return getpass.getuser()
 
 
 def git_revision(cwd: Path) -> dict[str, Any] | None:
     """The git commit and dirty flag of the repository containing ``cwd``, if any."""
+    import subprocess  # here, on the capture thread (see Capture), not before a commit's work
 
     def git(*args: str) -> str | None:
         try:
@@ -156,6 +156,16 @@ def platform_name() -> str:
     return f"{name}-with-{libc.replace(' ', '')}"
 
 
+def host_name() -> str:
+    """This machine's host name: ``uname``'s node name (what ``gethostname`` returns), else socket's."""
+    try:
+        return os.uname().nodename
+    except AttributeError:  # pragma: no cover - Windows
+        import socket
+
+        return socket.gethostname()
+
+
 def capture(cwd: Path, argv: list[str] | None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The provenance record of a commit made now, from ``cwd`` with command line ``argv``.
 
@@ -165,7 +175,7 @@ def capture(cwd: Path, argv: list[str] | None, extra: dict[str, Any] | None = No
         "command": list(argv) if argv is not None else list(sys.argv),
         "cwd": str(cwd),
         "user": current_user(),
-        "host": socket.gethostname(),
+        "host": host_name(),
         "python": platform.python_version(),
         "platform": platform_name(),
         "mstore": mstore_version(),
