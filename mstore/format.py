@@ -15,7 +15,7 @@ Example ``config.toml``::
 
     [chunking]
     cdc_avg_size = 65536
-    tensor_max_chunk = 4194304
+    tensor_max_chunk = 16777216
 
     [packs]
     max_size = 67108864
@@ -78,7 +78,7 @@ TMP_DIR = "tmp"
 
 DEFAULTS: dict[str, Any] = {
     "format": {"version": FORMAT_VERSION},
-    "chunking": {"cdc_avg_size": 64 * 1024, "tensor_max_chunk": 4 * 1024 * 1024},
+    "chunking": {"cdc_avg_size": 64 * 1024, "tensor_max_chunk": 16 * 1024 * 1024},
     "packs": {"max_size": 64 * 1024 * 1024},
     "codec": {"zstd_level": 3},
     # A float tensor piece whose file had the same tensor (name, dtype, shape) in the parent

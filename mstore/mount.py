@@ -58,8 +58,7 @@ log = logging.getLogger("mstore.mount")
 MOUNTS_DIR = "mounts"
 
 DEFAULT_CACHE_BYTES = 256 << 20
-# Safetensors tensors are stored in chunks of up to 4 MiB (config chunking.tensor_max_chunk;
-# 16 MiB in stores made before that default changed).
+# Safetensors tensors are stored in chunks of up to 16 MiB (config chunking.tensor_max_chunk).
 # A cache smaller than the copies two such loads hold decodes them one at a time.
 MIN_CACHE_BYTES = 32 << 20
 DEFAULT_READAHEAD_BYTES = 32 << 20
@@ -537,12 +536,12 @@ def check_fuse() -> None:
 class _MemoryGuard:
     """Keeps the serving process's RSS near its budget without paying for it on every chunk.
 
-    Decoded chunks are big (up to 4 MiB by default, 16 MiB in older stores) and come and go all
-    the time. glibc serves them from per-thread heaps that keep freed memory, so RSS drifts well
-    above what is live. Mapping each one separately (``M_MMAP_THRESHOLD``) returns memory at
-    once but makes every chunk fault in fresh pages, which doubled the system time of a cold
-    read. Instead: at most two heaps, big blocks from the heap (reused warm), and when RSS goes
-    over the budget after a load, ``malloc_trim`` hands the free pages back.
+    Decoded chunks are big (up to 16 MiB) and come and go all the time. glibc serves them from
+    per-thread heaps that keep freed memory, so RSS drifts well above what is live. Mapping
+    each one separately (``M_MMAP_THRESHOLD``) returns memory at once but makes every chunk
+    fault in fresh pages, which doubled the system time of a cold read. Instead: at most two
+    heaps, big blocks from the heap (reused warm), and when RSS goes over the budget after a
+    load, ``malloc_trim`` hands the free pages back.
     """
 
     def __init__(self, budget: int):

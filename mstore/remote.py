@@ -81,9 +81,8 @@ MARKER = "mstore-remote.json"
 
 #: A remote pack is closed once it holds this much (a multipart upload of 16 MiB parts).
 PACK_TARGET = 64 << 20
-#: Refuse any single object larger than this from a remote (a chunk is at most 4 MiB by
-#: default, 16 MiB in older stores; a manifest of a 1 TB file is a few MB): a hostile remote
-#: cannot make us allocate more.
+#: Refuse any single object larger than this from a remote (a chunk is at most 16 MiB by
+#: default; a manifest of a 1 TB file is a few MB): a hostile remote cannot make us allocate more.
 MAX_OBJECT = 256 << 20
 #: Records closer than this in one remote pack are fetched with one ranged GET.
 _COALESCE_GAP = 1 << 20

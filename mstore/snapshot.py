@@ -371,7 +371,7 @@ class Ingest:
         # for as a delta source (nearest first).
         self.ancestors = ancestors or []
         self.cdc_avg = int(store.config.get("chunking", "cdc_avg_size", 64 * 1024))
-        self.tensor_max = int(store.config.get("chunking", "tensor_max_chunk", 4 << 20))
+        self.tensor_max = int(store.config.get("chunking", "tensor_max_chunk", 16 << 20))
         self.level = int(store.config.get("codec", "zstd_level", codecs.DEFAULT_LEVEL))
         # ``pool``: the repository's long-lived workers (see worker_scratch); else threads of
         # this ingest's own, stopped by close().

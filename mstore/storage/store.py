@@ -326,7 +326,7 @@ class DeltaBaseMissing(StorageError):
 class Scratch:
     """Two reusable buffers (encoded payload, decoded output) for :meth:`ObjectStore.chunk_view`.
 
-    One per thread; they grow to the largest chunk seen (4 MiB by default) and are reused, so
+    One per thread; they grow to the largest chunk seen (16 MiB by default) and are reused, so
     reading a file allocates nothing per chunk.
     """
 
