@@ -186,21 +186,24 @@ WHOLE_PARTS = 1
 DELTA_PARTS = 2
 
 
+_BYTES_LIKE = (bytes, bytearray, memoryview)
+
+
 def payload_len(payload: bytes | bytearray | memoryview | list) -> int:
-    """Bytes in an encoded payload (see Payload)."""
-    if isinstance(payload, list):
-        return sum(len(p) for p in payload)
-    return len(payload)
+    """Bytes in an encoded payload (see Payload); any sequence of buffers counts as parts."""
+    if isinstance(payload, _BYTES_LIKE):
+        return len(payload)
+    return sum(len(p) for p in payload)
 
 
 def payload_head(payload: bytes | bytearray | memoryview | list) -> bytes | bytearray | memoryview:
     """A payload's first bytes: all of it, or its first part (which holds any header)."""
-    return payload[0] if isinstance(payload, list) else payload
+    return payload if isinstance(payload, _BYTES_LIKE) else payload[0]
 
 
 def payload_bytes(payload: bytes | bytearray | memoryview | list) -> bytes:
     """An encoded payload as one bytes object."""
-    return b"".join(payload) if isinstance(payload, list) else bytes(payload)
+    return bytes(payload) if isinstance(payload, _BYTES_LIKE) else b"".join(payload)
 
 
 def xor_into(a: bytes | memoryview, b: bytes | memoryview, out: bytearray | memoryview) -> None:

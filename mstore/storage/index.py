@@ -30,6 +30,7 @@ its manifest share the same id (both are BLAKE3 of the content), so the kind is 
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import json
 import os
@@ -118,8 +119,6 @@ def _after_fork_in_child() -> None:
     reads work (tested), but LMDB does not promise it, and py-lmdb refuses a second
     environment on the same path in one process. Open repositories after fork where possible.
     """
-    import ctypes  # only here: a child of fork is rare, and ctypes costs every command's start-up
-
     global _envs_lock
     _envs_lock = threading.Lock()  # another thread of the parent may have held it at fork
     for env, _count in _envs.values():
