@@ -401,8 +401,12 @@ class Ingest:
         # Index entries of chunks found stored (the parent's pieces and their chain roots),
         # which the lineage, the delta and its chain look up again: each lookup is an LMDB
         # transaction that releases the GIL twice, and a commit made ~1600 of them. An entry
-        # gc removes meanwhile fails the read of its record (the piece is stored whole), and a
-        # base marked re-used is re-checked when the commit lands, as before.
+        # may go stale while a long commit runs (a gc or a compaction). Its record may then
+        # still be readable through a descriptor the pack reader holds, but a delta against it
+        # is only stored once the batch finds the base in the index or among what it re-uses
+        # (else DeltaBaseMissing: the piece is stored whole), and everything re-used is
+        # re-checked when the commit lands. Staleness costs ratio (or fails the commit with a
+        # clear error), never a delta whose base is gone.
         self._entries: dict[ObjectId, Entry] = {}
         # What the workers read pieces into (the repository's, kept across operations).
         self.buffers = buffers if buffers is not None else ResultBuffers()
