@@ -194,7 +194,7 @@ def test_a_copy_of_a_stored_checkpoint_at_a_new_path_is_recognised_by_one_whole_
     assert res.new_bytes < 4096  # the tree and the commit
 
 
-@pytest.mark.parametrize("size", [0, 1, 16 * 1024 - 1, 16 * 1024, 16 * 1024 + 1, 300_000])
+@pytest.mark.parametrize("size", [0, 1, 16 * 1024 - 1, 16 * 1024, 16 * 1024 + 1, 31_340, 37_322, 300_000])
 def test_a_stream_no_longer_than_fastcdcs_minimum_is_one_chunk_as_fastcdc_cuts_it(size):
     import io
 
