@@ -15,7 +15,8 @@ Example ``config.toml``::
 
     [chunking]
     cdc_avg_size = 65536
-    tensor_max_chunk = 16777216
+    tensor_max_chunk = 4194304
+    matrix_rows = 1024
 
     [packs]
     max_size = 67108864
@@ -76,9 +77,24 @@ PACKS_DIR = "packs"
 INDEX_DIR = "index.lmdb"
 TMP_DIR = "tmp"
 
+# How a store cuts files, when its config.toml does not say: what every store made before
+# ``matrix_rows`` existed was written with (16 MiB tensor pieces cut at elements). A store must
+# keep cutting as it did, or its next versions share no pieces with the history it holds.
+LEGACY_CHUNKING: dict[str, int] = {"cdc_avg_size": 64 * 1024, "tensor_max_chunk": 16 << 20, "matrix_rows": 0}
+# What a new store is made with (written into its config.toml): 4 MiB pieces, float32 matrices
+# in whole rows, at least 1024 of them per piece (docs/format.md, "Chunking"). A clone takes its
+# remote's settings instead (see chunking_from_marker).
+NEW_CHUNKING: dict[str, int] = {"cdc_avg_size": 64 * 1024, "tensor_max_chunk": 4 << 20, "matrix_rows": 1024}
+# Bounds a setting from elsewhere (a remote's marker) must lie within.
+_CHUNKING_BOUNDS = {
+    "cdc_avg_size": (256, 16 << 20),
+    "tensor_max_chunk": (64 << 10, 256 << 20),
+    "matrix_rows": (0, 1 << 20),
+}
+
 DEFAULTS: dict[str, Any] = {
     "format": {"version": FORMAT_VERSION},
-    "chunking": {"cdc_avg_size": 64 * 1024, "tensor_max_chunk": 16 * 1024 * 1024},
+    "chunking": dict(LEGACY_CHUNKING),
     "packs": {"max_size": 64 * 1024 * 1024},
     "codec": {"zstd_level": 3},
     # A float tensor piece whose file had the same tensor (name, dtype, shape) in the parent
@@ -113,9 +129,36 @@ class Config:
         return self.data.get(section, {}).get(key, default)
 
 
-def default_config() -> Config:
-    """The settings of a freshly initialised repository."""
-    return Config(copy.deepcopy(DEFAULTS))
+def default_config(chunking: dict[str, int] | None = None) -> Config:
+    """The settings of a freshly initialised repository (``chunking``: instead of NEW_CHUNKING)."""
+    data = copy.deepcopy(DEFAULTS)
+    data["chunking"] = dict(NEW_CHUNKING if chunking is None else chunking)
+    return Config(data)
+
+
+def chunking_settings(config: Config) -> dict[str, int]:
+    """The settings that decide where a store cuts files (what a remote's marker records)."""
+    return {k: int(config.get("chunking", k, v)) for k, v in LEGACY_CHUNKING.items()}
+
+
+def check_chunking(doc: Any, source: str) -> dict[str, int]:
+    """Chunking settings read from ``source``, validated; missing keys are the legacy ones.
+
+    Raises:
+        FormatError: not a table of known integer settings within their bounds.
+    """
+    if not isinstance(doc, dict):
+        raise FormatError(f"{source}: chunking settings must be an object")
+    unknown = sorted(set(doc) - set(LEGACY_CHUNKING))
+    if unknown:
+        raise FormatError(f"{source}: unknown chunking settings {', '.join(unknown)}")
+    out = dict(LEGACY_CHUNKING)
+    for key, value in doc.items():
+        lo, hi = _CHUNKING_BOUNDS[key]
+        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+            raise FormatError(f"{source}: chunking setting {key} = {value!r} is not an integer in [{lo}, {hi}]")
+        out[key] = value
+    return out
 
 
 def _merge(defaults: dict[str, Any], loaded: dict[str, Any]) -> dict[str, Any]:

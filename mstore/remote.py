@@ -45,6 +45,7 @@ import numpy as np
 
 from . import codecs
 from .errors import (
+    FormatError,
     IntegrityError,
     InvalidName,
     MstoreError,
@@ -53,7 +54,7 @@ from .errors import (
     RemoteIntegrityError,
     UnsupportedFormat,
 )
-from .format import required_version
+from .format import LEGACY_CHUNKING, check_chunking, chunking_settings, required_version
 from .fsutil import atomic_write, unique_name
 from .hashing import ObjectId, is_full_id
 from .objects import Commit, FileObject, Tree, load_commit, load_file
@@ -206,19 +207,24 @@ def parse_index(raw: bytes, name: str, max_object: int = MAX_OBJECT) -> dict[str
     return doc
 
 
-def check_layout(backend: Backend, create: bool = False) -> bool:
-    """Check the remote's marker (or create it). Returns False for an empty, unmarked remote.
+def check_layout(backend: Backend, create: bool = False, store: ObjectStore | None = None) -> dict[str, Any] | None:
+    """Check the remote's marker (or create it). Returns the marker, or None for an empty, unmarked remote.
+
+    A marker made by a push (``create``, with the pushing ``store``) records that store's
+    chunking settings, which a clone adopts (:func:`marker_chunking`).
 
     Raises:
         UnsupportedFormat: the remote is of a version this mstore does not read, or not a remote.
     """
-    marker = json.dumps({"format": REMOTE_FORMAT, "version": REMOTE_VERSION}, sort_keys=True).encode()
     try:
         raw = backend.get(MARKER)
     except BackendNotFound:
         if not create:
-            return False
-        backend.put_if_absent(MARKER, marker)
+            return None
+        doc = {"format": REMOTE_FORMAT, "version": REMOTE_VERSION}
+        if store is not None:
+            doc["chunking"] = chunking_settings(store.config)
+        backend.put_if_absent(MARKER, json.dumps(doc, sort_keys=True).encode())
         raw = backend.get(MARKER)
     try:
         doc = json.loads(raw)
@@ -231,7 +237,25 @@ def check_layout(backend: Backend, create: bool = False) -> bool:
             f"{backend.url} is an mstore remote of version {doc.get('version')!r}; this mstore reads "
             f"{REMOTE_VERSION}: upgrade mstore"
         )
-    return True
+    return doc
+
+
+def marker_chunking(backend: Backend, marker: dict[str, Any]) -> dict[str, int]:
+    """How a clone of this remote must cut files: as the store whose push made the remote.
+
+    A marker without settings was made by an mstore that knew only one way to cut (16 MiB
+    pieces at elements, ``LEGACY_CHUNKING``). A store that cut otherwise would share no
+    pieces, and so no dedup and no deltas, with the history it fetched.
+
+    Raises:
+        RemoteIntegrityError: the marker's settings are malformed or out of bounds.
+    """
+    if "chunking" not in marker:
+        return dict(LEGACY_CHUNKING)
+    try:
+        return check_chunking(marker["chunking"], f"{backend.url} {MARKER}")
+    except FormatError as exc:
+        raise RemoteIntegrityError(str(exc)) from None
 
 
 def load_catalog(backend: Backend, cache_dir: Path | None = None, max_object: int = MAX_OBJECT) -> Catalog:
@@ -702,7 +726,7 @@ def push(
     hook = crash_hook or _noop
     progress = progress or _noop
     t0 = time.monotonic()
-    check_layout(backend, create=True)
+    check_layout(backend, create=True, store=store)
     result = TransferResult()
     current: dict[str, RemoteRef | None] = {}
     wanted: list[RefUpdate] = []
@@ -970,7 +994,7 @@ def delete_refs(
     hook = crash_hook or _noop
     t0 = time.monotonic()
     result = TransferResult()
-    if not check_layout(backend):
+    if check_layout(backend) is None:
         from .errors import RefNotFound
 
         raise RefNotFound(f"{backend.url} is empty: no {', '.join(refs)} there")
@@ -1269,7 +1293,7 @@ def fetch(
     hook = crash_hook or _noop
     t0 = time.monotonic()
     result = TransferResult()
-    if not check_layout(backend):
+    if check_layout(backend) is None:
         if refs:
             raise RefNotFound(f"{backend.url} is empty: no {', '.join(short_name(r) for r in refs)} there")
         result.seconds = time.monotonic() - t0

@@ -396,7 +396,7 @@ def plan(
     bad = _bad_policy(policy)
     if bad:
         raise UserError(f"remote gc plan for {remote!r}: {'; '.join(bad)}")
-    if not check_layout(backend):
+    if check_layout(backend) is None:
         raise UserError(f"remote {remote!r} ({url}) is empty: nothing to collect")
     state = read_state(backend)
     sv = survey(backend, cache_dir)

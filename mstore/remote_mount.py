@@ -185,7 +185,7 @@ def resolve_remote(name: str, backend: Backend, rev: str) -> Resolved:
         RemoteIntegrityError, UnsupportedFormat: it is not a readable mstore remote.
     """
     try:
-        if not check_layout(backend):
+        if check_layout(backend) is None:
             raise RefNotFound(f"remote {name} ({backend.url}) is empty: no {rev} there")
         if is_full_id(rev):  # whether the remote has it, its catalog says (see mount_remote)
             return Resolved(name, rev, None, ObjectId(rev))

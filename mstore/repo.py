@@ -1297,6 +1297,14 @@ class Repo:
         write_config(self.root, self.config)
         return settings
 
+    def _set_chunking(self, chunking: dict[str, int]) -> None:
+        """Replace ``[chunking]`` (only while the store holds nothing: clone)."""
+        data = dict(self.config.data)
+        data["chunking"] = dict(chunking)
+        self.config = Config(data)
+        self.store.config = self.config
+        write_config(self.root, self.config)
+
     def remote_remove(self, name: str) -> int:
         """Forget a remote and its tracking refs (their reflog stays). Returns how many refs went."""
         self._remote_settings(name)
@@ -1523,14 +1531,17 @@ class Repo:
         try:
             repo.remote_add(name, url, endpoint_url=endpoint_url, region=region, profile=profile)
             from .errors import RemoteNotFound
-            from .remote import MAX_OBJECT, check_layout, fetch
+            from .remote import MAX_OBJECT, check_layout, fetch, marker_chunking
 
             # One backend for the check and the fetch: an S3 client costs ~0.2 s of botocore
             # model loading, a tenth of a 1 GB clone.
             backend = repo._backend(name)
             try:
-                if not check_layout(backend):
+                marker = check_layout(backend)
+                if marker is None:
                     raise RemoteNotFound(f"{url} is not an mstore remote (no mstore-remote.json): nothing to clone")
+                # Cut new versions as the history being fetched was cut, or they share nothing with it.
+                repo._set_chunking(marker_chunking(backend, marker))
                 fetch(
                     repo.store, backend, name, None, repo.user, progress=progress, on_total=on_total,
                     max_object=MAX_OBJECT, cache_dir=repo._remote_cache(name),

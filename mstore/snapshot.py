@@ -372,6 +372,7 @@ class Ingest:
         self.ancestors = ancestors or []
         self.cdc_avg = int(store.config.get("chunking", "cdc_avg_size", 64 * 1024))
         self.tensor_max = int(store.config.get("chunking", "tensor_max_chunk", 16 << 20))
+        self.matrix_rows = int(store.config.get("chunking", "matrix_rows", 0))
         self.level = int(store.config.get("codec", "zstd_level", codecs.DEFAULT_LEVEL))
         # ``pool``: the repository's long-lived workers (see worker_scratch); else threads of
         # this ingest's own, stopped by close().
@@ -606,7 +607,9 @@ class Ingest:
                 return {}
             with FileReader(self.store, source, pfobj, rel) as f:
                 if pfobj.chunker == SAFETENSORS_NAME:
-                    keyed = plan_keyed_pieces(read_header(f, pfobj.size), pfobj.size, self.tensor_max)
+                    keyed = plan_keyed_pieces(
+                        read_header(f, pfobj.size), pfobj.size, self.tensor_max, self.matrix_rows
+                    )
                 else:
                     keyed = plan_zip_pieces(f, pfobj.size, self.tensor_max)
         except MstoreError:
@@ -714,7 +717,7 @@ class Ingest:
         """Store one regular file; returns (file id, size)."""
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            plan = plan_file(f, size, path.name, self.cdc_avg, self.tensor_max)
+            plan = plan_file(f, size, path.name, self.cdc_avg, self.tensor_max, self.matrix_rows)
             try:
                 same = self._unchanged(f, size, rel, plan)
             except FileChanged:  # the file was cut while being hashed

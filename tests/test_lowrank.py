@@ -16,6 +16,7 @@ import pytest
 
 from mstore import IntegrityError, ObjectId, Repo, codecs
 from mstore.codecs import DELTA, DELTA_HEAD, LOWRANK, LOWRANK_HEAD
+from mstore.format import Config, read_config, write_config
 from mstore.storage.store import Scratch
 from tests.conftest import repo_at_version, tree_bytes, write_safetensors
 
@@ -207,6 +208,32 @@ def test_a_delta_on_top_of_a_low_rank_delta_reads_back_bit_exact(repo):
     view = repo.store.chunk_view(ids[2], repo.store.entry("c", ids[2]), Scratch())  # checkout's path
     assert bytes(view) == tuned.tobytes()
     assert repo.fsck().ok
+
+
+@pytest.mark.parametrize("matrix_rows,pieces,low", [(100, 5, 5), (1024, 2, 2), (0, 5, 0)])
+def test_a_matrix_in_several_pieces_is_stored_as_low_rank_deltas_when_its_pieces_are_whole_rows(
+    tmp_path, matrix_rows, pieces, low
+):
+    # 1000 rows of 1200 bytes, pieces of at most 256 KiB: 218 rows fit, so 5 even pieces of 200
+    # rows; at least 1024 rows stretches them to 4 x 256 KiB (873 rows): 2 of 500. Cut at
+    # elements (a store made before matrix_rows), no piece is whole rows: no low-rank delta.
+    root = tmp_path / "store"
+    Repo.init(root).close()
+    data = read_config(root).data
+    data["chunking"].update(tensor_max_chunk=256 << 10, matrix_rows=matrix_rows)
+    write_config(root, Config(data))
+    base, merged = merged_pair(rows=1000, cols=300, rank=8)
+    write_safetensors(tmp_path / "base" / "model.safetensors", {"w": base})
+    write_safetensors(tmp_path / "merged" / "model.safetensors", {"w": merged})
+    with Repo.open(root) as repo:
+        repo.commit(tmp_path / "base", "lora", "base")
+        repo.commit(tmp_path / "merged", "lora", "merged")
+
+        inner = _inner_codecs(repo, "lora")[1:]  # after the header
+        assert len(inner) == pieces
+        assert inner.count(LOWRANK) == low
+        repo.checkout("lora", tmp_path / "out")
+        assert tree_bytes(tmp_path / "out") == tree_bytes(tmp_path / "merged")
 
 
 def test_a_version_2_store_never_writes_a_low_rank_delta(tmp_path):

@@ -1,7 +1,7 @@
 """How files are cut into chunks, which decides what deduplicates.
 
 * safetensors files: the header is one chunk and every tensor is its own chunk (tensors above
-  ``tensor_max_chunk`` split at element boundaries), so an unchanged tensor is stored once
+  ``tensor_max_chunk`` split, float32 matrices at whole rows), so an unchanged tensor is stored once
   whatever moved around it (:mod:`.safetensors`).
 * PyTorch archives (``torch.save``'s zip: optimizer state, ``pytorch_model.bin``): every tensor
   storage entry its own piece(s), the archive's structure between them (:mod:`.torchzip`).
@@ -68,10 +68,11 @@ class ChunkPlan:
     tensor_max: int
     # torch archives: (offset, length, hint, key) of every piece (see .torchzip)
     zip_pieces: list | None = None
+    matrix_rows: int = 0  # see safetensors.piece_size
 
     def _keyed(self) -> list:
         if self.header is not None:
-            return plan_keyed_pieces(self.header, self.size, self.tensor_max)
+            return plan_keyed_pieces(self.header, self.size, self.tensor_max, self.matrix_rows)
         return self.zip_pieces or []
 
     def piece_keys(self) -> list:
@@ -126,7 +127,7 @@ class Extent:
         return data
 
 
-def plan_file(f: BinaryIO, size: int, name: str, cdc_avg: int, tensor_max: int) -> ChunkPlan:
+def plan_file(f: BinaryIO, size: int, name: str, cdc_avg: int, tensor_max: int, matrix_rows: int = 0) -> ChunkPlan:
     """Choose the chunker for an open file; never fails because of the file's content."""
     header = None
     error = None
@@ -149,4 +150,4 @@ def plan_file(f: BinaryIO, size: int, name: str, cdc_avg: int, tensor_max: int) 
         chunker = TORCHZIP_NAME
     else:
         chunker = CDC_NAME
-    return ChunkPlan(f, size, chunker, header, error, cdc_avg, tensor_max, zip_pieces)
+    return ChunkPlan(f, size, chunker, header, error, cdc_avg, tensor_max, zip_pieces, matrix_rows)

@@ -190,29 +190,60 @@ def read_header(f: BinaryIO, file_size: int) -> SafetensorsHeader:
     return parse_header(head + f.read(n), file_size)
 
 
-def plan_ranges(header: SafetensorsHeader, file_size: int, max_chunk: int) -> list[tuple[int, int]]:
+def plan_ranges(
+    header: SafetensorsHeader, file_size: int, max_chunk: int, matrix_rows: int = 0
+) -> list[tuple[int, int]]:
     """Byte ranges ``(offset, length)`` covering the file: header, then each tensor, then gaps.
 
-    Tensors larger than ``max_chunk`` are cut at element boundaries; empty tensors contribute
+    Tensors larger than their piece size (:func:`piece_size`) are cut; empty tensors contribute
     nothing. Bytes between or after tensors (padding) become chunks of their own.
     """
-    return [(off, n) for off, n, _item in plan_pieces(header, file_size, max_chunk)]
+    return [(off, n) for off, n, _item in plan_pieces(header, file_size, max_chunk, matrix_rows)]
 
 
-def plan_pieces(header: SafetensorsHeader, file_size: int, max_chunk: int) -> list[tuple[int, int, int]]:
+def plan_pieces(
+    header: SafetensorsHeader, file_size: int, max_chunk: int, matrix_rows: int = 0
+) -> list[tuple[int, int, int]]:
     """Like :func:`plan_ranges`, plus the element size of a float tensor's piece.
 
     The third field is 2, 4 or 8 for pieces of F16/BF16/F32/F64 tensors (what the byte-plane
     codec needs), 0 for anything else.
     """
-    return [(off, n, hint) for off, n, hint, _key in plan_keyed_pieces(header, file_size, max_chunk)]
+    return [(off, n, hint) for off, n, hint, _key in plan_keyed_pieces(header, file_size, max_chunk, matrix_rows)]
 
 
 PieceKey = tuple[str, str, tuple[int, ...], int]
 
+# A float32 matrix's pieces are at most this many times ``max_chunk`` when that is what it
+# takes to give each ``matrix_rows`` rows.
+MATRIX_STRETCH = 4
+
+
+def piece_size(t: TensorInfo, max_chunk: int, matrix_rows: int = 0) -> int:
+    """How many bytes of tensor ``t`` go in each of its pieces (the last may hold fewer).
+
+    ``matrix_rows`` 0: ``max_chunk`` rounded down to whole elements (what every store made
+    before format 3's ``matrix_rows`` setting cuts). Otherwise a 2-D float32 tensor is cut into
+    equal pieces of whole rows, so that each piece may be stored as a low-rank delta (which
+    needs rows x columns): as many rows as fit in ``max_chunk``, but at least ``matrix_rows``
+    if that fits in ``MATRIX_STRETCH`` x ``max_chunk``, so the V factor a low-rank delta stores
+    in every piece (rank x columns) stays a small part of it. The tensor's rows are spread
+    evenly over the pieces that takes, so no piece is a sliver. A matrix whose single row is
+    longer than ``max_chunk`` is cut at elements.
+    """
+    item = t.item_size
+    row = t.shape[1] * 4 if t.dtype == "F32" and len(t.shape) == 2 else 0
+    if matrix_rows > 0 and 0 < row <= max_chunk and t.shape[0]:
+        rows = max(max_chunk // row, min(matrix_rows, MATRIX_STRETCH * max_chunk // row), 1)
+        if rows < t.shape[0]:
+            pieces = -(-t.shape[0] // rows)
+            rows = -(-t.shape[0] // pieces)
+        return min(rows, t.shape[0]) * row
+    return max(item, max_chunk // item * item)
+
 
 def plan_keyed_pieces(
-    header: SafetensorsHeader, file_size: int, max_chunk: int
+    header: SafetensorsHeader, file_size: int, max_chunk: int, matrix_rows: int = 0
 ) -> list[tuple[int, int, int, PieceKey | None]]:
     """:func:`plan_pieces` plus what each piece is: ``(tensor, dtype, shape, offset in tensor)``.
 
@@ -226,7 +257,7 @@ def plan_keyed_pieces(
             continue
         if t.start > pos:
             pieces.append((pos, t.start - pos, 0, None))
-        step = max(t.item_size, max_chunk // t.item_size * t.item_size)
+        step = piece_size(t, max_chunk, matrix_rows)
         hint = t.item_size if t.dtype in FLOAT_DTYPES else 0
         off = t.start
         while off < t.end:

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from mstore import Repo
-from mstore.errors import Diverged, MstoreError, PushRejected, RemoteNotFound
+from mstore.errors import Diverged, MstoreError, PushRejected, RemoteIntegrityError, RemoteNotFound
+from mstore.format import LEGACY_CHUNKING, NEW_CHUNKING, Config, read_config, write_config
 from mstore.storage.backends import open_backend
 from tests.conftest import tree_bytes
 from tests.remote.conftest import add_remote, checkpoint
@@ -394,3 +395,54 @@ def test_delta_decodes_in_flight_count_against_the_fetch_budget(repo, work, tmp_
     clone.checkout(str(second), tmp_path / "out")
     assert tree_bytes(tmp_path / "out") == tree_bytes(work / "b")
     clone.close()
+
+
+def _store_with_chunking(root, **chunking) -> Repo:
+    Repo.init(root).close()
+    data = read_config(root).data
+    data["chunking"] = dict(chunking)
+    write_config(root, Config(data))
+    return Repo.open(root)
+
+
+def test_a_clone_cuts_new_versions_as_the_store_that_made_the_remote(work, tmp_path, remote):
+    own = {"cdc_avg_size": 32768, "tensor_max_chunk": 8 << 20, "matrix_rows": 512}  # neither new nor legacy
+    with _store_with_chunking(tmp_path / "src", **own) as src:
+        _series(src, work, [0])
+        add_remote(src, remote)
+        src.push("origin", ["exp1"])
+
+    with Repo.clone(remote["url"], tmp_path / "clone", endpoint_url=remote.get("endpoint_url")) as clone:
+        assert {k: clone.config.get("chunking", k) for k in own} == own
+    assert read_config(tmp_path / "clone").data["chunking"] == own  # kept for the next open too
+
+
+def test_a_clone_of_a_remote_whose_marker_names_no_chunking_cuts_as_every_earlier_store(work, tmp_path):
+    url = (tmp_path / "remote-disk").as_uri()
+    with Repo.init(tmp_path / "src") as src:
+        _series(src, work, [0])
+        src.remote_add("origin", url)
+        src.push("origin", ["exp1"])
+    marker = tmp_path / "remote-disk" / "mstore-remote.json"
+    doc = json.loads(marker.read_text())
+    assert doc["chunking"] == NEW_CHUNKING
+    del doc["chunking"]  # as an mstore before the chunking settings wrote it
+    marker.write_text(json.dumps(doc))
+
+    with Repo.clone(url, tmp_path / "clone") as clone:
+        assert clone.config.data["chunking"] == LEGACY_CHUNKING
+
+
+@pytest.mark.parametrize("chunking", [{"tensor_max_chunk": 1}, {"matrix_rows": "many"}, {"shiny": 3}, [1, 2]])
+def test_a_clone_refuses_a_marker_with_bad_chunking_settings_and_leaves_no_directory(work, tmp_path, chunking):
+    url = (tmp_path / "remote-disk").as_uri()
+    with Repo.init(tmp_path / "src") as src:
+        _series(src, work, [0])
+        src.remote_add("origin", url)
+        src.push("origin", ["exp1"])
+    marker = tmp_path / "remote-disk" / "mstore-remote.json"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "chunking": chunking}))
+
+    with pytest.raises(RemoteIntegrityError, match="chunking"):
+        Repo.clone(url, tmp_path / "clone")
+    assert not (tmp_path / "clone").exists()
