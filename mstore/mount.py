@@ -58,7 +58,7 @@ log = logging.getLogger("mstore.mount")
 MOUNTS_DIR = "mounts"
 
 DEFAULT_CACHE_BYTES = 256 << 20
-# Safetensors tensors are stored in chunks of up to 16 MiB (config chunking.tensor_max_chunk).
+# Safetensors tensors are stored in chunks of up to 16 MiB (config [chunking]; docs/format.md).
 # A cache smaller than the copies two such loads hold decodes them one at a time.
 MIN_CACHE_BYTES = 32 << 20
 DEFAULT_READAHEAD_BYTES = 32 << 20

@@ -84,8 +84,10 @@ DELTA_SURE = 0.25
 # A float32 matrix piece whose XOR delta is above this fraction of the piece stored whole is
 # also tried as a low-rank delta (full fine-tunes' XORs save 20-30 %: they are not tried).
 LOWRANK_TRY = 0.9
-# Bytes of a piece XORed and encoded first to see whether a delta can pay at all.
+# Bytes of a piece XORed and encoded first to see whether a delta can pay at all: this many,
+# or a quarter of a smaller piece, but never under DELTA_PROBE_MIN (such pieces: no probe).
 DELTA_PROBE = 1 << 18
+DELTA_PROBE_MIN = 1 << 15
 # _delta's answer when the probe says a delta would not pay.
 DELTA_HOPELESS: Any = object()  # a sentinel, never bytes
 
@@ -289,8 +291,9 @@ class _Whole:
     """What storing one piece whole costs, each part computed at most once.
 
     A delta is judged against it up to three times (the prefix probe, the low-rank threshold,
-    the final choice): one encoding of the piece's first DELTA_PROBE bytes serves all of them,
-    and a piece too small to sample is encoded whole once, for the estimate and the result.
+    the final choice): one encoding of the piece's first ``cut`` bytes (DELTA_PROBE, or a
+    quarter of a smaller piece) serves all of them, and a piece of at most 2 x DELTA_PROBE is
+    encoded whole once, for the estimate and the result.
     """
 
     def __init__(self, data: bytes, level: int, item_size: int, rotate: bool):
@@ -298,7 +301,8 @@ class _Whole:
         self.level = level
         self.item_size = item_size
         self.rotate = rotate
-        self.cut = DELTA_PROBE - DELTA_PROBE % max(1, item_size)
+        cut = min(DELTA_PROBE, len(data) // 4)
+        self.cut = cut - cut % max(1, item_size)
         # Encoded / raw size of this piece's chain root (the same tensor stored whole, one to
         # max_depth versions ago), when there is one: weights' statistics drift slowly, so it
         # predicts this version's ratio without encoding anything (see estimate()).
@@ -332,7 +336,7 @@ class _Whole:
             return codecs.payload_len(self._encoded[1])
         if self.ratio is not None:
             return int(self.ratio * len(self.data))
-        if len(self.data) <= 2 * self.cut:
+        if len(self.data) <= 2 * DELTA_PROBE:
             return codecs.payload_len(self.encoded()[1])
         return int(self.prefix_size() * len(self.data) / self.cut)
 
@@ -433,6 +437,7 @@ class Ingest:
         item_size: int,
         bases: tuple[ObjectId, ...] = (),
         cols: int = 0,
+        probe: bool = True,
     ) -> tuple[bytes | memoryview, ObjectId, bool, bytearray | None]:
         """One piece, on a worker thread: read it (if an extent), hash, encode, store.
 
@@ -461,7 +466,7 @@ class Ingest:
             return data, oid, True, buf
         if self.batch is None:
             return data, oid, False, buf
-        codec, payload = self._encode(data, oid, item_size, bases, cols)
+        codec, payload = self._encode(data, oid, item_size, bases, cols, probe)
         with self._batch_lock:
             # The same bytes twice in this commit are stored once; the index lacked them above.
             if not self.batch.contains("c", oid, unindexed=True):
@@ -474,7 +479,7 @@ class Ingest:
         return data, oid, False, buf
 
     def _encode(
-        self, data: bytes, oid: ObjectId, item_size: int, bases: tuple[ObjectId, ...], cols: int
+        self, data: bytes, oid: ObjectId, item_size: int, bases: tuple[ObjectId, ...], cols: int, probe: bool = True
     ) -> tuple[int, codecs.Payload]:
         """The piece's codec and payload: whole, or as a delta against one of ``bases``.
 
@@ -482,7 +487,7 @@ class Ingest:
         it before the thread encodes another piece.
         """
         whole = _Whole(data, self.level, item_size, self.floatplanes)
-        delta = self._delta(data, item_size, tuple(b for b in bases if b != oid), cols, whole) if bases else None
+        delta = self._delta(data, item_size, tuple(b for b in bases if b != oid), cols, whole, probe) if bases else None
         if delta is DELTA_HOPELESS:
             delta = None
         # A delta clearly smaller than the whole piece would be (estimated from its chain
@@ -502,7 +507,7 @@ class Ingest:
         return codec, payload
 
     def _delta(
-        self, data: bytes, item_size: int, bases: tuple[ObjectId, ...], cols: int, whole: _Whole
+        self, data: bytes, item_size: int, bases: tuple[ObjectId, ...], cols: int, whole: _Whole, probe: bool = True
     ) -> Any:
         """``data`` as a DELTA payload against the first of ``bases`` whose chain may grow.
 
@@ -510,6 +515,8 @@ class Ingest:
         shows it would not pay. ``cols``: the piece is rows of a float32 matrix that wide
         (0: it is not), which makes a low-rank delta possible. ``whole``: what storing the
         piece whole costs, estimated once for every comparison made here and by the caller.
+        ``probe``: the first base is the parent's piece, so a base stored whole may mean its
+        last delta did not pay (see below); False: deltas paid since that base, no probe.
         """
         for base in bases:
             entry = self.entry(base)
@@ -527,21 +534,22 @@ class Ingest:
             whole.ratio = root.enc_len / root.raw_len  # the same piece, stored whole at most a chain ago
         scratch = worker_scratch("base")
         lowrank = bool(cols) and self.lowrank
-        # A base stored whole means this piece's last delta did not pay (optimizer moments that
+        # A parent's piece stored whole means its last delta did not pay (optimizer moments that
         # move as much as they are) or its chain restarted. Then XOR a prefix first, against the
         # base's prefix decoded alone: where it does not pay, the base is neither decoded nor
         # hashed whole and the whole XOR is not encoded (a full fine-tune's Adam first moments:
-        # 100 MB of its 245 MB version). A base that is itself a delta paid last time: no probe.
+        # 100 MB of its 245 MB version). A base that is itself a delta paid last time, and a
+        # whole base some versions back (skip-delta) has had deltas that paid since: no probe.
         hopeless = False
-        if len(data) > 4 * DELTA_PROBE and entry.codec != codecs.DELTA:
+        if probe and whole.cut >= DELTA_PROBE_MIN and entry.codec != codecs.DELTA:
             cut = whole.cut
             try:
                 head = self.store.chunk_prefix(base, entry, cut, scratch)
             except MstoreError:
                 return None  # a damaged base is fsck's to report; this piece is stored whole
             if head is not None:
-                probe = codecs.encode_delta(memoryview(data)[:cut], head, base.digest, depth, self.level, item_size)
-                hopeless = len(probe) > DELTA_MIN_GAIN * whole.prefix_size()
+                trial = codecs.encode_delta(memoryview(data)[:cut], head, base.digest, depth, self.level, item_size)
+                hopeless = len(trial) > DELTA_MIN_GAIN * whole.prefix_size()
                 if hopeless and not lowrank:
                     return DELTA_HOPELESS
         try:
@@ -757,10 +765,12 @@ class Ingest:
                         continue
                     bases: tuple[ObjectId, ...] = ()
                     cols = 0
+                    probe = True
                     if lineage is not None and item_size and i < len(keys) and keys[i] is not None:
                         bases = lineage.bases(keys[i])
                         cols = _matrix_columns(keys[i], length)
-                    inflight.append(self.pool.submit(self._work, piece, item_size, bases, cols))
+                        probe = bool(bases) and bases[0] == parent.get(keys[i])
+                    inflight.append(self.pool.submit(self._work, piece, item_size, bases, cols, probe))
                     held += length
                     while len(inflight) >= IN_FLIGHT_MAX or (len(inflight) >= least and held >= IN_FLIGHT_BYTES):
                         drain_one()

@@ -575,6 +575,44 @@ def test_a_piece_whose_prefix_xor_does_not_pay_is_stored_whole_without_decoding_
     assert tree_bytes(tmp_path / "out") == tree_bytes(work / "m1")
 
 
+def test_a_piece_under_a_mib_whose_prefix_xor_does_not_pay_is_probed_on_a_quarter_of_it(
+    repo, work, tmp_path, monkeypatch
+):
+    rng = np.random.default_rng(14)
+    for v in range(2):  # 384 KiB: probed on its first 96 KiB, not decoded, XORed and encoded whole
+        write_safetensors(work / f"m{v}" / "model.safetensors", {"m": rng.standard_normal(96 << 10).astype(np.float32)})
+    repo.commit(work / "m0", "moments", "v0")
+    base = chunk_ids(repo, "moments")[1]
+    reads = _Reads(monkeypatch)
+
+    repo.commit(work / "m1", "moments", "v1")
+
+    assert reads.prefix == [base] and base not in reads.whole
+    assert codec_of(repo, chunk_ids(repo, "moments")[1]) != DELTA
+    repo.checkout("moments", tmp_path / "out")
+    assert tree_bytes(tmp_path / "out") == tree_bytes(work / "m1")
+
+
+def test_a_whole_base_some_versions_back_is_not_probed_since_the_deltas_after_it_paid(repo, work, monkeypatch):
+    rng = np.random.default_rng(15)
+    x = rng.standard_normal(1 << 19).astype(np.float32)
+    for v in range(3):
+        x = x + np.float32(1e-4) * rng.standard_normal(x.shape).astype(np.float32)
+        write_safetensors(work / f"w{v}" / "model.safetensors", {"w": x})
+    repo.commit(work / "w0", "slow", "v0")
+    repo.commit(work / "w1", "slow", "v1")
+    root = chunk_ids(repo, "slow~1")[1]
+    assert codec_of(repo, chunk_ids(repo, "slow")[1]) == DELTA
+    reads = _Reads(monkeypatch)
+
+    repo.commit(work / "w2", "slow", "v2")  # two from the last whole piece: its base is v0's, stored whole
+
+    assert codec_of(repo, root) != DELTA
+    assert reads.prefix == []
+    assert root in reads.whole
+    assert codec_of(repo, chunk_ids(repo, "slow")[1]) == DELTA
+
+
 def test_a_piece_whose_base_is_itself_a_delta_goes_straight_to_the_whole_xor(repo, work, monkeypatch):
     rng = np.random.default_rng(12)
     x = rng.standard_normal(1 << 19).astype(np.float32)

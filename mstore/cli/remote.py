@@ -251,7 +251,9 @@ def clone(url, directory, name, endpoint_url, region, profile, quiet, as_json) -
     """Create a repository in DIRECTORY (the store directory itself) from the remote at URL.
 
     Every branch and tag is fetched and verified; each remote branch becomes a local branch
-    too. If anything fails the new directory is removed.
+    too. The new store cuts files as the store that made the remote did (its chunking
+    settings, recorded on the remote), so later versions share pieces with the history. If
+    anything fails the new directory is removed.
     """
     from .. import Repo
 
