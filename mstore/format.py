@@ -82,8 +82,8 @@ TMP_DIR = "tmp"
 # keep cutting as it did, or its next versions share no pieces with the history it holds.
 LEGACY_CHUNKING: dict[str, int] = {"cdc_avg_size": 64 * 1024, "tensor_max_chunk": 16 << 20, "matrix_rows": 0}
 # What a new store is made with (written into its config.toml): 4 MiB pieces, float32 matrices
-# in whole rows, at least 1024 of them per piece (docs/format.md, "Chunking"). A clone takes its
-# remote's settings instead (see chunking_from_marker).
+# in whole rows, about 1024 of them per piece (docs/format.md, "Chunking"). A clone takes its
+# remote's settings instead (remote.marker_chunking).
 NEW_CHUNKING: dict[str, int] = {"cdc_avg_size": 64 * 1024, "tensor_max_chunk": 4 << 20, "matrix_rows": 1024}
 # Bounds a setting from elsewhere (a remote's marker) must lie within.
 _CHUNKING_BOUNDS = {
@@ -129,10 +129,10 @@ class Config:
         return self.data.get(section, {}).get(key, default)
 
 
-def default_config(chunking: dict[str, int] | None = None) -> Config:
-    """The settings of a freshly initialised repository (``chunking``: instead of NEW_CHUNKING)."""
+def default_config() -> Config:
+    """The settings of a freshly initialised repository (NEW_CHUNKING, not the legacy ones)."""
     data = copy.deepcopy(DEFAULTS)
-    data["chunking"] = dict(NEW_CHUNKING if chunking is None else chunking)
+    data["chunking"] = dict(NEW_CHUNKING)
     return Config(data)
 
 

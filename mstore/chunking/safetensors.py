@@ -222,8 +222,8 @@ MATRIX_STRETCH = 4
 def piece_size(t: TensorInfo, max_chunk: int, matrix_rows: int = 0) -> int:
     """How many bytes of tensor ``t`` go in each of its pieces (the last may hold fewer).
 
-    ``matrix_rows`` 0: ``max_chunk`` rounded down to whole elements (what every store made
-    before format 3's ``matrix_rows`` setting cuts). Otherwise a 2-D float32 tensor is cut into
+    ``matrix_rows`` 0: ``max_chunk`` rounded down to whole elements (how every store made
+    before the ``matrix_rows`` setting existed cuts). Otherwise a 2-D float32 tensor is cut into
     equal pieces of whole rows, so that each piece may be stored as a low-rank delta (which
     needs rows x columns): as many rows as fit in ``max_chunk``, but at least ``matrix_rows``
     if that fits in ``MATRIX_STRETCH`` x ``max_chunk``, so the V factor a low-rank delta stores
