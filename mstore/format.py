@@ -16,7 +16,7 @@ Example ``config.toml``::
     [chunking]
     cdc_avg_size = 65536
     tensor_max_chunk = 4194304
-    matrix_rows = 1024
+    matrix_rows = 512
 
     [packs]
     max_size = 67108864
@@ -82,9 +82,9 @@ TMP_DIR = "tmp"
 # keep cutting as it did, or its next versions share no pieces with the history it holds.
 LEGACY_CHUNKING: dict[str, int] = {"cdc_avg_size": 64 * 1024, "tensor_max_chunk": 16 << 20, "matrix_rows": 0}
 # What a new store is made with (written into its config.toml): 4 MiB pieces, float32 matrices
-# in whole rows, about 1024 of them per piece (docs/format.md, "Chunking"). A clone takes its
+# in whole rows, about 512 of them per piece (docs/format.md, "Chunking"). A clone takes its
 # remote's settings instead (remote.marker_chunking).
-NEW_CHUNKING: dict[str, int] = {"cdc_avg_size": 64 * 1024, "tensor_max_chunk": 4 << 20, "matrix_rows": 1024}
+NEW_CHUNKING: dict[str, int] = {"cdc_avg_size": 64 * 1024, "tensor_max_chunk": 4 << 20, "matrix_rows": 512}
 # Bounds a setting from elsewhere (a remote's marker) must lie within.
 _CHUNKING_BOUNDS = {
     "cdc_avg_size": (256, 16 << 20),

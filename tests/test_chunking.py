@@ -61,12 +61,14 @@ def test_every_piece_of_a_float32_matrix_is_whole_rows_within_the_stretched_boun
 
 def test_a_narrow_matrix_gets_pieces_of_whole_rows_near_the_bound_and_a_wide_one_at_least_the_minimum_rows():
     mib = 1 << 20
+    rows = NEW_CHUNKING["matrix_rows"]
+    assert rows == 512
     # lm_head of the bench's model: 12 MiB of 384-wide rows in four even pieces of 2048 rows.
-    assert cuts(f32(8192, 384), 4 * mib, 1024) == [2048 * 1536] * 4
-    # 4096 wide: 4 MiB is only 256 rows, so pieces stretch to 1024 rows (16 MiB).
-    assert cuts(f32(8192, 4096), 4 * mib, 1024) == [16 * mib] * 8
-    # 8192 wide: 1024 rows would be 32 MiB, past 4 x 4 MiB: 512 rows.
-    assert cuts(f32(2048, 8192), 4 * mib, 1024) == [16 * mib] * 4
+    assert cuts(f32(8192, 384), 4 * mib, rows) == [2048 * 1536] * 4
+    # 4096 wide: 4 MiB is only 256 rows, so pieces stretch to 512 rows (8 MiB).
+    assert cuts(f32(8192, 4096), 4 * mib, rows) == [8 * mib] * 16
+    # 8192 wide: 512 rows would be 16 MiB, past 2 x 4 MiB: 256 rows.
+    assert cuts(f32(2048, 8192), 4 * mib, rows) == [8 * mib] * 8
 
 
 def test_legacy_settings_cut_every_tensor_at_elements_as_stores_always_did():

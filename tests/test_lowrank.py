@@ -210,12 +210,12 @@ def test_a_delta_on_top_of_a_low_rank_delta_reads_back_bit_exact(repo):
     assert repo.fsck().ok
 
 
-@pytest.mark.parametrize("matrix_rows,pieces,low", [(100, 5, 5), (1024, 2, 2), (0, 5, 0)])
+@pytest.mark.parametrize("matrix_rows,pieces,low", [(100, 5, 5), (1024, 3, 3), (0, 5, 0)])
 def test_a_matrix_in_several_pieces_is_stored_as_low_rank_deltas_when_its_pieces_are_whole_rows(
     tmp_path, matrix_rows, pieces, low
 ):
     # 1000 rows of 1200 bytes, pieces of at most 256 KiB: 218 rows fit, so 5 even pieces of 200
-    # rows; at least 1024 rows stretches them to 4 x 256 KiB (873 rows): 2 of 500. Cut at
+    # rows; at least 1024 rows stretches them to 2 x 256 KiB (436 rows): 3 of 334. Cut at
     # elements (a store made before matrix_rows), no piece is whole rows: no low-rank delta.
     root = tmp_path / "store"
     Repo.init(root).close()

@@ -216,7 +216,7 @@ PieceKey = tuple[str, str, tuple[int, ...], int]
 
 # A float32 matrix's pieces are at most this many times ``max_chunk`` when that is what it
 # takes to give each ``matrix_rows`` rows.
-MATRIX_STRETCH = 4
+MATRIX_STRETCH = 2
 
 
 def piece_size(t: TensorInfo, max_chunk: int, matrix_rows: int = 0) -> int:
