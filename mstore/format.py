@@ -85,10 +85,12 @@ LEGACY_CHUNKING: dict[str, int] = {"cdc_avg_size": 64 * 1024, "tensor_max_chunk"
 # in whole rows, about 512 of them per piece (docs/format.md, "Chunking"). A clone takes its
 # remote's settings instead (remote.marker_chunking).
 NEW_CHUNKING: dict[str, int] = {"cdc_avg_size": 64 * 1024, "tensor_max_chunk": 4 << 20, "matrix_rows": 512}
-# Bounds a setting from elsewhere (a remote's marker) must lie within.
+# Bounds every chunking setting a remote's marker carries must lie within: what FastCDC accepts
+# as its average, and pieces (up to 2 x tensor_max_chunk) well below what a fetch takes as one
+# object (remote.MAX_OBJECT, 256 MiB).
 _CHUNKING_BOUNDS = {
-    "cdc_avg_size": (256, 16 << 20),
-    "tensor_max_chunk": (64 << 10, 256 << 20),
+    "cdc_avg_size": (256, 4 << 20),
+    "tensor_max_chunk": (64 << 10, 64 << 20),
     "matrix_rows": (0, 1 << 20),
 }
 
@@ -136,22 +138,29 @@ def default_config() -> Config:
     return Config(data)
 
 
-def chunking_settings(config: Config) -> dict[str, int]:
-    """The settings that decide where a store cuts files (what a remote's marker records)."""
-    return {k: int(config.get("chunking", k, v)) for k, v in LEGACY_CHUNKING.items()}
+def chunking_settings(config: Config, source: str = CONFIG_NAME) -> dict[str, int]:
+    """The settings that decide where a store cuts files (what a remote's marker records).
+
+    Raises:
+        FormatError: a setting that is not an integer within its bounds (naming ``source``).
+    """
+    return check_chunking({k: config.get("chunking", k, v) for k, v in LEGACY_CHUNKING.items()}, f"{source} [chunking]")
 
 
 def check_chunking(doc: Any, source: str) -> dict[str, int]:
     """Chunking settings read from ``source``, validated; missing keys are the legacy ones.
 
     Raises:
-        FormatError: not a table of known integer settings within their bounds.
+        UnsupportedFormat: a setting this mstore does not know (a newer mstore's): upgrade.
+        FormatError: not a table of integer settings within their bounds.
     """
     if not isinstance(doc, dict):
         raise FormatError(f"{source}: chunking settings must be an object")
     unknown = sorted(set(doc) - set(LEGACY_CHUNKING))
     if unknown:
-        raise FormatError(f"{source}: unknown chunking settings {', '.join(unknown)}")
+        raise UnsupportedFormat(
+            f"{source}: chunking settings this mstore does not know: {', '.join(map(str, unknown))}; upgrade mstore"
+        )
     out = dict(LEGACY_CHUNKING)
     for key, value in doc.items():
         lo, hi = _CHUNKING_BOUNDS[key]

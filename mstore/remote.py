@@ -82,8 +82,9 @@ MARKER = "mstore-remote.json"
 
 #: A remote pack is closed once it holds this much (a multipart upload of 16 MiB parts).
 PACK_TARGET = 64 << 20
-#: Refuse any single object larger than this from a remote (a chunk is at most 16 MiB by
-#: default; a manifest of a 1 TB file is a few MB): a hostile remote cannot make us allocate more.
+#: Refuse any single object larger than this from a remote (a chunk is at most 8 MiB in a new
+#: store, 16 MiB in an older one, and the chunking settings a marker may carry keep it under
+#: 128 MiB; a manifest of a 1 TB file is a few MB): a hostile remote cannot make us allocate more.
 MAX_OBJECT = 256 << 20
 #: Records closer than this in one remote pack are fetched with one ranged GET.
 _COALESCE_GAP = 1 << 20
@@ -248,12 +249,15 @@ def marker_chunking(backend: Backend, marker: dict[str, Any]) -> dict[str, int]:
     pieces, and so no dedup and no deltas, with the history it fetched.
 
     Raises:
+        UnsupportedFormat: a setting this mstore does not know (a newer mstore made the remote).
         RemoteIntegrityError: the marker's settings are malformed or out of bounds.
     """
     if "chunking" not in marker:
         return dict(LEGACY_CHUNKING)
     try:
         return check_chunking(marker["chunking"], f"{backend.url} {MARKER}")
+    except UnsupportedFormat:
+        raise
     except FormatError as exc:
         raise RemoteIntegrityError(str(exc)) from None
 

@@ -338,7 +338,8 @@ class Repo:
 
         The workers (one per core this process may run on, at most MAX_WORKERS) are kept from
         the first commit or checkout until here, with their decode and encode buffers: up to
-        about ten times the largest chunk (16 MiB by default) per worker, once it has both
+        about ten times the largest chunk (8 MiB in a new store, 16 MiB in one made before the
+        ``matrix_rows`` setting) per worker, once it has both
         checked out and committed deltas, plus the buffers checkouts decode into and commits
         read pieces into (at most 16 kept free; in use at once, per checkout one chunk per
         worker plus two and more up to 64 MiB in all, per commit up to 64 MiB of pieces and one

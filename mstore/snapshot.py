@@ -624,11 +624,12 @@ class Ingest:
             return {}
         if len(keyed) != len(pfobj.chunks):
             return {}
-        return {
-            key: cid
-            for (_off, n, hint, key), (cid, cn) in zip(keyed, pfobj.chunks, strict=True)
-            if key is not None and hint and n == cn
-        }
+        pos = 0
+        for (off, n, _hint, _key), (_cid, cn) in zip(keyed, pfobj.chunks, strict=True):
+            if off != pos or n != cn:
+                return {}  # cut otherwise (other chunking settings then): no piece is known to match
+            pos += cn
+        return {key: cid for (_off, _n, hint, key), (cid, _cn) in zip(keyed, pfobj.chunks, strict=True) if key and hint}
 
     def _unchanged(self, f: BinaryIO, size: int, rel: str, plan: ChunkPlan) -> tuple[ObjectId, FileObject] | None:
         # Hash the whole file first (one fast multi-threaded pass, about 5 % of what storing new

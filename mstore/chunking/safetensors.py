@@ -214,8 +214,8 @@ def plan_pieces(
 
 PieceKey = tuple[str, str, tuple[int, ...], int]
 
-# A float32 matrix's pieces are at most this many times ``max_chunk`` when that is what it
-# takes to give each ``matrix_rows`` rows.
+# A float32 matrix's pieces may grow up to this many times ``max_chunk`` to hold more rows
+# (up to ``matrix_rows``).
 MATRIX_STRETCH = 2
 
 
@@ -225,9 +225,9 @@ def piece_size(t: TensorInfo, max_chunk: int, matrix_rows: int = 0) -> int:
     ``matrix_rows`` 0: ``max_chunk`` rounded down to whole elements (how every store made
     before the ``matrix_rows`` setting existed cuts). Otherwise a 2-D float32 tensor is cut into
     equal pieces of whole rows, so that each piece may be stored as a low-rank delta (which
-    needs rows x columns): as many rows as fit in ``max_chunk``, but at least ``matrix_rows``
-    if that fits in ``MATRIX_STRETCH`` x ``max_chunk``, so the V factor a low-rank delta stores
-    in every piece (rank x columns) stays a small part of it. The tensor's rows are spread
+    needs rows x columns): at least as many rows as fit in ``max_chunk``, and more, up to
+    ``matrix_rows``, while they fit in ``MATRIX_STRETCH`` x ``max_chunk``, so the V factor a
+    low-rank delta stores in every piece (rank x columns) stays a small part of it. The tensor's rows are spread
     evenly over the pieces that takes, so no piece is a sliver. A matrix whose single row is
     longer than ``max_chunk`` is cut at elements.
     """

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from mstore import Repo
-from mstore.errors import Diverged, MstoreError, PushRejected, RemoteIntegrityError, RemoteNotFound
+from mstore.errors import (
+    Diverged,
+    FormatError,
+    MstoreError,
+    PushRejected,
+    RemoteIntegrityError,
+    RemoteNotFound,
+    UnsupportedFormat,
+)
 from mstore.format import LEGACY_CHUNKING, NEW_CHUNKING, Config, read_config, write_config
+from mstore.objects import load_file
 from mstore.storage.backends import open_backend
-from tests.conftest import tree_bytes
+from tests.conftest import tree_bytes, write_safetensors
 from tests.remote.conftest import add_remote, checkpoint
 
 
@@ -417,6 +427,25 @@ def test_a_clone_cuts_new_versions_as_the_store_that_made_the_remote(work, tmp_p
     assert read_config(tmp_path / "clone").data["chunking"] == own  # kept for the next open too
 
 
+
+def test_a_clones_new_versions_are_cut_with_the_settings_it_adopted(work, tmp_path):
+    # 54 rows of 1200 bytes fit 64 KiB, 100 fit in twice that: a 200-row matrix in two pieces
+    # of 100 rows. With this mstore's new-store settings it would be one piece.
+    finer = {"cdc_avg_size": 32768, "tensor_max_chunk": 65536, "matrix_rows": 100}
+    url = (tmp_path / "remote-disk").as_uri()
+    with _store_with_chunking(tmp_path / "src", **finer) as src:
+        _series(src, work, [0])
+        src.remote_add("origin", url)
+        src.push("origin", ["exp1"])
+    write_safetensors(work / "wide" / "w.safetensors", {"w": np.ones((200, 300), np.float32)})
+
+    with Repo.clone(url, tmp_path / "clone") as clone:
+        clone.commit(work / "wide", "wide", "a matrix")
+        (entry,) = clone.ls("wide")
+        pieces = [n for _cid, n in load_file(clone.store, entry.id).chunks][1:]
+    assert pieces == [120_000, 120_000]
+
+
 def test_a_clone_of_a_remote_whose_marker_names_no_chunking_cuts_as_every_earlier_store(work, tmp_path):
     url = (tmp_path / "remote-disk").as_uri()
     with Repo.init(tmp_path / "src") as src:
@@ -433,8 +462,7 @@ def test_a_clone_of_a_remote_whose_marker_names_no_chunking_cuts_as_every_earlie
         assert clone.config.data["chunking"] == LEGACY_CHUNKING
 
 
-@pytest.mark.parametrize("chunking", [{"tensor_max_chunk": 1}, {"matrix_rows": "many"}, {"shiny": 3}, [1, 2]])
-def test_a_clone_refuses_a_marker_with_bad_chunking_settings_and_leaves_no_directory(work, tmp_path, chunking):
+def _remote_with_marker_chunking(work, tmp_path, chunking) -> str:
     url = (tmp_path / "remote-disk").as_uri()
     with Repo.init(tmp_path / "src") as src:
         _series(src, work, [0])
@@ -442,7 +470,43 @@ def test_a_clone_refuses_a_marker_with_bad_chunking_settings_and_leaves_no_direc
         src.push("origin", ["exp1"])
     marker = tmp_path / "remote-disk" / "mstore-remote.json"
     marker.write_text(json.dumps({**json.loads(marker.read_text()), "chunking": chunking}))
+    return url
+
+
+@pytest.mark.parametrize(
+    "chunking",
+    [
+        {"tensor_max_chunk": 1},
+        {"tensor_max_chunk": 1 << 40},  # pieces no fetch would take
+        {"cdc_avg_size": 8 << 20},  # beyond what FastCDC accepts: every later commit would fail
+        {"matrix_rows": "many"},
+        {"matrix_rows": True},
+        {"tensor_max_chunk": 4194304.0},
+        [1, 2],
+    ],
+)
+def test_a_clone_refuses_a_marker_with_bad_chunking_settings_and_leaves_no_directory(work, tmp_path, chunking):
+    url = _remote_with_marker_chunking(work, tmp_path, chunking)
 
     with pytest.raises(RemoteIntegrityError, match="chunking"):
         Repo.clone(url, tmp_path / "clone")
     assert not (tmp_path / "clone").exists()
+
+
+def test_a_clone_of_a_marker_with_a_chunking_setting_it_does_not_know_asks_for_an_upgrade(work, tmp_path):
+    url = _remote_with_marker_chunking(work, tmp_path, {**NEW_CHUNKING, "shiny": 3})
+
+    with pytest.raises(UnsupportedFormat, match="upgrade mstore"):
+        Repo.clone(url, tmp_path / "clone")
+    assert not (tmp_path / "clone").exists()
+
+
+def test_a_push_that_would_record_out_of_bounds_chunking_settings_is_refused_before_writing(work, tmp_path):
+    url = (tmp_path / "remote-disk").as_uri()
+    with _store_with_chunking(tmp_path / "src", cdc_avg_size=65536, tensor_max_chunk=1 << 30, matrix_rows=0) as src:
+        _series(src, work, [0])
+        src.remote_add("origin", url)
+        with pytest.raises(FormatError, match="tensor_max_chunk"):
+            src.push("origin", ["exp1"])
+    assert not (tmp_path / "remote-disk" / "mstore-remote.json").exists()
+    assert not list((tmp_path / "remote-disk").glob("packs/*"))
