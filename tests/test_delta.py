@@ -575,6 +575,15 @@ def test_a_piece_whose_prefix_xor_does_not_pay_is_stored_whole_without_decoding_
     assert tree_bytes(tmp_path / "out") == tree_bytes(work / "m1")
 
 
+def _drifting_versions(work: Path, seed: int, n: int) -> None:
+    """``work/w0`` .. ``w{n-1}``: one 2 MiB float32 tensor moving a little each version."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(1 << 19).astype(np.float32)
+    for v in range(n):
+        x = x + np.float32(1e-4) * rng.standard_normal(x.shape).astype(np.float32)
+        write_safetensors(work / f"w{v}" / "model.safetensors", {"w": x})
+
+
 def test_a_piece_under_a_mib_whose_prefix_xor_does_not_pay_is_probed_on_a_quarter_of_it(
     repo, work, tmp_path, monkeypatch
 ):
@@ -594,11 +603,7 @@ def test_a_piece_under_a_mib_whose_prefix_xor_does_not_pay_is_probed_on_a_quarte
 
 
 def test_a_whole_base_some_versions_back_is_not_probed_since_the_deltas_after_it_paid(repo, work, monkeypatch):
-    rng = np.random.default_rng(15)
-    x = rng.standard_normal(1 << 19).astype(np.float32)
-    for v in range(3):
-        x = x + np.float32(1e-4) * rng.standard_normal(x.shape).astype(np.float32)
-        write_safetensors(work / f"w{v}" / "model.safetensors", {"w": x})
+    _drifting_versions(work, 15, 3)
     repo.commit(work / "w0", "slow", "v0")
     repo.commit(work / "w1", "slow", "v1")
     root = chunk_ids(repo, "slow~1")[1]
@@ -614,11 +619,7 @@ def test_a_whole_base_some_versions_back_is_not_probed_since_the_deltas_after_it
 
 
 def test_a_piece_whose_base_is_itself_a_delta_goes_straight_to_the_whole_xor(repo, work, monkeypatch):
-    rng = np.random.default_rng(12)
-    x = rng.standard_normal(1 << 19).astype(np.float32)
-    for v in range(4):
-        x = x + np.float32(1e-4) * rng.standard_normal(x.shape).astype(np.float32)
-        write_safetensors(work / f"w{v}" / "model.safetensors", {"w": x})
+    _drifting_versions(work, 12, 4)
     for v in range(3):
         repo.commit(work / f"w{v}", "slow", f"v{v}")
     reads = _Reads(monkeypatch)

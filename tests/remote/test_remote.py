@@ -446,13 +446,18 @@ def test_a_clones_new_versions_are_cut_with_the_settings_it_adopted(work, tmp_pa
     assert pieces == [120_000, 120_000]
 
 
-def test_a_clone_of_a_remote_whose_marker_names_no_chunking_cuts_as_every_earlier_store(work, tmp_path):
+def _pushed_remote(work, tmp_path):
+    """``(url, marker path)`` of a file remote that a new store pushed one version to."""
     url = (tmp_path / "remote-disk").as_uri()
     with Repo.init(tmp_path / "src") as src:
         _series(src, work, [0])
         src.remote_add("origin", url)
         src.push("origin", ["exp1"])
-    marker = tmp_path / "remote-disk" / "mstore-remote.json"
+    return url, tmp_path / "remote-disk" / "mstore-remote.json"
+
+
+def test_a_clone_of_a_remote_whose_marker_names_no_chunking_cuts_as_every_earlier_store(work, tmp_path):
+    url, marker = _pushed_remote(work, tmp_path)
     doc = json.loads(marker.read_text())
     assert doc["chunking"] == NEW_CHUNKING
     del doc["chunking"]  # as an mstore before the chunking settings wrote it
@@ -463,12 +468,7 @@ def test_a_clone_of_a_remote_whose_marker_names_no_chunking_cuts_as_every_earlie
 
 
 def _remote_with_marker_chunking(work, tmp_path, chunking) -> str:
-    url = (tmp_path / "remote-disk").as_uri()
-    with Repo.init(tmp_path / "src") as src:
-        _series(src, work, [0])
-        src.remote_add("origin", url)
-        src.push("origin", ["exp1"])
-    marker = tmp_path / "remote-disk" / "mstore-remote.json"
+    url, marker = _pushed_remote(work, tmp_path)
     marker.write_text(json.dumps({**json.loads(marker.read_text()), "chunking": chunking}))
     return url
 
