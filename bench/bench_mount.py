@@ -57,7 +57,7 @@ def log(msg: str) -> None:
 
 
 def make_model(path: Path, size: int) -> None:
-    """A safetensors file of float32 tensors of 16 MiB (the largest chunk) and 4 MiB."""
+    """A safetensors file of float32 tensors of 16 MiB and 4 MiB (a new store cuts them into 4 MiB pieces)."""
     rng = np.random.default_rng(0)
     tensors = {}
     left, i = size, 0

@@ -49,7 +49,7 @@ import bench_store  # noqa: E402
 from mstore import Repo  # noqa: E402
 from tests.remote import s3_server  # noqa: E402
 
-TENSOR = (2048, 2048)  # float32: 16 MiB, the default chunk bound
+TENSOR = (2048, 2048)  # float32: 16 MiB, four pieces of 512 rows in a new store (one in an older)
 
 
 def write_checkpoint(path: Path, step: int, tensors: int, base: dict[str, np.ndarray]) -> None:

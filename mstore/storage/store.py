@@ -326,8 +326,8 @@ class DeltaBaseMissing(StorageError):
 class Scratch:
     """Two reusable buffers (encoded payload, decoded output) for :meth:`ObjectStore.chunk_view`.
 
-    One per thread; they grow to the largest chunk seen (16 MiB by default) and are reused, so
-    reading a file allocates nothing per chunk.
+    One per thread; they grow to the largest chunk seen (up to 8 MiB in a new store, 16 MiB
+    in an older one) and are reused, so reading a file allocates nothing per chunk.
     """
 
     def __init__(self) -> None:
