@@ -50,6 +50,17 @@ def repo(tmp_path: Path) -> Repo:
     r.close()
 
 
+def repo_with_chunking(path: Path, replace: bool = False, **chunking: int) -> Repo:
+    """A new store whose ``[chunking]`` settings are overridden (``replace``: exactly these)."""
+    from mstore.format import Config, read_config, write_config
+
+    Repo.init(path).close()
+    data = read_config(path).data
+    data["chunking"] = dict(chunking) if replace else {**data["chunking"], **chunking}
+    write_config(path, Config(data))
+    return Repo.open(path)
+
+
 def repo_at_version(path: Path, version: int) -> Repo:
     """A new store whose config says format ``version`` (an older store, as an older mstore made it)."""
     from mstore.format import Config, write_config

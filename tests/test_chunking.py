@@ -18,7 +18,7 @@ from mstore import Repo
 from mstore.chunking.safetensors import MATRIX_STRETCH, TensorInfo, piece_size
 from mstore.format import LEGACY_CHUNKING, NEW_CHUNKING, Config, read_config, write_config
 from mstore.objects import load_file
-from tests.conftest import write_safetensors
+from tests.conftest import repo_with_chunking, write_safetensors
 
 
 def cuts(t: TensorInfo, max_chunk: int, matrix_rows: int) -> list[int]:
@@ -101,17 +101,14 @@ def _piece_lengths(repo: Repo, rev: str) -> list[int]:
 
 def test_a_store_whose_config_predates_matrix_rows_keeps_cutting_at_elements(tmp_path):
     root = tmp_path / "old"
-    Repo.init(root).close()
-    data = read_config(root).data
-    # What an mstore before matrix_rows wrote, with a bound small enough to cut this tensor.
-    data["chunking"] = {"cdc_avg_size": 65536, "tensor_max_chunk": 1000}
-    write_config(root, Config(data))
     src = tmp_path / "work"
     write_safetensors(src / "model.safetensors", {"w": np.ones((100, 3), dtype=np.float32)})
-    with Repo.open(root) as repo:
+    # What an mstore before matrix_rows wrote, with a bound small enough to cut this tensor.
+    with repo_with_chunking(root, replace=True, cdc_avg_size=65536, tensor_max_chunk=1000) as repo:
         repo.commit(src, "main", "old store")
         assert _piece_lengths(repo, "main") == [1000, 200]  # at elements: 1000 is not whole 12-byte rows
 
+    data = read_config(root).data
     data["chunking"]["matrix_rows"] = 1
     write_config(root, Config(data))
     # A stored file is reused whole, however it was cut: a new one shows the new cuts.

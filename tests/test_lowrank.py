@@ -16,9 +16,8 @@ import pytest
 
 from mstore import IntegrityError, ObjectId, Repo, codecs
 from mstore.codecs import DELTA, DELTA_HEAD, LOWRANK, LOWRANK_HEAD
-from mstore.format import Config, read_config, write_config
 from mstore.storage.store import Scratch
-from tests.conftest import repo_at_version, tree_bytes, write_safetensors
+from tests.conftest import repo_at_version, repo_with_chunking, tree_bytes, write_safetensors
 
 ID = b"\x01" * 32
 
@@ -217,15 +216,10 @@ def test_a_matrix_in_several_pieces_is_stored_as_low_rank_deltas_when_its_pieces
     # 1000 rows of 1200 bytes, pieces of at most 256 KiB: 218 rows fit, so 5 even pieces of 200
     # rows; at least 1024 rows stretches them to 2 x 256 KiB (436 rows): 3 of 334. Cut at
     # elements (a store made before matrix_rows), no piece is whole rows: no low-rank delta.
-    root = tmp_path / "store"
-    Repo.init(root).close()
-    data = read_config(root).data
-    data["chunking"].update(tensor_max_chunk=256 << 10, matrix_rows=matrix_rows)
-    write_config(root, Config(data))
     base, merged = merged_pair(rows=1000, cols=300, rank=8)
     write_safetensors(tmp_path / "base" / "model.safetensors", {"w": base})
     write_safetensors(tmp_path / "merged" / "model.safetensors", {"w": merged})
-    with Repo.open(root) as repo:
+    with repo_with_chunking(tmp_path / "store", tensor_max_chunk=256 << 10, matrix_rows=matrix_rows) as repo:
         repo.commit(tmp_path / "base", "lora", "base")
         repo.commit(tmp_path / "merged", "lora", "merged")
 

@@ -10,33 +10,21 @@ import json
 import os
 import stat
 import struct
-import tomllib
 from pathlib import Path
 
 import blake3
 import numpy as np
 import pytest
-import tomli_w
 
 from mstore import Repo
 from mstore.objects import load_file
-from tests.conftest import tree_bytes, write_safetensors
+from tests.conftest import repo_with_chunking, tree_bytes, write_safetensors
 
 HAVE_ML_DTYPES = importlib.util.find_spec("ml_dtypes") is not None
 
 
 def b3sum(data: bytes) -> str:
     return blake3.blake3(data).hexdigest()
-
-
-def open_repo_with(root: Path, **chunking: int) -> Repo:
-    """A new repository whose ``[chunking]`` settings are overridden before it is opened."""
-    Repo.init(root).close()
-    cfg_path = root / "config.toml"
-    cfg = tomllib.loads(cfg_path.read_text())
-    cfg["chunking"].update(chunking)
-    cfg_path.write_text(tomli_w.dumps(cfg))
-    return Repo.open(root)
 
 
 def write_bf16_safetensors(path: Path, name: str, bits: np.ndarray) -> Path:
@@ -119,7 +107,7 @@ def test_safetensors_with_empty_tensors_round_trip_bit_exact(repo, work, tmp_pat
 
 def test_a_tensor_above_the_chunk_bound_is_split_at_element_boundaries_and_round_trips(work, tmp_path, rng):
     bound = 1000  # not a multiple of 8: each piece must still hold whole int64 elements
-    repo = open_repo_with(tmp_path / "store", tensor_max_chunk=bound)
+    repo = repo_with_chunking(tmp_path / "store", tensor_max_chunk=bound)
     try:
         big = rng.integers(-(1 << 62), 1 << 62, 1000, dtype=np.int64)  # 8000 bytes
         src = work / "ckpt"

@@ -17,10 +17,10 @@ from mstore.errors import (
     RemoteNotFound,
     UnsupportedFormat,
 )
-from mstore.format import LEGACY_CHUNKING, NEW_CHUNKING, Config, read_config, write_config
+from mstore.format import LEGACY_CHUNKING, NEW_CHUNKING, read_config
 from mstore.objects import load_file
 from mstore.storage.backends import open_backend
-from tests.conftest import tree_bytes, write_safetensors
+from tests.conftest import repo_with_chunking, tree_bytes, write_safetensors
 from tests.remote.conftest import add_remote, checkpoint
 
 
@@ -407,17 +407,9 @@ def test_delta_decodes_in_flight_count_against_the_fetch_budget(repo, work, tmp_
     clone.close()
 
 
-def _store_with_chunking(root, **chunking) -> Repo:
-    Repo.init(root).close()
-    data = read_config(root).data
-    data["chunking"] = dict(chunking)
-    write_config(root, Config(data))
-    return Repo.open(root)
-
-
 def test_a_clone_cuts_new_versions_as_the_store_that_made_the_remote(work, tmp_path, remote):
     own = {"cdc_avg_size": 32768, "tensor_max_chunk": 8 << 20, "matrix_rows": 512}  # neither new nor legacy
-    with _store_with_chunking(tmp_path / "src", **own) as src:
+    with repo_with_chunking(tmp_path / "src", **own) as src:
         _series(src, work, [0])
         add_remote(src, remote)
         src.push("origin", ["exp1"])
@@ -433,7 +425,7 @@ def test_a_clones_new_versions_are_cut_with_the_settings_it_adopted(work, tmp_pa
     # of 100 rows. With this mstore's new-store settings it would be one piece.
     finer = {"cdc_avg_size": 32768, "tensor_max_chunk": 65536, "matrix_rows": 100}
     url = (tmp_path / "remote-disk").as_uri()
-    with _store_with_chunking(tmp_path / "src", **finer) as src:
+    with repo_with_chunking(tmp_path / "src", **finer) as src:
         _series(src, work, [0])
         src.remote_add("origin", url)
         src.push("origin", ["exp1"])
@@ -503,7 +495,7 @@ def test_a_clone_of_a_marker_with_a_chunking_setting_it_does_not_know_asks_for_a
 
 def test_a_push_that_would_record_out_of_bounds_chunking_settings_is_refused_before_writing(work, tmp_path):
     url = (tmp_path / "remote-disk").as_uri()
-    with _store_with_chunking(tmp_path / "src", cdc_avg_size=65536, tensor_max_chunk=1 << 30, matrix_rows=0) as src:
+    with repo_with_chunking(tmp_path / "src", cdc_avg_size=65536, tensor_max_chunk=1 << 30, matrix_rows=0) as src:
         _series(src, work, [0])
         src.remote_add("origin", url)
         with pytest.raises(FormatError, match="tensor_max_chunk"):
