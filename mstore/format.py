@@ -93,6 +93,13 @@ _CHUNKING_BOUNDS = {
     "tensor_max_chunk": (64 << 10, 64 << 20),
     "matrix_rows": (0, 1 << 20),
 }
+# What a store's own config.toml may say: only what the chunkers can work with (FastCDC's
+# average, a piece of at least a byte). Tests and users may cut finer than a remote accepts.
+_LOCAL_CHUNKING_BOUNDS = {
+    "cdc_avg_size": (256, 4 << 20),
+    "tensor_max_chunk": (1, 1 << 62),
+    "matrix_rows": (0, 1 << 62),
+}
 
 DEFAULTS: dict[str, Any] = {
     "format": {"version": FORMAT_VERSION},
@@ -209,7 +216,17 @@ def parse_config(text: str, source: str = CONFIG_NAME) -> Config:
         if not isinstance(values, dict):
             raise FormatError(f"{source}: [{section}] must be a table")
     _check_remotes(loaded.get("remotes", {}), source)
+    _check_local_chunking(loaded.get("chunking", {}), source)
     return Config(_merge(DEFAULTS, loaded))
+
+
+def _check_local_chunking(chunking: dict[str, Any], source: str) -> None:
+    """``[chunking]`` settings this mstore knows must be integers the chunkers accept."""
+    for key, (lo, hi) in _LOCAL_CHUNKING_BOUNDS.items():
+        value = chunking.get(key, lo)
+        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+            raise FormatError(f"{source}: [chunking] {key} = {value!r} must be an integer of at least {lo}"
+                              + (f" and at most {hi}" if hi < 1 << 62 else ""))
 
 
 _REMOTE_KEYS = {"url": str, "endpoint_url": str, "region": str, "profile": str, "pack_size": int}

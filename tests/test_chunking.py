@@ -9,12 +9,15 @@ it always did, or its next versions would share no pieces with its history.
 from __future__ import annotations
 
 import math
+import tomllib
 
 import numpy as np
+import pytest
+import tomli_w
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mstore import Repo
+from mstore import FormatError, Repo
 from mstore.chunking.safetensors import MATRIX_STRETCH, TensorInfo, piece_size
 from mstore.format import LEGACY_CHUNKING, NEW_CHUNKING, Config, read_config, write_config
 from mstore.objects import load_file
@@ -116,3 +119,18 @@ def test_a_store_whose_config_predates_matrix_rows_keeps_cutting_at_elements(tmp
     with Repo.open(root) as repo:
         repo.commit(src, "rows", "rows")
         assert _piece_lengths(repo, "rows") == [600, 600]  # 83 rows fit 1000 bytes: two even pieces of 50
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [("matrix_rows", "many"), ("matrix_rows", True), ("cdc_avg_size", 8 << 20), ("tensor_max_chunk", 0)],
+)
+def test_a_config_with_a_chunking_setting_the_chunkers_cannot_use_is_refused_naming_it(tmp_path, key, value):
+    root = tmp_path / "s"
+    Repo.init(root).close()
+    cfg = tomllib.loads((root / "config.toml").read_text())
+    cfg["chunking"][key] = value
+    (root / "config.toml").write_text(tomli_w.dumps(cfg))
+
+    with pytest.raises(FormatError, match=f"\\[chunking\\] {key} = "):
+        Repo.open(root)
