@@ -69,7 +69,7 @@ from .objects import (
     load_file,
     load_tree,
 )
-from .storage.index import Entry
+from .storage.index import FLAG_WHOLE_STREAK, Entry
 from .storage.store import MAX_DELTA_CHAIN, DeltaBaseMissing, ObjectStore, Scratch, WriteBatch
 
 Progress = Callable[[int], None]
@@ -307,6 +307,9 @@ class _Whole:
         # max_depth versions ago), when there is one: weights' statistics drift slowly, so it
         # predicts this version's ratio without encoding anything (see estimate()).
         self.ratio: float | None = None
+        # The index flags (FLAG_WHOLE_STREAK) this piece gets if it is stored whole; set by
+        # Ingest._delta when the parent's own piece, stored whole, was there to delta against.
+        self.streak = 0
         self._prefix: int | None = None
         self._encoded: tuple[int, codecs.Payload] | None = None
 
@@ -466,12 +469,12 @@ class Ingest:
             return data, oid, True, buf
         if self.batch is None:
             return data, oid, False, buf
-        codec, payload = self._encode(data, oid, item_size, bases, cols, probe)
+        codec, payload, flags = self._encode(data, oid, item_size, bases, cols, probe)
         with self._batch_lock:
             # The same bytes twice in this commit are stored once; the index lacked them above.
             if not self.batch.contains("c", oid, unindexed=True):
                 try:
-                    self.batch.add_encoded("c", oid, oid.digest, codec, len(data), payload)
+                    self.batch.add_encoded("c", oid, oid.digest, codec, len(data), payload, flags)
                 except DeltaBaseMissing:  # a concurrent gc took the base: store it whole
                     self.batch.add("c", oid, data, item_size=item_size)
                 else:
@@ -480,8 +483,8 @@ class Ingest:
 
     def _encode(
         self, data: bytes, oid: ObjectId, item_size: int, bases: tuple[ObjectId, ...], cols: int, probe: bool = True
-    ) -> tuple[int, codecs.Payload]:
-        """The piece's codec and payload: whole, or as a delta against one of ``bases``.
+    ) -> tuple[int, codecs.Payload, int]:
+        """The piece's codec, payload and index flags: whole, or a delta against one of ``bases``.
 
         The payload may be parts in this thread's scratch (codecs.Payload): the caller writes
         it before the thread encodes another piece.
@@ -498,13 +501,13 @@ class Ingest:
         elif delta is not None and (
             (size := codecs.payload_len(delta)) <= DELTA_SURE * len(data) or size <= 0.9 * whole.estimate()
         ):
-            return codecs.DELTA, delta
+            return codecs.DELTA, delta, 0
         codec, payload = whole.encoded()
         # Every read of a delta decodes its chain, so a delta must save at least 5 % of the
         # piece stored whole to be worth that (Adam's first moment, say, barely does).
         if delta is not None and codecs.payload_len(delta) < DELTA_MIN_GAIN * codecs.payload_len(payload):
-            return codecs.DELTA, delta
-        return codec, payload
+            return codecs.DELTA, delta, 0
+        return codec, payload, whole.streak
 
     def _delta(
         self, data: bytes, item_size: int, bases: tuple[ObjectId, ...], cols: int, whole: _Whole, probe: bool = True
@@ -516,7 +519,8 @@ class Ingest:
         (0: it is not), which makes a low-rank delta possible. ``whole``: what storing the
         piece whole costs, estimated once for every comparison made here and by the caller.
         ``probe``: the first base is the parent's piece, so a base stored whole may mean its
-        last delta did not pay (see below); False: deltas paid since that base, no probe.
+        last delta did not pay (see below); False: deltas paid since that base, no probe. An
+        older base, taken because the parent's chain is too deep, is not probed either.
         """
         for base in bases:
             entry = self.entry(base)
@@ -529,9 +533,25 @@ class Ingest:
                 break
         else:
             return None  # a keyframe: the chain restarts with this piece stored whole
+        probe = probe and base == bases[0]
         root = self.entry(chain[-1]) if chain else entry
         if root is not None and root.codec != codecs.DELTA and root.raw_len == len(data) and root.raw_len:
             whole.ratio = root.enc_len / root.raw_len  # the same piece, stored whole at most a chain ago
+        # This piece's index flags if it ends up stored whole after the tries below.
+        tried = 0
+        if probe and entry.codec != codecs.DELTA:
+            # The parent's own piece, stored whole. If it was stored whole although its own
+            # parent's piece was there to delta against (its streak), deltas of this tensor did
+            # not pay: Adam's moments move as much as they are, every step (a full fine-tune:
+            # 124 pieces, 164 MB of its 245 MB version). Their probe alone cost half of what
+            # storing them whole does, for nothing. So after a failed try the next three
+            # versions are stored whole without one and the fourth tries again: a tensor whose
+            # deltas start to pay (a learning rate decaying) waits at most three versions.
+            streak = entry.flags & FLAG_WHOLE_STREAK
+            tried = (streak + 1) & FLAG_WHOLE_STREAK
+            if streak:
+                whole.streak = tried
+                return DELTA_HOPELESS
         scratch = worker_scratch("base")
         lowrank = bool(cols) and self.lowrank
         # A parent's piece stored whole means its last delta did not pay (optimizer moments that
@@ -551,6 +571,7 @@ class Ingest:
                 trial = codecs.encode_delta(memoryview(data)[:cut], head, base.digest, depth, self.level, item_size)
                 hopeless = len(trial) > DELTA_MIN_GAIN * whole.prefix_size()
                 if hopeless and not lowrank:
+                    whole.streak = tried
                     return DELTA_HOPELESS
         try:
             raw = self.store.chunk_view(base, entry, scratch)
@@ -563,6 +584,7 @@ class Ingest:
             if hopeless
             else codecs.encode_delta(data, raw, base.digest, depth, self.level, item_size, parts=codecs.DELTA_PARTS)
         )
+        whole.streak = tried  # (0 if the delta returned is stored: _encode decides)
         # A float32 matrix whose XOR barely pays may differ from its base by a low-rank update
         # (a merged LoRA adapter): try base + U @ V plus a residual (format >= 3).
         if lowrank and (xor is DELTA_HOPELESS or codecs.payload_len(xor) > LOWRANK_TRY * whole.estimate()):

@@ -618,6 +618,45 @@ def test_a_whole_base_some_versions_back_is_not_probed_since_the_deltas_after_it
     assert codec_of(repo, chunk_ids(repo, "slow")[1]) == DELTA
 
 
+def _flags_of(repo: Repo, cid: ObjectId) -> int:
+    return repo.store.entry("c", cid).flags
+
+
+def test_a_tensor_whose_delta_did_not_pay_is_stored_whole_untried_for_three_versions_then_tried_again(
+    repo, work, tmp_path, monkeypatch
+):
+    rng = np.random.default_rng(16)
+    x = rng.standard_normal(1 << 19).astype(np.float32)
+    write_safetensors(work / "w0" / "model.safetensors", {"w": x})
+    x = rng.standard_normal(1 << 19).astype(np.float32)  # v1 unrelated to v0: its delta cannot pay
+    for v in range(1, 6):  # from v1 on the tensor drifts a little: a delta against the parent would pay
+        write_safetensors(work / f"w{v}" / "model.safetensors", {"w": x})
+        x = x + np.float32(1e-4) * rng.standard_normal(x.shape).astype(np.float32)
+    repo.commit(work / "w0", "run", "v0")
+    repo.commit(work / "w1", "run", "v1")
+    assert codec_of(repo, chunk_ids(repo, "run")[1]) != DELTA
+    assert _flags_of(repo, chunk_ids(repo, "run")[1]) == 1
+
+    for v, streak in ((2, 2), (3, 3), (4, 0)):
+        reads = _Reads(monkeypatch)
+        repo.commit(work / f"w{v}", "run", f"v{v}")
+        piece = chunk_ids(repo, "run")[1]
+        assert codec_of(repo, piece) != DELTA, v
+        assert _flags_of(repo, piece) == streak, v
+        assert reads.prefix == [] and reads.whole == [], v  # the parent's piece was not even read
+        monkeypatch.undo()
+
+    repo.commit(work / "w5", "run", "v5")  # the fourth version after the failed try tries again
+
+    piece = chunk_ids(repo, "run")[1]
+    assert codec_of(repo, piece) == DELTA
+    with repo.store.index.read() as txn:
+        assert bytes(txn.db_get("deltas", piece.digest)[:32]) == chunk_ids(repo, "run~1")[1].digest
+    for v in range(6):
+        repo.checkout(f"run~{5 - v}", tmp_path / f"out{v}")
+        assert tree_bytes(tmp_path / f"out{v}") == tree_bytes(work / f"w{v}")
+
+
 def test_a_piece_whose_base_is_itself_a_delta_goes_straight_to_the_whole_xor(repo, work, monkeypatch):
     _drifting_versions(work, 12, 4)
     for v in range(3):

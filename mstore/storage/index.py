@@ -9,6 +9,8 @@ Named databases and their records (all integers little-endian unless stated):
 ``objects``  key ``kind (1 byte) + digest (32)`` →
              ``<IQQQBBxxd``: pack number, record offset, encoded length, raw length, codec,
              flags, last-stored time (unix seconds, refreshed when the object is stored again).
+             Flags are hints for writers, never needed to read an object: bits 0-1 are
+             FLAG_WHOLE_STREAK, the other bits are 0.
 ``packs``    key ``pack number (u32 big-endian)`` → JSON ``{"name": ..., "created": ...}``.
 ``refs``     key ``refs/heads/main`` (UTF-8) → 32-byte digest.
 ``reflog``   key ``sequence (u64 big-endian)`` → JSON reflog entry (see refs.py).
@@ -50,6 +52,11 @@ KINDS = {"c": "chunk", "f": "file", "t": "tree", "m": "commit"}
 _ENTRY = struct.Struct("<IQQQBBxxd")
 ENTRY_SIZE = _ENTRY.size  # bytes of one ``objects`` value
 KEY_SIZE = 33  # bytes of one ``objects`` key: kind + digest
+# Entry.flags bits 0-1 of a tensor piece stored whole: in how many commits in a row (mod 4)
+# the piece at its place was stored whole although its parent version's piece, stored whole,
+# was there to delta against (snapshot.Ingest._delta). 0 where nothing is known (an object
+# fetched from a remote): then a delta is tried.
+FLAG_WHOLE_STREAK = 0x03
 _U32BE = struct.Struct(">I")
 _U64BE = struct.Struct(">Q")
 

@@ -396,8 +396,8 @@ class WriteBatch:
         self.max_pack = int(store.config.get("packs", "max_size", 64 << 20))
         self.writer: PackWriter | None = None
         self._writer_number: int | None = None
-        # (kind, digest) -> (writer, offset, enc_len, raw_len, codec)
-        self.pending: dict[tuple[str, bytes], tuple[PackWriter, int, int, int, int]] = {}
+        # (kind, digest) -> (writer, offset, enc_len, raw_len, codec, flags)
+        self.pending: dict[tuple[str, bytes], tuple[PackWriter, int, int, int, int, int]] = {}
         self.reused: set[tuple[str, bytes]] = set()
         # chunk digest -> base digest + depth, for pending delta chunks (the ``deltas`` table)
         self.delta_rows: dict[bytes, bytes] = {}
@@ -492,12 +492,19 @@ class WriteBatch:
         return True
 
     def add_encoded(
-        self, kind: str, oid: ObjectId, check: bytes, codec: int, raw_len: int, payload: codecs.Payload
+        self,
+        kind: str,
+        oid: ObjectId,
+        check: bytes,
+        codec: int,
+        raw_len: int,
+        payload: codecs.Payload,
+        flags: int = 0,
     ) -> None:
         """Append an already encoded object (the caller has checked it is not stored).
 
         ``payload`` may be a list of buffers (codecs.Payload); they are written before this
-        returns and not kept.
+        returns and not kept. ``flags``: the index entry's (see index.FLAG_WHOLE_STREAK).
 
         A delta chunk's base must be stored (or pending in this batch) already; it is then
         treated as re-used, so it is re-checked at commit time like any object a commit needs.
@@ -525,7 +532,7 @@ class WriteBatch:
         assert self.writer is not None
         enc_len = codecs.payload_len(payload)
         offset = self.writer.add(kind, oid.digest, check, codec, raw_len, payload)
-        self.pending[(kind, oid.digest)] = (self.writer, offset, enc_len, raw_len, codec)
+        self.pending[(kind, oid.digest)] = (self.writer, offset, enc_len, raw_len, codec, flags)
         if codec == codecs.DELTA:
             self.delta_rows[oid.digest] = base + bytes([depth])
         self.new_bytes += raw_len
@@ -571,7 +578,7 @@ class WriteBatch:
     ) -> Any:
         result = None
         with self.store.index.write() as txn:
-            for (kind, digest), (writer, offset, enc_len, raw_len, codec) in self.pending.items():
+            for (kind, digest), (writer, offset, enc_len, raw_len, codec, flags) in self.pending.items():
                 # The number lives on the writer itself: keying by id(writer) once let a new
                 # writer inherit a sealed one's number after the old object was freed.
                 number = writer.number
@@ -579,7 +586,7 @@ class WriteBatch:
                     number = txn.register_pack(writer.name, now)
                     registered.append(writer)
                     writer.number = number
-                if not txn.put_entry(kind, digest, Entry(number, offset, enc_len, raw_len, codec, 0, now)):
+                if not txn.put_entry(kind, digest, Entry(number, offset, enc_len, raw_len, codec, flags, now)):
                     continue  # another writer indexed it first; its encoding (and row) stand
                 if codec == codecs.DELTA:
                     txn.db_put("deltas", digest, self.delta_rows[digest])
