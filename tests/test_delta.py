@@ -770,13 +770,25 @@ def test_a_prefix_read_of_a_record_that_is_not_what_the_index_says_names_the_chu
     assert repo.store.chunk_prefix(piece, entry, 4096, Scratch()) == np.ones(1024, np.float32).tobytes()
 
 
-def test_a_bad_entry_after_a_stored_file_fails_the_commit_and_leaves_no_file_open(repo, work):
+def test_a_bad_entry_after_a_stored_file_fails_the_commit_and_leaves_no_file_open(repo, work, monkeypatch):
     # The first file is read and stored before the dangling symlink after it is reached: the
     # commit fails naming the symlink, moves no ref, and keeps neither the file nor a worker.
+    from mstore import snapshot
+
     write_safetensors(work / "bad" / "a.safetensors", random_tensors(8, (512, 512)))
     (work / "bad" / "b_dangling").symlink_to(work / "nowhere")
+    stored = []
+    ingest_file = snapshot.Ingest.ingest_file
+
+    def recording(self, path, rel):
+        result = ingest_file(self, path, rel)
+        stored.append((rel, self.batch is not None))
+        return result
+
+    monkeypatch.setattr(snapshot.Ingest, "ingest_file", recording)
     with pytest.raises(MstoreError, match="dangling symlink"):
         repo.commit(work / "bad", "bad", "v0")
+    assert stored == [("a.safetensors", True)]  # the file before it was stored, not only scanned
     fds = f"/proc/{os.getpid()}/fd"
     open_paths = [os.readlink(f"{fds}/{fd}") for fd in os.listdir(fds) if os.path.exists(f"{fds}/{fd}")]
     assert str(work / "bad" / "a.safetensors") not in open_paths
