@@ -37,6 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import bench_store  # (bench/ is the script's directory, first on sys.path)
 import numpy as np
 from safetensors.numpy import save_file
 
@@ -87,8 +88,22 @@ def read_all(path: Path) -> int:
     return total
 
 
-def time_checkout(repo: Repo, dest: Path) -> float:
+def settle(nbytes: int) -> None:
+    """Before each timed step, untimed: write back dirty pages, then back fresh memory.
+
+    Both steps fill ``nbytes`` of fresh page cache (checkout: the file it writes; the mount
+    read: the kernel's cache of the mounted file). On these VMs pages freed a few seconds ago
+    are handed back to the host, and the first write to one costs a host fault: without this,
+    the same checkout ran at 467-523 MB/s in one repeat and 1935-2517 MB/s in the next
+    (bench_store.warm_free_memory, docs/bench.md).
+    """
+    os.sync()
+    bench_store.warm_free_memory(nbytes)
+
+
+def time_checkout(repo: Repo, dest: Path, size: int) -> float:
     shutil.rmtree(dest, ignore_errors=True)
+    settle(2 * size)
     t = time.perf_counter()
     repo.checkout("base:model.safetensors", dest)
     elapsed = time.perf_counter() - t
@@ -97,6 +112,7 @@ def time_checkout(repo: Repo, dest: Path) -> float:
 
 
 def time_mount(repo: Repo, mnt: Path, size: int, cache: int) -> dict[str, float]:
+    settle(2 * size)
     t = time.perf_counter()
     m = mount_mod.mount_commit(repo, "base", mnt, cache_bytes=cache)
     ready = time.perf_counter() - t
@@ -161,7 +177,7 @@ def main() -> int:
             order = ("checkout", "mount") if i % 2 == 0 else ("mount", "checkout")
             for what in order:
                 if what == "checkout":
-                    checkout_s.append(time_checkout(repo, work / "co"))
+                    checkout_s.append(time_checkout(repo, work / "co", size))
                     log(f"  checkout   {size / MB / checkout_s[-1]:7.0f} MB/s")
                 else:
                     r = time_mount(repo, work / "mnt", size, caches[0])
