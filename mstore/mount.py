@@ -52,6 +52,7 @@ from .errors import Conflict, IntegrityError, MstoreError, NotFound, UserError
 from .fsutil import atomic_write
 from .hashing import ObjectId, hash_bytes
 from .objects import MODE_EXEC, TREE_KIND, FileObject, Tree, TreeEntry, load_commit, load_file, load_tree
+from .storage.store import Scratch
 
 log = logging.getLogger("mstore.mount")
 
@@ -295,6 +296,7 @@ class MountFS:
         self.pool = ThreadPoolExecutor(loads, "mstore-mount")
         self._on_ready = on_ready
         self._lock = threading.Lock()
+        self._scratches: list[Scratch] = []  # decode buffers of finished loads (_load_chunk)
         # Parsed trees and manifests, bounded by their entries (a huge dataset directory or a
         # 100 GB file's chunk list must not grow without limit either).
         self._trees = _WeightedLRU(MAX_CACHED_ENTRIES)
@@ -426,7 +428,16 @@ class MountFS:
     def _load_chunk(self, cid: ObjectId) -> bytes:
         if self.memory is not None:
             self.memory.check(LOAD_COPIES * self._largest_chunk)
-        data = self.store.get("c", cid)
+        # Decode buffers from a pool, not each thread's own: up to 16 FUSE threads and the
+        # read-ahead workers load chunks, but the cache lets only max_loads at once, so the
+        # pool holds at most that many (each as large as the largest chunk decoded).
+        with self._lock:
+            scratch = self._scratches.pop() if self._scratches else Scratch()
+        try:
+            data = self.store.get("c", cid, scratch=scratch)
+        finally:
+            with self._lock:
+                self._scratches.append(scratch)
         if self.memory is not None:
             self.memory.check()
         return data

@@ -74,7 +74,7 @@ from .remote import (
 from .storage.backends import Backend, BackendNotFound, open_backend
 from .storage.index import KINDS
 from .storage.packs import RECORD
-from .storage.store import MAX_DELTA_CHAIN, DeltaBaseMissing
+from .storage.store import MAX_DELTA_CHAIN, DeltaBaseMissing, Scratch
 
 log = logging.getLogger("mstore.mount")
 
@@ -509,11 +509,11 @@ class RemoteObjects:
             meta.setdefault(key, raw)
         return meta, live.chunks  # the source (and whole metadata packs it downloaded) is dropped
 
-    def get(self, kind: str, oid: ObjectId) -> bytes:
-        """The verified raw bytes of an object of the mounted commit."""
+    def get(self, kind: str, oid: ObjectId, scratch: Scratch | None = None) -> bytes:
+        """The verified raw bytes of an object of the mounted commit (``scratch``: see ObjectStore.get)."""
         try:
             if kind == "c":
-                return self._chunk(oid)
+                return self._chunk(oid, scratch)
             raw = self.meta.get((kind, oid.digest))
             if raw is not None:
                 return raw
@@ -525,19 +525,19 @@ class RemoteObjects:
             raise StorageError(f"reading {KINDS.get(kind, kind)} {oid} from remote {self.remote}: {exc!r}") from None
 
     # -- chunks ----------------------------------------------------------------------------------
-    def _local(self, oid: ObjectId) -> bytes | None:
+    def _local(self, oid: ObjectId, scratch: Scratch | None = None) -> bytes | None:
         if not self.store.has("c", oid):
             return None
         try:
-            return self.store.get("c", oid)
+            return self.store.get("c", oid, scratch=scratch)
         except MstoreError as exc:  # damaged, or collected by a gc since: the remote has it
             with self._lock:
                 self.fallbacks += 1
             log.warning("local copy of chunk %s unreadable (%s); reading it from remote %s", oid, exc, self.remote)
             return None
 
-    def _chunk(self, oid: ObjectId) -> bytes:
-        raw = self._local(oid)
+    def _chunk(self, oid: ObjectId, scratch: Scratch | None = None) -> bytes:
+        raw = self._local(oid, scratch)
         if raw is not None:
             with self._lock:
                 self.local_chunks += 1
