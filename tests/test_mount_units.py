@@ -1,4 +1,5 @@
-"""The parts of mount and run that need no FUSE: the chunk cache, and a job with fake mounts."""
+"""The parts of mount and run that need no FUSE: the chunk cache, the file system's operations
+called directly, and a job with fake mounts."""
 
 from __future__ import annotations
 
@@ -125,3 +126,33 @@ def test_execute_passes_its_collaborators_exactly_what_the_job_needs(tmp_path):
 def test_placeholders_replace_only_input_names():
     got = substitute(["--model={base}", "{base}/x", "{other}", "${HOME}", "{}"], {"base": "/m/b"})
     assert got == ["--model=/m/b", "/m/b/x", "{other}", "${HOME}", "{}"]
+
+
+def test_a_mount_keeps_at_most_as_many_decode_buffers_as_it_allows_concurrent_loads(repo, tmp_path):
+    import numpy as np
+
+    from mstore.mount import MountFS
+    from tests.conftest import write_safetensors
+
+    rng = np.random.default_rng(3)
+    tensors = {f"t{i}": rng.standard_normal(1 << 18).astype(np.float32) for i in range(12)}  # 1 MiB pieces
+    path = write_safetensors(tmp_path / "src" / "model.safetensors", tensors)
+    cid = repo.commit(path.parent, "m", "model").id
+    fs = MountFS(repo.store, cid, readahead_bytes=0, workers=2)
+    fh = fs.open("/model.safetensors", os.O_RDONLY)
+    size = path.stat().st_size
+    starts = list(range(0, size, 1 << 20))
+    got: dict[int, bytes] = {}
+
+    def read(start):  # a thread per MiB, as FUSE serves requests on many threads
+        got[start] = fs.read("/model.safetensors", 1 << 20, start, fh)
+
+    threads = [threading.Thread(target=read, args=(s,)) for s in starts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert b"".join(got[s] for s in starts) == path.read_bytes()
+    assert fs.cache.misses >= 12
+    assert 1 <= len(fs._scratches) <= fs.cache.max_loads
+    fs.destroy("/")
