@@ -95,10 +95,11 @@ _CHUNKING_BOUNDS = {
 }
 # What a store's own config.toml may say: only what the chunkers can work with (FastCDC's
 # average, a piece of at least a byte). Tests and users may cut finer than a remote accepts.
+_NO_UPPER = 1 << 62
 _LOCAL_CHUNKING_BOUNDS = {
     "cdc_avg_size": (256, 4 << 20),
-    "tensor_max_chunk": (1, 1 << 62),
-    "matrix_rows": (0, 1 << 62),
+    "tensor_max_chunk": (1, _NO_UPPER),
+    "matrix_rows": (0, _NO_UPPER),
 }
 
 DEFAULTS: dict[str, Any] = {
@@ -170,11 +171,21 @@ def check_chunking(doc: Any, source: str) -> dict[str, int]:
         )
     out = dict(LEGACY_CHUNKING)
     for key, value in doc.items():
-        lo, hi = _CHUNKING_BOUNDS[key]
-        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-            raise FormatError(f"{source}: chunking setting {key} = {value!r} is not an integer in [{lo}, {hi}]")
-        out[key] = value
+        out[key] = _chunking_value(key, value, _CHUNKING_BOUNDS[key], f"{source}: chunking setting")
     return out
+
+
+def _chunking_value(key: str, value: Any, bounds: tuple[int, int], where: str) -> int:
+    """``value`` if it is an integer (not a bool) within ``bounds``.
+
+    Raises:
+        FormatError: naming ``where``, the key, the value and the bounds.
+    """
+    lo, hi = bounds
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        upper = f" and at most {hi}" if hi < _NO_UPPER else ""
+        raise FormatError(f"{where} {key} = {value!r} must be an integer of at least {lo}{upper}")
+    return value
 
 
 def _merge(defaults: dict[str, Any], loaded: dict[str, Any]) -> dict[str, Any]:
@@ -222,11 +233,9 @@ def parse_config(text: str, source: str = CONFIG_NAME) -> Config:
 
 def _check_local_chunking(chunking: dict[str, Any], source: str) -> None:
     """``[chunking]`` settings this mstore knows must be integers the chunkers accept."""
-    for key, (lo, hi) in _LOCAL_CHUNKING_BOUNDS.items():
-        value = chunking.get(key, lo)
-        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-            raise FormatError(f"{source}: [chunking] {key} = {value!r} must be an integer of at least {lo}"
-                              + (f" and at most {hi}" if hi < 1 << 62 else ""))
+    for key, bounds in _LOCAL_CHUNKING_BOUNDS.items():
+        if key in chunking:
+            _chunking_value(key, chunking[key], bounds, f"{source}: [chunking]")
 
 
 _REMOTE_KEYS = {"url": str, "endpoint_url": str, "region": str, "profile": str, "pack_size": int}
