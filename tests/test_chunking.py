@@ -51,7 +51,7 @@ def test_every_piece_of_a_float32_matrix_is_whole_rows_within_the_stretched_boun
         assert all(n <= max(4, max_chunk // 4 * 4) for n in lengths)
         return
     assert all(n % row == 0 for n in lengths)
-    assert all(n <= max(max_chunk, MATRIX_STRETCH * max_chunk) for n in lengths)
+    assert all(n <= MATRIX_STRETCH * max_chunk for n in lengths)
     # Beyond max_chunk only to reach matrix_rows rows, never further.
     assert all(n <= max_chunk or n // row <= matrix_rows for n in lengths)
     # Pieces are even: none but the last is smaller, and the first holds at least half of what

@@ -419,7 +419,6 @@ def test_a_clone_cuts_new_versions_as_the_store_that_made_the_remote(work, tmp_p
     assert read_config(tmp_path / "clone").data["chunking"] == own  # kept for the next open too
 
 
-
 def test_a_clones_new_versions_are_cut_with_the_settings_it_adopted(work, tmp_path):
     # 54 rows of 1200 bytes fit 64 KiB, 100 fit in twice that: a 200-row matrix in two pieces
     # of 100 rows. With this mstore's new-store settings it would be one piece.
